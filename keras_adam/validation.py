@@ -1,0 +1,113 @@
+"""Checks of constructor arguments.
+
+Each check fails with a `ValueError` whose message names the argument and the
+value it received.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any
+
+from keras import optimizers
+
+
+def _fail(name: str, value: Any, requirement: str) -> ValueError:
+    return ValueError(f"Argument `{name}` must be {requirement}. Received: {name}={value!r}")
+
+
+def real_number(name: str, value: Any, requirement: str) -> float:
+    """Return `value` as a Python float, or raise if it is not a finite real.
+
+    Booleans, strings, arrays and NaN/inf are refused.
+
+    Args:
+        name: The argument's name, for the error message.
+        value: What the caller passed.
+        requirement: Text describing the valid range, for the error message.
+
+    Returns:
+        The value as a Python float.
+
+    Raises:
+        ValueError: if `value` is not a finite real number.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise _fail(name, value, requirement)
+    value = float(value)
+    if not math.isfinite(value):
+        raise _fail(name, value, requirement)
+    return value
+
+
+def learning_rate(value: Any) -> Any:
+    """Validate `learning_rate`: a number > 0, a schedule, or a callable.
+
+    Returns:
+        A Python float for numbers; schedules and callables unchanged.
+
+    Raises:
+        ValueError: for anything else, or a number that is not > 0.
+    """
+    if isinstance(value, optimizers.schedules.LearningRateSchedule) or callable(value):
+        return value
+    requirement = "a finite float > 0, a LearningRateSchedule, or a callable"
+    value = real_number("learning_rate", value, requirement)
+    if not value > 0:
+        raise _fail("learning_rate", value, requirement)
+    return value
+
+
+def decay_rate(name: str, value: Any) -> float:
+    """Validate a β: a real number with 0 <= value < 1."""
+    requirement = "a float in the interval [0, 1)"
+    value = real_number(name, value, requirement)
+    if not 0 <= value < 1:
+        raise _fail(name, value, requirement)
+    return value
+
+
+def non_negative(name: str, value: Any, *, optional: bool = False) -> float | None:
+    """Validate a finite number >= 0 (or None when `optional`)."""
+    if optional and value is None:
+        return None
+    requirement = "a finite float >= 0" + (" or None" if optional else "")
+    value = real_number(name, value, requirement)
+    if value < 0:
+        raise _fail(name, value, requirement)
+    return value
+
+
+def positive(name: str, value: Any, *, optional: bool = False) -> float | None:
+    """Validate a finite number > 0 (or None when `optional`)."""
+    if optional and value is None:
+        return None
+    requirement = "a finite float > 0" + (" or None" if optional else "")
+    value = real_number(name, value, requirement)
+    if not value > 0:
+        raise _fail(name, value, requirement)
+    return value
+
+
+def boolean(name: str, value: Any) -> bool:
+    """Validate a flag: exactly True or False (NumPy bools accepted)."""
+    if isinstance(value, bool) or type(value).__name__ == "bool_":
+        return bool(value)
+    raise _fail(name, value, "True or False")
+
+
+def optional_integer(name: str, value: Any, minimum: int) -> int | None:
+    """Validate None or an integer >= `minimum` (booleans refused)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise _fail(name, value, f"an integer >= {minimum} or None")
+    return int(value)
+
+
+def name(value: Any) -> str | None:
+    """Validate the optimizer's `name`: None or a non-empty string."""
+    if value is None or (isinstance(value, str) and value):
+        return value
+    raise _fail("name", value, "a non-empty string or None")

@@ -1,0 +1,78 @@
+"""Shared harness: run an optimizer on a fixed problem in one execution mode."""
+
+import numpy as np
+import tensorflow as tf
+
+import keras
+
+MODES = ("eager", "function", "xla")
+DTYPES = ("float32", "float64")
+
+# Hyperparameters that are exact binary fractions, so float64 runs can be
+# compared with Keras (which rounds them through float32) to 1e-10.
+BINARY = dict(learning_rate=2.0**-6, beta_1=0.875, beta_2=1 - 2.0**-7, epsilon=2.0**-20)
+
+
+def make_problem(dtype, seed=0):
+    """Variables and a non-convex loss whose gradients depend on the weights."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(4, 8, 5))  # four mini-batches, cycled by step
+    y = rng.normal(size=(4, 8, 3))
+    w0 = rng.normal(size=(5, 3)) * 0.5
+    b0 = rng.normal(size=(3,)) * 0.1
+    variables = [
+        keras.Variable(w0, dtype=dtype, name="kernel"),
+        keras.Variable(b0, dtype=dtype, name="bias"),
+    ]
+    x_t = tf.constant(x, dtype=dtype)
+    y_t = tf.constant(y, dtype=dtype)
+
+    def loss_fn(step):
+        batch = step % 4
+        w, b = variables[0].value, variables[1].value
+        pred = tf.tanh(tf.matmul(tf.gather(x_t, batch), w) + b)
+        return tf.reduce_mean((pred - tf.gather(y_t, batch)) ** 2) + 0.01 * tf.reduce_sum(w**4)
+
+    return variables, loss_fn
+
+
+def make_step(optimizer, variables, loss_fn, mode):
+    def step(i):
+        with tf.GradientTape() as tape:
+            loss = loss_fn(i)
+            if optimizer.loss_scale_factor is not None:
+                loss = optimizer.scale_loss(loss)
+        grads = tape.gradient(loss, [v.value for v in variables])
+        optimizer.apply_gradients(zip(grads, variables))
+
+    if mode == "eager":
+        return step
+    if mode == "function":
+        return tf.function(step)
+    if mode == "xla":
+        return tf.function(step, jit_compile=True)
+    raise ValueError(mode)
+
+
+def trajectory(optimizer, dtype, mode, steps=40, seed=0):
+    """Run `steps` steps; return the weights after each step and the final
+    optimizer variables."""
+    variables, loss_fn = make_problem(dtype, seed)
+    optimizer.build(variables)
+    step = make_step(optimizer, variables, loss_fn, mode)
+    history = []
+    for i in range(steps):
+        step(tf.constant(i, dtype="int64"))
+        history.append(np.concatenate([np.ravel(v.numpy()) for v in variables]))
+    optimizer.finalize_variable_values(variables)
+    final_vars = np.concatenate([np.ravel(v.numpy()) for v in variables])
+    state = [np.asarray(v.numpy(), dtype=np.float64) for v in optimizer.variables]
+    return np.array(history, dtype=np.float64), final_vars, state
+
+
+def relative_deviation(actual, expected):
+    """max |actual - expected| / max |expected|, over all steps and elements."""
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    scale = max(np.max(np.abs(expected)), 1e-30)
+    return float(np.max(np.abs(actual - expected)) / scale)
