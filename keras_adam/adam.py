@@ -183,7 +183,7 @@ class Adam(keras.optimizers.Optimizer):
     def learning_rate(self, value: Any) -> None:
         # Numbers are validated; tensors and variables (possibly symbolic)
         # are assigned as Keras does.
-        if not (ops.is_tensor(value) or isinstance(value, backend.Variable)):
+        if not (ops.is_tensor(value) or isinstance(value, keras.Variable)):
             value = validation.learning_rate(value)
         keras.optimizers.Optimizer.learning_rate.fset(self, value)
 
@@ -214,7 +214,7 @@ class Adam(keras.optimizers.Optimizer):
         They are the step counter, and the learning rate when it is a
         variable rather than a schedule.
         """
-        return 1 + isinstance(self._learning_rate, backend.Variable)
+        return 1 + isinstance(self._learning_rate, keras.Variable)
 
     def load_own_variables(self, store: Any) -> None:
         """Load state saved by this class or by `keras.optimizers.Adam`.

@@ -24,7 +24,10 @@ def run(
     amsgrad=False,
     weight_decay=0.0,
 ):
-    """Return the list [θ_1, ..., θ_steps]; `gradient(theta, t)` gives g_t."""
+    """Return the list [θ_1, ..., θ_steps]; `gradient(theta, t)` gives g_t.
+
+    `eps` is a number, or a function of t for a step-dependent ε.
+    """
     theta = np.array(theta0, dtype=np.float64)
     m = np.zeros_like(theta)  # Initialize 1st moment vector
     v = np.zeros_like(theta)  # Initialize 2nd moment vector
@@ -39,13 +42,14 @@ def run(
             v_max = np.maximum(v_max, v)
             v_den = v_max
         theta = theta - alpha * weight_decay * theta
+        eps_t = eps(t) if callable(eps) else eps
         if form == "algorithm_1":
             m_hat = m / (1 - beta1**t)  # Compute bias-corrected first moment estimate
             v_hat = v_den / (1 - beta2**t)  # Compute bias-corrected second raw moment estimate
-            theta = theta - alpha * m_hat / (np.sqrt(v_hat) + eps)  # Update parameters
+            theta = theta - alpha * m_hat / (np.sqrt(v_hat) + eps_t)  # Update parameters
         elif form == "efficient":
             alpha_t = alpha * np.sqrt(1 - beta2**t) / (1 - beta1**t)
-            theta = theta - alpha_t * m / (np.sqrt(v_den) + eps)
+            theta = theta - alpha_t * m / (np.sqrt(v_den) + eps_t)
         else:
             raise ValueError(form)
         history.append(theta.copy())
