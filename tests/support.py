@@ -1,9 +1,8 @@
 """Shared harness: run an optimizer on a fixed problem in one execution mode."""
 
+import keras
 import numpy as np
 import tensorflow as tf
-
-import keras
 
 MODES = ("eager", "function", "xla")
 DTYPES = ("float32", "float64")
@@ -43,7 +42,7 @@ def make_step(optimizer, variables, loss_fn, mode):
             if optimizer.loss_scale_factor is not None:
                 loss = optimizer.scale_loss(loss)
         grads = tape.gradient(loss, [v.value for v in variables])
-        optimizer.apply_gradients(zip(grads, variables))
+        optimizer.apply_gradients(zip(grads, variables, strict=True))
 
     if mode == "eager":
         return step

@@ -1,12 +1,12 @@
 """keras_adam.Adam against a NumPy transcription of Kingma & Ba (2014)."""
 
+import keras
 import numpy as np
 import paper_adam
 import pytest
 import tensorflow as tf
 from support import relative_deviation
 
-import keras
 import keras_adam
 
 RNG = np.random.default_rng(7)

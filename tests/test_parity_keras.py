@@ -5,11 +5,11 @@ and float64. float64 runs use exact binary-fraction hyperparameters (Keras
 rounds β through float32, which would otherwise differ by design).
 """
 
+import keras
 import numpy as np
 import pytest
 from support import BINARY, DTYPES, MODES, relative_deviation, trajectory
 
-import keras
 import keras_adam
 
 OPTIONS = {

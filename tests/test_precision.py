@@ -1,11 +1,11 @@
 """Low-precision weights: bias corrections in float32, elementwise step in
 float32, stored back in the weights' dtype."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-import keras
 import keras_adam
 
 STEPS = 30

@@ -1,12 +1,12 @@
 """Optimizer state moves between keras_adam.Adam and keras.optimizers.Adam,
 and state that does not fit is refused loudly, leaving the optimizer intact."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 from support import BINARY, make_problem, make_step
 
-import keras
 import keras_adam
 
 CLASSES = {"keras_adam": keras_adam.Adam, "keras": keras.optimizers.Adam}

@@ -1,8 +1,10 @@
 """Hyperparameter search for `keras_adam.Adam` (β1, β2, η) with KerasTuner.
 
-The search space, HyperModel, `search` entry point and the
-`keras-adam-tune` command are being built; this package is installed beside
-`keras_adam` so that its import path is stable.
+For now it holds the bundled datasets (`tuning.datasets`) that the
+examples and the search use; the search itself and the `keras-adam-tune`
+command come next.
 """
 
-__all__: list[str] = []
+from tuning.datasets import DATASET_NAMES, Dataset, load_dataset
+
+__all__ = ["DATASET_NAMES", "Dataset", "load_dataset"]

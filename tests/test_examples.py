@@ -1,0 +1,48 @@
+"""Every script in examples/ runs, on a small budget."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_example(name, *args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / name), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_train_digits_prints_both_optimizers_side_by_side():
+    out = run_example("train_digits.py", "--epochs", "3")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines() if "Adam " in line}
+    assert set(rows) == {"keras_adam.Adam", "keras.optimizers.Adam"}
+    for accuracy, seconds in rows.values():
+        assert 0.5 < float(accuracy) <= 1.0
+        assert float(seconds) > 0
+    # Same initial weights and the same math: the two runs agree.
+    deviation = float(out.split("between the two runs:")[1])
+    assert deviation < 1e-5
+
+
+def test_train_digits_rejects_a_bad_budget():
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "train_digits.py"), "--epochs", "0"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "--epochs must be >= 1, got 0" in result.stderr
