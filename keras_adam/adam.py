@@ -6,6 +6,9 @@ Keras's optimizer plumbing (slot variables, state, serialization).
 
 from __future__ import annotations
 
+import contextlib
+import re
+from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -13,17 +16,39 @@ from keras import backend, ops
 
 from keras_adam import update_rule, validation
 
+#: Accepted values of `moment_dtype`.
+MOMENT_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
+
 if backend.backend() == "tensorflow":
     import tensorflow as tf
 else:  # pragma: no cover - other backends are not supported yet
     tf = None
 
 
-def _densify(gradient: Any) -> Any:
-    """Turn a `tf.IndexedSlices` gradient into the dense tensor it stands for."""
-    if tf is not None and isinstance(gradient, tf.IndexedSlices):
-        return tf.convert_to_tensor(gradient)
-    return gradient
+def _compile(patterns: tuple[str, ...]) -> re.Pattern | None:
+    return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
+
+
+@contextlib.contextmanager
+def _no_scope() -> Iterator[None]:
+    yield
+
+
+def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
+    """Sum the slices of repeated indices of a `tf.IndexedSlices`.
+
+    Returns:
+        `(rows, totals)`: the indices sorted, and for each position the sum
+        of all slices with that index. Shapes are those of the input.
+    """
+    indices = gradient.indices
+    order = tf.argsort(indices, stable=True)
+    rows = tf.gather(indices, order)
+    values = tf.gather(gradient.values, order)
+    previous = tf.concat([tf.constant([-1], dtype=rows.dtype), rows[:-1]], axis=0)
+    segment = tf.cumsum(tf.cast(tf.not_equal(rows, previous), tf.int32)) - 1
+    totals = tf.math.unsorted_segment_sum(values, segment, tf.shape(rows)[0])
+    return rows, tf.gather(totals, segment)
 
 
 @keras.saving.register_keras_serializable(package="keras_adam")
@@ -86,10 +111,8 @@ class Adam(keras.optimizers.Optimizer):
             correction (Keras's placement). Defaults to 1e-7.
         amsgrad: Whether to use AMSGrad (Reddi et al., 2018): the
             denominator uses the running maximum of $v_t$. Defaults to False.
-        weight_decay: Decoupled weight decay $\lambda \ge 0$: each step
-            first sets $\theta \leftarrow \theta - \eta\lambda\theta$, as
-            Keras does. Use `exclude_from_weight_decay` to spare variables.
-            Defaults to None (no decay).
+        weight_decay: Weight decay $\lambda \ge 0$, decoupled or L2 by
+            `decoupled_weight_decay`. Defaults to None (no decay).
         clipnorm: If set, clip each gradient to this L2 norm.
         clipvalue: If set, clip each gradient elementwise to
             [-clipvalue, clipvalue].
@@ -104,6 +127,33 @@ class Adam(keras.optimizers.Optimizer):
         gradient_accumulation_steps: If set (an integer >= 2), average the
             gradients over this many calls before one update.
         name: Name of the optimizer, used as the name scope of its variables.
+        epsilon_mode: "hat" (default): `epsilon` is Keras's $\hat\epsilon$,
+            added to $\sqrt{v_t}$ before bias correction. "paper": `epsilon`
+            is Algorithm 1's $\epsilon$, added to $\sqrt{\hat v_t}$, as in
+            PyTorch and Optax. They agree when
+            $\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}$.
+        decoupled_weight_decay: True (default): AdamW's
+            $\theta \leftarrow \theta - \eta\lambda\theta$ (Keras,
+            `torch.optim.AdamW`). False: L2, $g \leftarrow g + \lambda\theta$
+            (`torch.optim.Adam(weight_decay=λ)`).
+        exclude_from_weight_decay: Regular expressions; a variable whose name
+            or path (e.g. "dense/bias") matches any of them gets no weight
+            decay. Kept in `get_config` and `.keras` files, together with what
+            is passed to the `exclude_from_weight_decay()` method.
+        rectify: RAdam (Liu et al., 2019), as `torch.optim.RAdam`: plain
+            momentum SGD while the variance estimate is intractable
+            ($\rho_t \le 5$), then a rectified adaptive step. Not with
+            `amsgrad`.
+        maximize: Climb the objective instead of descending it ($g \to -g$).
+        lazy_sparse: For `tf.IndexedSlices` gradients (Embedding layers),
+            update only the rows the gradient touches: their moments, their
+            weights and, lazily, their weight decay. Untouched rows stay
+            bit-identical, as in `torch.optim.SparseAdam` and TFA's
+            `LazyAdam`. Repeated indices are summed first. With False
+            (default), sparse gradients give exactly the dense result.
+        moment_dtype: dtype of $m$ and $v$: None (the variable's dtype, as
+            Keras), "float32", "float64", "bfloat16" or "float16". With
+            "float32", bfloat16/float16 weights keep float32 moments.
         **kwargs: Passed to `keras.optimizers.Optimizer` (for example the
             deprecated `decay`, which Keras ignores with a warning).
     """
@@ -125,6 +175,13 @@ class Adam(keras.optimizers.Optimizer):
         loss_scale_factor: float | None = None,
         gradient_accumulation_steps: int | None = None,
         name: str | None = None,
+        epsilon_mode: str = "hat",
+        decoupled_weight_decay: bool = True,
+        exclude_from_weight_decay: list[str] | tuple[str, ...] | str | None = None,
+        rectify: bool = False,
+        maximize: bool = False,
+        lazy_sparse: bool = False,
+        moment_dtype: str | None = None,
         **kwargs: Any,
     ) -> None:
         learning_rate = validation.learning_rate(learning_rate)
@@ -153,6 +210,21 @@ class Adam(keras.optimizers.Optimizer):
             "gradient_accumulation_steps", gradient_accumulation_steps, 2
         )
         name = validation.name(name)
+        epsilon_mode = validation.choice("epsilon_mode", epsilon_mode, update_rule.EPSILON_MODES)
+        decoupled_weight_decay = validation.boolean(
+            "decoupled_weight_decay", decoupled_weight_decay
+        )
+        exclusions = validation.patterns("exclude_from_weight_decay", exclude_from_weight_decay)
+        rectify = validation.boolean("rectify", rectify)
+        maximize = validation.boolean("maximize", maximize)
+        lazy_sparse = validation.boolean("lazy_sparse", lazy_sparse)
+        moment_dtype = validation.choice("moment_dtype", moment_dtype, MOMENT_DTYPES)
+        if rectify and amsgrad:
+            raise ValueError(
+                "Arguments `rectify` and `amsgrad` cannot both be True: RAdam has no "
+                "AMSGrad variant (torch.optim.RAdam has none either). "
+                f"Received: rectify={rectify!r}, amsgrad={amsgrad!r}"
+            )
         super().__init__(
             learning_rate=learning_rate,
             name=name,
@@ -171,6 +243,15 @@ class Adam(keras.optimizers.Optimizer):
         self.beta_2 = beta_2
         self.epsilon = epsilon
         self.amsgrad = amsgrad
+        self.epsilon_mode = epsilon_mode
+        self.decoupled_weight_decay = decoupled_weight_decay
+        self.rectify = rectify
+        self.maximize = maximize
+        self.lazy_sparse = lazy_sparse
+        self.moment_dtype = moment_dtype
+        self._constructor_exclusions = exclusions
+        self._method_exclusions: tuple[str, ...] = ()
+        self._exclusion_regex = _compile(exclusions)
 
     # -- learning rate -----------------------------------------------------
 
@@ -202,11 +283,36 @@ class Adam(keras.optimizers.Optimizer):
         if self.built:
             return
         super().build(var_list)
-        self._momentums, self._velocities = self.add_optimizer_variables(
-            var_list, ["momentum", "velocity"]
-        )
+        self._momentums, self._velocities = self._add_moments(var_list, ["momentum", "velocity"])
         if self.amsgrad:
-            self._velocity_hats = self.add_optimizer_variables(var_list, "velocity_hat")
+            (self._velocity_hats,) = self._add_moments(var_list, ["velocity_hat"])
+
+    def _add_moments(self, var_list: list, names: list[str]) -> tuple[list, ...]:
+        """Slot variables named and ordered as Keras's, of `moment_dtype`."""
+        if self.moment_dtype is None:
+            return tuple(self.add_optimizer_variables(var_list, names))
+        slots: tuple[list, ...] = tuple([] for _ in names)
+        for variable in var_list:
+            for slot_list, name in zip(slots, names, strict=True):
+                if self._overwrite_variable_with_gradient(variable):
+                    slot_list.append(None)
+                else:
+                    slot_list.append(self._add_moment(variable, name))
+        return slots
+
+    def _add_moment(self, reference: Any, name: str) -> keras.Variable:
+        # Keras's own naming ("dense_kernel_momentum") and, under
+        # tf.distribute, colocation with the model variable.
+        name = f"{reference.path.replace('/', '_')}_{name}"
+        strategy = getattr(self, "_distribution_strategy", None)
+        colocate = reference.value if isinstance(reference, keras.Variable) else reference
+        with strategy.extended.colocate_vars_with(colocate) if strategy else _no_scope():
+            return self.add_variable(
+                shape=reference.shape,
+                dtype=self.moment_dtype,
+                name=name,
+                layout=getattr(reference, "_layout", None),
+            )
 
     def _base_variable_count(self) -> int:
         """How many variables exist before `build`.
@@ -277,13 +383,46 @@ class Adam(keras.optimizers.Optimizer):
 
     # -- the step ------------------------------------------------------------
 
+    def exclude_from_weight_decay(
+        self, var_list: list | None = None, var_names: list[str] | None = None
+    ) -> None:
+        """Exclude variables from weight decay (before the optimizer is built).
+
+        As in Keras, each call replaces the previous call's exclusions.
+        Unlike Keras, they are kept in `get_config` (so in `.keras` files):
+        `var_names` as patterns, and each variable of `var_list` as its exact
+        path. The constructor's `exclude_from_weight_decay` patterns stay in
+        force.
+
+        Args:
+            var_list: Variables to exclude.
+            var_names: Regular expressions; a variable whose name or path
+                matches any of them is excluded.
+        """
+        super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
+        names = validation.patterns("var_names", var_names)
+        paths = tuple(f"^{re.escape(v.path)}$" for v in var_list or () if hasattr(v, "path"))
+        self._method_exclusions = names + paths
+        self._exclusion_regex = _compile(self._constructor_exclusions + self._method_exclusions)
+
+    def _use_weight_decay(self, variable: Any) -> bool:
+        if not super()._use_weight_decay(variable):
+            return False
+        if self._exclusion_regex is None:
+            return True
+        model_variable = self._trainable_variables[self._get_variable_index(variable)]
+        return not any(
+            self._exclusion_regex.search(text)
+            for text in (model_variable.name, getattr(model_variable, "path", ""))
+        )
+
     def _apply_weight_decay(self, variables: list) -> None:
-        # Decoupled weight decay is part of `update_step`, computed in the
-        # step's precision; Keras's separate pass is not used.
+        # Weight decay (decoupled or L2) is part of `update_step`, computed
+        # in the step's precision; Keras's separate pass is not used.
         return
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-        """Apply one Adam step to `variable` (see `keras_adam.update_rule`).
+        """Apply one step to `variable` (the math is `update_rule.adam_step`).
 
         Args:
             gradient: The (clipped, unscaled) gradient, dense or
@@ -292,36 +431,74 @@ class Adam(keras.optimizers.Optimizer):
             learning_rate: The current learning rate.
         """
         index = self._get_variable_index(variable)
-        dtype = update_rule.compute_dtype(backend.standardize_dtype(variable.dtype))
+        slots = [self._momentums[index], self._velocities[index]]
+        if self.amsgrad:
+            slots.append(self._velocity_hats[index])
+        dtype = update_rule.compute_dtype(
+            *(backend.standardize_dtype(x.dtype) for x in [variable, *slots])
+        )
+        decays = self.weight_decay and self._use_weight_decay(variable)
+        weight_decay = self.weight_decay if decays else 0.0
+        hyper = dict(
+            step=self.iterations + 1,
+            learning_rate=learning_rate,
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            weight_decay=weight_decay,
+            decoupled_weight_decay=self.decoupled_weight_decay,
+            epsilon_mode=self.epsilon_mode,
+            rectify=self.rectify,
+            maximize=self.maximize,
+        )
+        sparse = tf is not None and isinstance(gradient, tf.IndexedSlices)
+        if sparse and self.lazy_sparse:
+            self._update_rows(gradient, variable, slots, dtype, hyper)
+            return
+        if sparse:
+            gradient = tf.convert_to_tensor(gradient)
 
         def read(x: Any) -> Any:
             return ops.cast(x, dtype)
 
-        alpha = update_rule.step_size(
-            learning_rate, self.beta_1, self.beta_2, self.iterations + 1, dtype
-        )
-        decay = None
-        if self.weight_decay and self._use_weight_decay(variable):
-            decay = (self.weight_decay, read(learning_rate))
-        m, v = self._momentums[index], self._velocities[index]
-        v_hat = self._velocity_hats[index] if self.amsgrad else None
         new = update_rule.adam_step(
             read(variable),
-            read(_densify(gradient)),
-            read(m),
-            read(v),
-            alpha=alpha,
-            beta_1=self.beta_1,
-            beta_2=self.beta_2,
-            epsilon=self.epsilon,
-            v_hat=None if v_hat is None else read(v_hat),
-            decay=decay,
+            read(gradient),
+            *(read(slot) for slot in slots[:2]),
+            v_hat=read(slots[2]) if self.amsgrad else None,
+            **hyper,
         )
-        self.assign(m, new.m)
-        self.assign(v, new.v)
-        if v_hat is not None:
-            self.assign(v_hat, new.v_hat)
+        for slot, value in zip(slots, new[1:], strict=False):
+            self.assign(slot, value)
         self.assign(variable, new.param)
+
+    def _update_rows(
+        self, gradient: Any, variable: Any, slots: list, dtype: str, hyper: dict
+    ) -> None:
+        """The lazy update: only the rows a `tf.IndexedSlices` gradient touches.
+
+        Repeated indices are summed first (the update is not linear). Each
+        position then carries its row's total, so repeated positions compute
+        and write identical rows. Shapes stay static, so this compiles under
+        XLA.
+        """
+        rows, row_gradients = _coalesce_rows(gradient)
+
+        def read_rows(x: Any) -> Any:
+            x = x.value if isinstance(x, keras.Variable) else x
+            return ops.cast(tf.gather(x, rows), dtype)
+
+        new = update_rule.adam_step(
+            read_rows(variable),
+            ops.cast(row_gradients, dtype),
+            *(read_rows(slot) for slot in slots[:2]),
+            v_hat=read_rows(slots[2]) if self.amsgrad else None,
+            **hyper,
+        )
+        shape = tf.shape(variable, out_type=rows.dtype)
+        for slot, value in zip(slots, new[1:], strict=False):
+            self.assign(slot, tf.IndexedSlices(value, rows, shape))
+        self.assign(variable, tf.IndexedSlices(new.param, rows, shape))
 
     # -- serialization -------------------------------------------------------
 
@@ -334,6 +511,15 @@ class Adam(keras.optimizers.Optimizer):
                 "beta_2": self.beta_2,
                 "epsilon": self.epsilon,
                 "amsgrad": self.amsgrad,
+                "epsilon_mode": self.epsilon_mode,
+                "decoupled_weight_decay": self.decoupled_weight_decay,
+                "exclude_from_weight_decay": (
+                    list(self._constructor_exclusions + self._method_exclusions) or None
+                ),
+                "rectify": self.rectify,
+                "maximize": self.maximize,
+                "lazy_sparse": self.lazy_sparse,
+                "moment_dtype": self.moment_dtype,
             }
         )
         return config

@@ -1,33 +1,73 @@
 r"""The Adam update rule: the one place where the math of a step lives.
 
-Every execution path of `keras_adam.Adam` computes its step through the two
-functions below, and the tests check each path against an independent NumPy
-transcription of Kingma & Ba (2014), Algorithm 1.
+Every execution path of `keras_adam.Adam` (dense tensors, lazy sparse rows)
+computes its step through `adam_step`, and the tests check each path against
+independent oracles: a NumPy transcription of Kingma & Ba (2014),
+`keras.optimizers.Adam` and `torch.optim`.
 
-With gradient $g_t$, step $t \ge 1$, learning rate $\eta$ and decay rates
+## Adam (Kingma & Ba, 2014)
+
+With gradient $g_t$ at step $t \ge 1$, learning rate $\eta$ and decay rates
 $\beta_1, \beta_2$:
 
 $$
 \begin{aligned}
 m_t &= \beta_1 m_{t-1} + (1-\beta_1)\, g_t \\
-v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g_t^2 \\
-\alpha_t &= \eta\, \sqrt{1-\beta_2^t} \,/\, (1-\beta_1^t) \\
-\theta_t &= \theta_{t-1} - \alpha_t\, m_t / (\sqrt{v_t} + \hat\epsilon)
+v_t &= \beta_2 v_{t-1} + (1-\beta_2)\, g_t^2
 \end{aligned}
 $$
 
-This is the paper's own "more efficient" ordering (the formula just before
-its Section 2.1) and what `keras.optimizers.Adam` computes. Its
-$\hat\epsilon$ is added to $\sqrt{v_t}$ *before* bias correction, whereas
-Algorithm 1 (and PyTorch, Optax) add $\epsilon$ to $\sqrt{\hat v_t}$
-afterwards. The two agree exactly when
-$\hat\epsilon = \epsilon\sqrt{1-\beta_2^t}$, so a fixed $\hat\epsilon$
-equals a paper $\epsilon$ that shrinks as $1/\sqrt{1-\beta_2^t}$ grows
-towards 1.
+`epsilon_mode="hat"` (Keras, the default) is the paper's "more efficient"
+ordering, given just before its Section 2.1:
+
+$$
+\theta_t = \theta_{t-1} - \eta\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+    \cdot \frac{m_t}{\sqrt{v_t} + \hat\epsilon}
+$$
+
+`epsilon_mode="paper"` is Algorithm 1 itself (PyTorch, Optax):
+
+$$
+\hat m_t = \frac{m_t}{1-\beta_1^t},\quad \hat v_t = \frac{v_t}{1-\beta_2^t},\quad
+\theta_t = \theta_{t-1} - \eta\,\frac{\hat m_t}{\sqrt{\hat v_t} + \epsilon}
+$$
+
+The two agree exactly when $\epsilon_t = \hat\epsilon / \sqrt{1-\beta_2^t}$:
+a fixed $\hat\epsilon$ is a paper $\epsilon$ that starts large
+($\hat\epsilon/\sqrt{1-\beta_2}$, about $31.6\,\hat\epsilon$ for
+$\beta_2 = 0.999$) and shrinks to $\hat\epsilon$. To port `torch.optim.Adam(eps=1e-8)`
+use `epsilon_mode="paper", epsilon=1e-8`.
+
+## Variants
+
+- **AMSGrad** (Reddi et al., 2018; Keras, `torch.optim.Adam(amsgrad=True)`):
+  the denominator uses $\hat v^{\max}_t = \max(\hat v^{\max}_{t-1}, v_t)$,
+  the running maximum of the raw $v_t$, bias-corrected as $v_t$ is.
+- **Decoupled weight decay** (Loshchilov & Hutter; Keras's `weight_decay`,
+  `torch.optim.AdamW`): $\theta \leftarrow \theta - \eta\lambda\theta$ before
+  the Adam step.
+- **L2 weight decay** (`torch.optim.Adam(weight_decay=λ)`):
+  $g_t \leftarrow g_t + \lambda\theta_{t-1}$ before the moments.
+- **Maximize** (`maximize=True` in torch): $g_t \leftarrow -g_t$ first, so
+  the step climbs the objective.
+- **Rectification** (RAdam, Liu et al., 2019; `torch.optim.RAdam`): with
+  $\rho_\infty = 2/(1-\beta_2) - 1$ and
+  $\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)$,
+  $$
+  \theta_t = \theta_{t-1} - \eta\,\hat m_t \cdot
+  \begin{cases}
+  r_t\, \dfrac{\sqrt{1-\beta_2^t}}{\sqrt{v_t} + \epsilon} & \rho_t > 5 \\
+  1 & \text{otherwise}
+  \end{cases},
+  \qquad
+  r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)\rho_t}}.
+  $$
+  torch adds $\epsilon$ to $\sqrt{v_t}$ as written (`epsilon_mode="hat"`);
+  `epsilon_mode="paper"` uses $\sqrt{\hat v_t} + \epsilon$ instead.
 
 Moments are updated in the form $m \leftarrow m + (g - m)(1-\beta_1)$, the
-same rounding as Keras, so the trajectories agree to the last bits in
-float32 and float64.
+same rounding as Keras, so the default trajectory is bit-identical to
+`keras.optimizers.Adam` in float32 and float64.
 """
 
 from __future__ import annotations
@@ -36,58 +76,29 @@ from typing import Any, NamedTuple
 
 from keras import ops
 
-#: Dtypes whose arithmetic is widened to float32 inside a step.
-LOW_PRECISION_DTYPES = frozenset({"bfloat16", "float16"})
+#: Accepted values of `epsilon_mode`.
+EPSILON_MODES = ("hat", "paper")
 
 
-def compute_dtype(variable_dtype: str) -> str:
-    """The dtype in which a step for a variable of `variable_dtype` is done.
+def compute_dtype(*dtypes: str) -> str:
+    """The dtype in which a step is computed, given the dtypes it touches.
 
-    float64 variables are computed in float64; everything else (float32,
-    bfloat16, float16) in float32. Keras instead computes in the variable's
-    own dtype, where `beta_2=0.999` rounds to 1.0 in bfloat16 and the
-    weights never move.
+    float64 if any of the variable or its moments is float64, else float32:
+    bfloat16 and float16 are widened. Keras instead computes in the
+    variable's own dtype, where `beta_2=0.999` rounds to 1.0 in bfloat16 and
+    the weights never move.
 
     Args:
-        variable_dtype: The dtype name of the model variable.
+        *dtypes: dtype names of the model variable and its moments.
 
     Returns:
         "float64" or "float32".
     """
-    return "float64" if variable_dtype == "float64" else "float32"
-
-
-def step_size(
-    learning_rate: Any,
-    beta_1: float,
-    beta_2: float,
-    step: Any,
-    dtype: str,
-) -> Any:
-    r"""The bias-corrected step size $\alpha_t = \eta\sqrt{1-\beta_2^t}/(1-\beta_1^t)$.
-
-    The β's are converted straight from Python floats to `dtype`, never
-    through float32, so float64 steps see the exact hyperparameters.
-
-    Args:
-        learning_rate: $\eta$, a scalar tensor or number.
-        beta_1: $\beta_1$ as a Python float.
-        beta_2: $\beta_2$ as a Python float.
-        step: $t \ge 1$, a scalar tensor (any numeric dtype).
-        dtype: The computation dtype, from `compute_dtype`.
-
-    Returns:
-        A scalar tensor of `dtype`.
-    """
-    lr = ops.cast(learning_rate, dtype)
-    t = ops.cast(step, dtype)
-    beta_1_power = ops.power(ops.convert_to_tensor(beta_1, dtype=dtype), t)
-    beta_2_power = ops.power(ops.convert_to_tensor(beta_2, dtype=dtype), t)
-    return lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+    return "float64" if "float64" in dtypes else "float32"
 
 
 class AdamState(NamedTuple):
-    r"""The values one Adam step produces for one variable.
+    r"""The values one Adam step produces for one variable (or some of its rows).
 
     Attributes:
         param: The new parameter value $\theta_t$.
@@ -108,48 +119,102 @@ def adam_step(
     m: Any,
     v: Any,
     *,
-    alpha: Any,
+    step: Any,
+    learning_rate: Any,
     beta_1: float,
     beta_2: float,
     epsilon: float,
     v_hat: Any = None,
-    decay: Any = None,
+    weight_decay: float = 0.0,
+    decoupled_weight_decay: bool = True,
+    epsilon_mode: str = "hat",
+    rectify: bool = False,
+    maximize: bool = False,
 ) -> AdamState:
-    r"""One elementwise Adam step, as Keras orders it.
+    r"""One elementwise step of Adam or a variant (see the module docstring).
 
-    All tensors must already be in the computation dtype (see
-    `compute_dtype`); scalars given as Python floats are converted straight
-    to that dtype.
+    `param`, `grad`, `m`, `v` and `v_hat` must share one floating dtype, the
+    computation dtype (see `compute_dtype`). Python-float hyperparameters are
+    converted straight to that dtype, never through float32.
 
     Args:
         param: $\theta_{t-1}$.
         grad: $g_t$.
         m: $m_{t-1}$.
         v: $v_{t-1}$.
-        alpha: The step size from `step_size`.
-        beta_1: $\beta_1$.
-        beta_2: $\beta_2$.
-        epsilon: $\hat\epsilon$, added to $\sqrt{v_t}$ before bias
-            correction.
-        v_hat: With AMSGrad, the running maximum $\hat v_{t-1}$ of $v$; the
-            denominator then uses $\max(\hat v_{t-1}, v_t)$. None without
-            AMSGrad.
-        decay: Decoupled weight decay as a pair `(weight_decay,
-            learning_rate)`: $\theta \leftarrow \theta - \theta\lambda\eta$
-            before the Adam update (AdamW, Loshchilov & Hutter). None for no
-            decay.
+        step: $t \ge 1$, a scalar (any numeric dtype).
+        learning_rate: $\eta$, a scalar.
+        beta_1: $\beta_1 \in [0, 1)$.
+        beta_2: $\beta_2 \in [0, 1)$.
+        epsilon: $\hat\epsilon$ or $\epsilon$, by `epsilon_mode`.
+        v_hat: With AMSGrad, the running maximum of $v$ so far; None without.
+        weight_decay: $\lambda \ge 0$; 0 for none.
+        decoupled_weight_decay: True for AdamW's
+            $\theta \leftarrow \theta - \eta\lambda\theta$, False for L2
+            ($g \leftarrow g + \lambda\theta$).
+        epsilon_mode: "hat" ($\hat\epsilon$ added to $\sqrt{v_t}$) or "paper"
+            ($\epsilon$ added to $\sqrt{\hat v_t}$).
+        rectify: RAdam's variance rectification. Not with `v_hat`.
+        maximize: Ascend the objective instead of descending it.
 
     Returns:
         The new `AdamState`.
     """
+    dtype = param.dtype
+    t = ops.cast(step, dtype)
+    lr = ops.cast(learning_rate, dtype)
+    if maximize:
+        grad = -grad
+    if weight_decay and not decoupled_weight_decay:
+        grad = grad + param * weight_decay
     m = m + (grad - m) * (1 - beta_1)
     v = v + (ops.square(grad) - v) * (1 - beta_2)
     denominator_v = v
     if v_hat is not None:
         v_hat = ops.maximum(v_hat, v)
         denominator_v = v_hat
-    if decay is not None:
-        weight_decay, learning_rate = decay
-        param = param - param * weight_decay * learning_rate
-    param = param - (m * alpha) / (ops.sqrt(denominator_v) + epsilon)
+    if weight_decay and decoupled_weight_decay:
+        param = param - param * weight_decay * lr
+    beta_1_power = ops.power(ops.convert_to_tensor(beta_1, dtype=dtype), t)
+    beta_2_power = ops.power(ops.convert_to_tensor(beta_2, dtype=dtype), t)
+
+    if rectify:
+        param = param - _rectified_update(
+            m, denominator_v, t, lr, beta_2, beta_1_power, beta_2_power, epsilon, epsilon_mode
+        )
+    elif epsilon_mode == "hat":
+        alpha = lr * ops.sqrt(1 - beta_2_power) / (1 - beta_1_power)
+        param = param - (m * alpha) / (ops.sqrt(denominator_v) + epsilon)
+    else:
+        step_size = lr / (1 - beta_1_power)
+        denominator = ops.sqrt(denominator_v) / ops.sqrt(1 - beta_2_power) + epsilon
+        param = param - step_size * (m / denominator)
     return AdamState(param=param, m=m, v=v, v_hat=v_hat)
+
+
+def _rectified_update(
+    m: Any,
+    v: Any,
+    t: Any,
+    lr: Any,
+    beta_2: float,
+    beta_1_power: Any,
+    beta_2_power: Any,
+    epsilon: float,
+    epsilon_mode: str,
+) -> Any:
+    """RAdam's step: SGD with momentum until the variance is tractable."""
+    m_hat = m / (1 - beta_1_power)
+    rho_inf = 2 / (1 - beta_2) - 1
+    if rho_inf <= 5:
+        # rho_t < rho_inf <= 5 at every step: the rectified branch never runs.
+        return m_hat * lr
+    bias_correction_2 = 1 - beta_2_power
+    rho_t = rho_inf - 2 * t * beta_2_power / bias_correction_2
+    ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+    rect = ops.sqrt(ops.maximum(ratio, 0.0))
+    if epsilon_mode == "hat":
+        adaptive = ops.sqrt(bias_correction_2) / (ops.sqrt(v) + epsilon)
+    else:
+        adaptive = 1 / (ops.sqrt(v) / ops.sqrt(bias_correction_2) + epsilon)
+    return ops.where(rho_t > 5.0, m_hat * lr * adaptive * rect, m_hat * lr)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 from typing import Any
 
 from keras import optimizers
@@ -111,3 +112,30 @@ def name(value: Any) -> str | None:
     if value is None or (isinstance(value, str) and value):
         return value
     raise _fail("name", value, "a non-empty string or None")
+
+
+def choice(name: str, value: Any, options: tuple) -> Any:
+    """Validate that `value` is one of `options`."""
+    if isinstance(value, (str, type(None))) and value in options:
+        return value
+    listed = ", ".join(repr(option) for option in options)
+    raise _fail(name, value, f"one of {listed}")
+
+
+def patterns(name: str, value: Any) -> tuple[str, ...]:
+    """Validate regular expressions: None, one string, or a list of strings."""
+    if value is None:
+        return ()
+    items = (value,) if isinstance(value, str) else value
+    requirement = "None, a regular expression, or a list of them"
+    if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
+        raise _fail(name, value, requirement)
+    for pattern in items:
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            raise ValueError(
+                f"Argument `{name}` holds an invalid regular expression {pattern!r} "
+                f"({error}). Received: {name}={value!r}"
+            ) from error
+    return tuple(items)
