@@ -25,6 +25,14 @@ else:  # pragma: no cover - other backends are not supported yet
     tf = None
 
 
+def _path_pattern(path: str) -> str:
+    """A pattern for one variable's path, with the model's scope optional."""
+    scope, _, rest = path.partition("/")
+    if not rest:
+        return f"^{re.escape(path)}$"
+    return f"^(?:{re.escape(scope)}/)?{re.escape(rest)}$"
+
+
 def _compile(patterns: tuple[str, ...]) -> re.Pattern | None:
     return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
@@ -137,9 +145,11 @@ class Adam(keras.optimizers.Optimizer):
             `torch.optim.AdamW`). False: L2, $g \leftarrow g + \lambda\theta$
             (`torch.optim.Adam(weight_decay=λ)`).
         exclude_from_weight_decay: Regular expressions; a variable whose name
-            or path (e.g. "dense/bias") matches any of them gets no weight
-            decay. Kept in `get_config` and `.keras` files, together with what
-            is passed to the `exclude_from_weight_decay()` method.
+            or path (e.g. "model/dense/bias") matches any of them gets no
+            weight decay. Keras drops the model's name from paths when it
+            reloads a model, so anchor on layer names: `"(^|/)dense/"`.
+            Kept in `get_config` and `.keras` files, together with what is
+            passed to the `exclude_from_weight_decay()` method.
         rectify: RAdam (Liu et al., 2019), as `torch.optim.RAdam`: plain
             momentum SGD while the variance estimate is intractable
             ($\rho_t \le 5$), then a rectified adaptive step. Not with
@@ -390,9 +400,10 @@ class Adam(keras.optimizers.Optimizer):
 
         As in Keras, each call replaces the previous call's exclusions.
         Unlike Keras, they are kept in `get_config` (so in `.keras` files):
-        `var_names` as patterns, and each variable of `var_list` as its exact
-        path. The constructor's `exclude_from_weight_decay` patterns stay in
-        force.
+        `var_names` as patterns, and each variable of `var_list` as a pattern
+        of its path ("net/dense/bias" becomes `^(?:net/)?dense/bias$`: Keras
+        drops the model's name from paths when it reloads a model). The
+        constructor's `exclude_from_weight_decay` patterns stay in force.
 
         Args:
             var_list: Variables to exclude.
@@ -401,7 +412,7 @@ class Adam(keras.optimizers.Optimizer):
         """
         super().exclude_from_weight_decay(var_list=var_list, var_names=var_names)
         names = validation.patterns("var_names", var_names)
-        paths = tuple(f"^{re.escape(v.path)}$" for v in var_list or () if hasattr(v, "path"))
+        paths = tuple(_path_pattern(v.path) for v in var_list or () if hasattr(v, "path"))
         self._method_exclusions = names + paths
         self._exclusion_regex = _compile(self._constructor_exclusions + self._method_exclusions)
 

@@ -75,3 +75,40 @@ def relative_deviation(actual, expected):
     expected = np.asarray(expected, dtype=np.float64)
     scale = max(np.max(np.abs(expected)), 1e-30)
     return float(np.max(np.abs(actual - expected)) / scale)
+
+
+# A second problem, shared with NumPy and torch oracles: a vector θ whose
+# gradient A(θ - c_t) + θ³/2 is written out in each framework.
+_RNG = np.random.default_rng(7)
+N = 6
+_Q = _RNG.normal(size=(N, N))
+A = _Q @ _Q.T / N + np.eye(N) * 0.1  # symmetric positive definite
+CENTERS = _RNG.normal(size=(3, N))
+THETA0 = _RNG.normal(size=N)
+STEPS = 50
+
+
+def numpy_gradient(theta, t):
+    """Gradient of a non-quadratic objective; g_t depends on θ and on t."""
+    return A @ (theta - CENTERS[t % 3]) + 0.5 * theta**3
+
+
+def keras_trajectory(optimizer, dtype, mode, steps=STEPS):
+    """θ after each of `steps` steps of `optimizer` on the vector problem."""
+    theta = keras.Variable(THETA0, dtype=dtype)
+    a = tf.constant(A, dtype=dtype)
+    centers = tf.constant(CENTERS, dtype=dtype)
+    optimizer.build([theta])
+
+    def step(t):
+        x = theta.value
+        g = tf.linalg.matvec(a, x - tf.gather(centers, t % 3)) + 0.5 * x**3
+        optimizer.apply_gradients([(g, theta)])
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
+    history = []
+    for t in range(1, steps + 1):
+        step(tf.constant(t, dtype="int64"))
+        history.append(theta.numpy().astype(np.float64))
+    return np.array(history)

@@ -4,43 +4,15 @@ import keras
 import numpy as np
 import paper_adam
 import pytest
-import tensorflow as tf
-from support import relative_deviation
+from support import (
+    STEPS,
+    THETA0,
+    keras_trajectory,
+    numpy_gradient,
+    relative_deviation,
+)
 
 import keras_adam
-
-RNG = np.random.default_rng(7)
-N = 6
-_Q = RNG.normal(size=(N, N))
-A = _Q @ _Q.T / N + np.eye(N) * 0.1  # symmetric positive definite
-CENTERS = RNG.normal(size=(3, N))
-THETA0 = RNG.normal(size=N)
-STEPS = 50
-
-
-def numpy_gradient(theta, t):
-    """Gradient of a non-quadratic objective; g_t depends on θ and on t."""
-    return A @ (theta - CENTERS[t % 3]) + 0.5 * theta**3
-
-
-def keras_trajectory(optimizer, dtype, mode):
-    theta = keras.Variable(THETA0, dtype=dtype)
-    a = tf.constant(A, dtype=dtype)
-    centers = tf.constant(CENTERS, dtype=dtype)
-    optimizer.build([theta])
-
-    def step(t):
-        x = theta.value
-        g = tf.linalg.matvec(a, x - tf.gather(centers, t % 3)) + 0.5 * x**3
-        optimizer.apply_gradients([(g, theta)])
-
-    if mode != "eager":
-        step = tf.function(step, jit_compile=mode == "xla")
-    history = []
-    for t in range(1, STEPS + 1):
-        step(tf.constant(t, dtype="int64"))
-        history.append(theta.numpy().astype(np.float64))
-    return np.array(history)
 
 
 def paper(**kwargs):
@@ -115,3 +87,15 @@ def test_float64_learning_rate_with_float64_floatx():
     ours = keras_trajectory(keras_adam.Adam(**hyper), "float64", "eager")
     expected = paper(form="efficient", **as_paper(**hyper))
     assert relative_deviation(ours, expected) <= 1e-12
+
+
+@pytest.mark.parametrize("mode", ["eager", "xla"])
+@pytest.mark.parametrize("amsgrad", [False, True])
+def test_paper_epsilon_mode_is_algorithm_1(mode, amsgrad):
+    ours = keras_trajectory(
+        keras_adam.Adam(**HYPER, amsgrad=amsgrad, epsilon_mode="paper"), "float64", mode
+    )
+    expected = paper(form="algorithm_1", amsgrad=amsgrad, **as_paper(**HYPER))
+    assert relative_deviation(ours, expected) <= 1e-12
+    hat = paper(form="efficient", amsgrad=amsgrad, **as_paper(**HYPER))
+    assert relative_deviation(ours, hat) > 1e-9  # the placement matters
