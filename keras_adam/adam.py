@@ -164,6 +164,15 @@ class Adam(keras.optimizers.Optimizer):
         moment_dtype: dtype of $m$ and $v$: None (the variable's dtype, as
             Keras), "float32", "float64", "bfloat16" or "float16". With
             "float32", bfloat16/float16 weights keep float32 moments.
+        fused: Which execution path takes dense gradients. None (default):
+            the fused TensorFlow kernel (`ResourceApplyAdam`, one pass over
+            the weights and moments) wherever it applies, the `keras.ops`
+            path elsewhere. True: demand the kernel; raises `ValueError` if
+            the options (`epsilon_mode="paper"`, `amsgrad`, `rectify`) or a
+            variable (not float32/float64, or moments of another dtype) rule
+            it out. False: always the `keras.ops` path, the reference that
+            is bit-identical to `keras.optimizers.Adam`. Both paths agree to
+            round-off.
         **kwargs: Passed to `keras.optimizers.Optimizer` (for example the
             deprecated `decay`, which Keras ignores with a warning).
     """
@@ -192,6 +201,7 @@ class Adam(keras.optimizers.Optimizer):
         maximize: bool = False,
         lazy_sparse: bool = False,
         moment_dtype: str | None = None,
+        fused: bool | None = None,
         **kwargs: Any,
     ) -> None:
         learning_rate = validation.learning_rate(learning_rate)
@@ -229,6 +239,8 @@ class Adam(keras.optimizers.Optimizer):
         maximize = validation.boolean("maximize", maximize)
         lazy_sparse = validation.boolean("lazy_sparse", lazy_sparse)
         moment_dtype = validation.choice("moment_dtype", moment_dtype, MOMENT_DTYPES)
+        if fused is not None:
+            fused = validation.boolean("fused", fused)
         if rectify and amsgrad:
             raise ValueError(
                 "Arguments `rectify` and `amsgrad` cannot both be True: RAdam has no "
@@ -259,6 +271,15 @@ class Adam(keras.optimizers.Optimizer):
         self.maximize = maximize
         self.lazy_sparse = lazy_sparse
         self.moment_dtype = moment_dtype
+        self.fused = fused
+        if fused:
+            blockers = self._fused_flag_blockers()
+            if blockers:
+                raise ValueError(
+                    "Argument `fused=True` cannot apply: the fused kernel "
+                    f"(ResourceApplyAdam) does not support {'; '.join(blockers)}. "
+                    "Use fused=None to fall back where it cannot apply."
+                )
         self._constructor_exclusions = exclusions
         self._method_exclusions: tuple[str, ...] = ()
         self._exclusion_regex = _compile(exclusions)
@@ -292,6 +313,14 @@ class Adam(keras.optimizers.Optimizer):
         """
         if self.built:
             return
+        if self.fused:
+            for variable in var_list:
+                blocker = self._fused_dtype_blocker(variable)
+                if blocker:
+                    raise ValueError(
+                        f"Argument `fused=True` cannot apply to variable "
+                        f"'{getattr(variable, 'path', variable.name)}': {blocker}."
+                    )
         super().build(var_list)
         self._momentums, self._velocities = self._add_moments(var_list, ["momentum", "velocity"])
         if self.amsgrad:
@@ -468,6 +497,10 @@ class Adam(keras.optimizers.Optimizer):
             return
         if sparse:
             gradient = tf.convert_to_tensor(gradient)
+        if self.fused is not False and not self._fused_flag_blockers():
+            if not self._fused_dtype_blocker(variable):
+                self._fused_update(variable, gradient, slots, hyper)
+                return
 
         def read(x: Any) -> Any:
             return ops.cast(x, dtype)
@@ -482,6 +515,73 @@ class Adam(keras.optimizers.Optimizer):
         for slot, value in zip(slots, new[1:], strict=False):
             self.assign(slot, value)
         self.assign(variable, new.param)
+
+    # -- the fused path ---------------------------------------------------------
+
+    def _fused_flag_blockers(self) -> list[str]:
+        """Why the options rule out the fused kernel (empty if they don't)."""
+        blockers = []
+        if tf is None:
+            blockers.append(f"the {backend.backend()} backend (TensorFlow only)")
+        if self.epsilon_mode != "hat":
+            blockers.append('epsilon_mode="paper" (the kernel adds ε before bias correction)')
+        if self.amsgrad:
+            blockers.append("amsgrad=True (ResourceApplyAdamWithAmsgrad has no XLA kernel)")
+        if self.rectify:
+            blockers.append("rectify=True")
+        return blockers
+
+    def _fused_dtype_blocker(self, variable: Any) -> str | None:
+        """Why `variable` cannot take the fused kernel (None if it can)."""
+        dtype = backend.standardize_dtype(variable.dtype)
+        if dtype not in ("float32", "float64"):
+            return (
+                f"its dtype is {dtype}; the kernel computes in the variable's dtype, "
+                "so only float32 and float64 are fused"
+            )
+        if self.moment_dtype not in (None, dtype):
+            return f"moment_dtype={self.moment_dtype!r} differs from its dtype {dtype}"
+        return None
+
+    def _fused_update(self, variable: Any, gradient: Any, slots: list, hyper: dict) -> None:
+        """The same step as `update_rule.adam_step` in one TensorFlow kernel.
+
+        `tf.raw_ops.ResourceApplyAdam` computes Keras's ε̂ form in one pass
+        over var, m and v (it has an XLA kernel too). Maximize, L2 and
+        decoupled weight decay are applied around it, in the same order as
+        `adam_step`.
+        """
+        var = variable.value if isinstance(variable, keras.Variable) else variable
+        dtype = var.dtype
+        lr = tf.cast(hyper["learning_rate"], dtype)
+        gradient = tf.cast(gradient, dtype)
+        if self.maximize:
+            gradient = -gradient
+        weight_decay = hyper["weight_decay"]
+        if weight_decay and not self.decoupled_weight_decay:
+            gradient = gradient + var * weight_decay
+        if weight_decay and self.decoupled_weight_decay:
+            var.assign(var - var * weight_decay * lr)
+        t = tf.cast(hyper["step"], dtype)
+        beta_1 = tf.constant(self.beta_1, dtype)
+        beta_2 = tf.constant(self.beta_2, dtype)
+        m, v = (slot.value if isinstance(slot, keras.Variable) else slot for slot in slots)
+        tf.raw_ops.ResourceApplyAdam(
+            var=var.handle,
+            m=m.handle,
+            v=v.handle,
+            beta1_power=tf.pow(beta_1, t),
+            beta2_power=tf.pow(beta_2, t),
+            lr=lr,
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=tf.constant(self.epsilon, dtype),
+            grad=gradient,
+            use_locking=False,
+            use_nesterov=False,
+        )
+
+    # -- the lazy sparse path ---------------------------------------------------
 
     def _update_rows(
         self, gradient: Any, variable: Any, slots: list, dtype: str, hyper: dict
@@ -531,6 +631,7 @@ class Adam(keras.optimizers.Optimizer):
                 "maximize": self.maximize,
                 "lazy_sparse": self.lazy_sparse,
                 "moment_dtype": self.moment_dtype,
+                "fused": self.fused,
             }
         )
         return config

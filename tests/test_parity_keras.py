@@ -119,7 +119,9 @@ def test_keras_adam_mishandles_repeated_sparse_rows():
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
 def test_mixed_precision_fit_matches_keras(policy):
     """Under a mixed policy the weights are float32 (fp16 wraps the optimizer
-    in a LossScaleOptimizer): both optimizers give the same model."""
+    in a LossScaleOptimizer): on the reference path both optimizers give the
+    same model. (Low-precision forward passes amplify the fused kernel's
+    round-off, so it is compared in tests/test_fused.py instead.)"""
     keras.config.set_dtype_policy(policy)
     rng = np.random.default_rng(2)
     x = rng.normal(size=(128, 10)).astype("float32")
@@ -138,7 +140,7 @@ def test_mixed_precision_fit_matches_keras(policy):
         model.fit(x, y, epochs=3, batch_size=16, shuffle=False, verbose=0)
         return model
 
-    ours, theirs = fit(keras_adam.Adam()), fit(keras.optimizers.Adam())
+    ours, theirs = fit(keras_adam.Adam(fused=False)), fit(keras.optimizers.Adam())
     if policy == "mixed_float16":
         assert isinstance(ours.optimizer, keras.optimizers.LossScaleOptimizer)
         assert isinstance(ours.optimizer.inner_optimizer, keras_adam.Adam)
