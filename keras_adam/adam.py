@@ -25,6 +25,12 @@ else:  # pragma: no cover - other backends are not supported yet
     tf = None
 
 
+class _PerStepCache:
+    """Values shared by the variables of one step (not tracked by Keras)."""
+
+    values: dict | None = None
+
+
 def _path_pattern(path: str) -> str:
     """A pattern for one variable's path, with the model's scope optional."""
     scope, _, rest = path.partition("/")
@@ -283,6 +289,7 @@ class Adam(keras.optimizers.Optimizer):
         self._constructor_exclusions = exclusions
         self._method_exclusions: tuple[str, ...] = ()
         self._exclusion_regex = _compile(exclusions)
+        self._per_step = _PerStepCache()
 
     # -- learning rate -----------------------------------------------------
 
@@ -553,7 +560,6 @@ class Adam(keras.optimizers.Optimizer):
         """
         var = variable.value if isinstance(variable, keras.Variable) else variable
         dtype = var.dtype
-        lr = tf.cast(hyper["learning_rate"], dtype)
         gradient = tf.cast(gradient, dtype)
         if self.maximize:
             gradient = -gradient
@@ -561,25 +567,51 @@ class Adam(keras.optimizers.Optimizer):
         if weight_decay and not self.decoupled_weight_decay:
             gradient = gradient + var * weight_decay
         if weight_decay and self.decoupled_weight_decay:
-            var.assign(var - var * weight_decay * lr)
-        t = tf.cast(hyper["step"], dtype)
-        beta_1 = tf.constant(self.beta_1, dtype)
-        beta_2 = tf.constant(self.beta_2, dtype)
+            var.assign(var - var * weight_decay * tf.cast(hyper["learning_rate"], dtype))
+        scalars = self._fused_scalars(dtype, hyper["learning_rate"])
         m, v = (slot.value if isinstance(slot, keras.Variable) else slot for slot in slots)
         tf.raw_ops.ResourceApplyAdam(
             var=var.handle,
             m=m.handle,
             v=v.handle,
-            beta1_power=tf.pow(beta_1, t),
-            beta2_power=tf.pow(beta_2, t),
-            lr=lr,
-            beta1=beta_1,
-            beta2=beta_2,
-            epsilon=tf.constant(self.epsilon, dtype),
+            **scalars,
             grad=gradient,
             use_locking=False,
             use_nesterov=False,
         )
+
+    def _fused_scalars(self, dtype: Any, learning_rate: Any) -> dict:
+        """The kernel's scalar inputs, computed once per step and dtype.
+
+        Many small variables would otherwise each pay for reading the step
+        counter and computing β powers: per-variable work is what dominates
+        their update.
+        """
+        cache = self._per_step.values
+        if cache is not None and dtype in cache:
+            return cache[dtype]
+        t = tf.cast(self.iterations + 1, dtype)
+        beta_1 = tf.constant(self.beta_1, dtype)
+        beta_2 = tf.constant(self.beta_2, dtype)
+        scalars = dict(
+            beta1_power=tf.pow(beta_1, t),
+            beta2_power=tf.pow(beta_2, t),
+            lr=tf.cast(learning_rate, dtype),
+            beta1=beta_1,
+            beta2=beta_2,
+            epsilon=tf.constant(self.epsilon, dtype),
+        )
+        if cache is not None:
+            cache[dtype] = scalars
+        return scalars
+
+    def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any):
+        # One step of all variables: share the fused kernel's scalars.
+        self._per_step.values = {}
+        try:
+            super()._backend_update_step(grads, trainable_variables, learning_rate)
+        finally:
+            self._per_step.values = None
 
     # -- the lazy sparse path ---------------------------------------------------
 
@@ -606,7 +638,10 @@ class Adam(keras.optimizers.Optimizer):
             v_hat=read_rows(slots[2]) if self.amsgrad else None,
             **hyper,
         )
-        shape = tf.shape(variable, out_type=rows.dtype)
+        # The gradient's own dense shape: reading the variable's shape would read
+        # the variable, and a scatter into a variable whose value is still
+        # referenced copies the whole table.
+        shape = gradient.dense_shape
         for slot, value in zip(slots, new[1:], strict=False):
             self.assign(slot, tf.IndexedSlices(value, rows, shape))
         self.assign(variable, tf.IndexedSlices(new.param, rows, shape))

@@ -1,0 +1,65 @@
+"""`python -m benchmarks [--quick] [--output DIR]`: run, print and save."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Parse the command line, run the benchmarks and write the report."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="smaller workloads, under 3 min")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
+    parser.add_argument("--no-memory", action="store_true", help="skip peak-memory probes")
+    parser.add_argument("--memory-probe", nargs=2, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    from benchmarks import report, run
+    from benchmarks.floor import Floor
+    from benchmarks.workloads import workloads
+
+    if args.memory_probe:
+        run.memory_probe(int(args.memory_probe[0]), args.memory_probe[1], args.quick)
+        return
+    repeats = args.repeats or (5 if args.quick else 15)
+    if repeats < 1:
+        parser.error(f"--repeats must be >= 1, got {repeats}")
+    chosen = workloads(args.quick)
+    results = []
+    for workload in chosen:
+        print(f"{workload.name}: {workload.description} ({workload.parameters:,} parameters)")
+        results += run.time_workload(workload, repeats)
+    measure_memory = not (args.no_memory or args.quick)
+    if measure_memory:
+        print("peak memory, one fresh process per system ...")
+        for result in results:
+            if result.family != "floor":
+                index = [w.name for w in chosen].index(result.workload)
+                result.peak_mb = run.peak_memory_mb(index, result.system, args.quick)
+    meta = {
+        "machine": (
+            f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
+        ),
+        "repeats": repeats,
+        "quick": args.quick,
+        "memory_measured": measure_memory,
+        "floor_kind": Floor(1).kind,
+    }
+    table = report.markdown(results, chosen, meta)
+    print()
+    print(table)
+    args.output.mkdir(parents=True, exist_ok=True)
+    (args.output / "results.md").write_text(table)
+    report.write_json(args.output / "results.json", results, meta)
+    report.plot(args.output / "results.png", results, chosen)
+    print(f"wrote {args.output}/results.md, results.json, results.png")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Tables, targets, JSON and the plot."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+from benchmarks.run import Measurement
+
+KERAS_FUNCTION = "keras Adam, tf.function"
+KERAS_XLA = "keras Adam, XLA"
+TORCH_FUSED = "torch Adam fused"
+FLOOR = "floor (Adam's memory traffic)"
+OURS = "keras_adam default, tf.function"
+OURS_XLA = "keras_adam default, XLA"
+LAZY = "keras_adam lazy_sparse, tf.function"
+DENSE_TABLE = "keras_adam dense update of the table, tf.function"
+
+
+def _by_name(results: list[Measurement]) -> dict:
+    return {(r.workload, r.system): r for r in results}
+
+
+def _ratio(numerator, denominator) -> str:
+    if numerator is None or denominator is None:
+        return "–"
+    return f"{numerator.median_ms / denominator.median_ms:.2f}×"
+
+
+def markdown(results: list[Measurement], workloads, meta: dict) -> str:
+    """The results as markdown: one table per workload, then the targets."""
+    index = _by_name(results)
+    lines = [
+        "# Benchmark results",
+        "",
+        f"{meta['machine']}; {meta['repeats']} interleaved rounds; median ms per optimizer "
+        "step with gradients given. *× keras* is keras Adam (tf.function) time over this "
+        "system's (higher is faster); *× torch fused* likewise; *× floor* is this "
+        f"system's time over the floor's ({meta['floor_kind']}). First call includes "
+        "tracing and XLA compilation.",
+        "",
+    ]
+    for workload in workloads:
+        keras_fn = index.get((workload.name, KERAS_FUNCTION))
+        torch_fused = index.get((workload.name, TORCH_FUSED))
+        floor = index.get((workload.name, FLOOR))
+        lines += [
+            f"## {workload.name}: {workload.description}",
+            "",
+            "| system | median ms | × keras | × torch fused | × floor | first call s | peak MB |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in (r for r in results if r.workload == workload.name):
+            peak = "–" if r.peak_mb is None else f"{r.peak_mb:.0f}"
+            lines.append(
+                f"| {r.system} | {r.median_ms:.2f} | {_ratio(keras_fn, r)} | "
+                f"{_ratio(torch_fused, r)} | {_ratio(r, floor)} | {r.first_call_s:.2f} | {peak} |"
+            )
+        lines.append("")
+    lines += ["## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    for target, measured, met in targets(results, workloads):
+        lines.append(f"| {target} | {measured} | {'yes' if met else 'no'} |")
+    return "\n".join(lines) + "\n"
+
+
+def targets(results: list[Measurement], workloads) -> list[tuple[str, str, bool]]:
+    """The issue's targets, each with the measured ratio and whether it is met."""
+    index = _by_name(results)
+    rows = []
+
+    def get(workload, system):
+        return index.get((workload, system))
+
+    def speedup(workload, slow, fast):
+        a, b = get(workload, slow), get(workload, fast)
+        return None if a is None or b is None else a.median_ms / b.median_ms
+
+    names = [w.name for w in workloads]
+    for workload, minimum in (("1 large", 4.0), ("200 small", 1.3)):
+        s = speedup(workload, KERAS_FUNCTION, OURS)
+        if s is not None:
+            rows.append(
+                (f"tf.function: ≥ {minimum}× keras Adam, {workload}", f"{s:.2f}×", s >= minimum)
+            )
+    for workload in names:
+        s = speedup(workload, KERAS_XLA, OURS_XLA)
+        if s is not None:
+            rows.append((f"XLA: ≥ 0.95× keras Adam, {workload}", f"{s:.2f}×", s >= 0.95))
+    for workload in ("1 large", "50 medium"):
+        s = speedup(workload, OURS, FLOOR)
+        if s is not None:
+            rows.append(
+                (f"default path within 1.3× of the floor, {workload}", f"{s:.2f}×", s <= 1.3)
+            )
+    s = speedup("embedding", DENSE_TABLE, LAZY)
+    if s is not None:
+        rows.append(("lazy sparse ≥ 10× the dense update of the table", f"{s:.1f}×", s >= 10))
+    for workload in names:
+        ours, theirs = get(workload, OURS), get(workload, KERAS_FUNCTION)
+        if ours and theirs and ours.peak_mb is not None and theirs.peak_mb is not None:
+            rows.append(
+                (
+                    f"peak memory ≤ keras Adam's, {workload}",
+                    f"{ours.peak_mb:.0f} vs {theirs.peak_mb:.0f} MB",
+                    ours.peak_mb <= theirs.peak_mb * 1.05,
+                )
+            )
+    for workload in names:
+        best_ours = min(
+            (r for r in results if r.workload == workload and r.family == "keras_adam"),
+            key=lambda r: r.median_ms,
+            default=None,
+        )
+        torch_fused = get(workload, TORCH_FUSED)
+        if best_ours and torch_fused:
+            ratio = torch_fused.median_ms / best_ours.median_ms
+            rows.append(
+                (
+                    f"stretch: at or below torch fused, {workload} ({best_ours.system})",
+                    f"{ratio:.2f}×",
+                    ratio >= 1.0,
+                )
+            )
+    return rows
+
+
+def write_json(path, results: list[Measurement], meta: dict) -> None:
+    """All measurements, with the samples, as JSON."""
+    with open(path, "w") as handle:
+        json.dump({"meta": meta, "results": [asdict(r) for r in results]}, handle, indent=1)
+
+
+def plot(path, results: list[Measurement], workloads) -> None:
+    """Median ms per system, one panel per workload, log scale."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    colors = {"keras_adam": "#1f77b4", "keras": "#ff7f0e", "torch": "#2ca02c", "floor": "#7f7f7f"}
+    fig, axes = plt.subplots(len(workloads), 1, figsize=(10, 3.2 * len(workloads)))
+    for ax, workload in zip(list(axes), workloads, strict=True):
+        rows = [r for r in results if r.workload == workload.name]
+        ax.barh(
+            [r.system for r in rows],
+            [r.median_ms for r in rows],
+            color=[colors[r.family] for r in rows],
+        )
+        ax.set_xscale("log")
+        ax.invert_yaxis()
+        ax.set_title(f"{workload.name}: {workload.description}", fontsize=10)
+        ax.set_xlabel("median ms per step (log scale, lower is faster)")
+        ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

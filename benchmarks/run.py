@@ -1,0 +1,115 @@
+"""Timing and memory measurement, all systems interleaved in one process."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+
+from benchmarks.systems import System, systems, torch_available
+from benchmarks.workloads import Workload, workloads
+
+
+@dataclass
+class Measurement:
+    """What was measured for one system on one workload."""
+
+    workload: str
+    system: str
+    family: str
+    median_ms: float
+    first_call_s: float
+    samples_ms: list[float] = field(default_factory=list)
+    peak_mb: float | None = None
+
+
+def applicable(system: System, workload: Workload) -> bool:
+    """Whether `system` runs on `workload` here."""
+    if system.family == "torch" and not torch_available():
+        return False
+    return system.sparse if workload.sparse else system.dense
+
+
+def time_workload(workload: Workload, repeats: int, log=print) -> list[Measurement]:
+    """Time every applicable system on `workload`, interleaved.
+
+    Each system is set up and its first call timed; then in each of
+    `repeats` rounds every system steps once, the order rotating from round
+    to round so that no system always follows the same neighbour.
+    """
+    steps, first_call = {}, {}
+    chosen = [s for s in systems() if applicable(s, workload)]
+    for system in chosen:
+        step = system.setup(workload)
+        start = time.perf_counter()
+        step()
+        first_call[system.name] = time.perf_counter() - start
+        step()  # warm-up
+        steps[system.name] = step
+    samples = {name: [] for name in steps}
+    order = list(steps.items())
+    for round_number in range(repeats):
+        shift = round_number % len(order)
+        for name, step in order[shift:] + order[:shift]:
+            start = time.perf_counter()
+            step()
+            samples[name].append(1e3 * (time.perf_counter() - start))
+    results = []
+    for system in chosen:
+        ms = samples[system.name]
+        results.append(
+            Measurement(
+                workload=workload.name,
+                system=system.name,
+                family=system.family,
+                median_ms=statistics.median(ms),
+                first_call_s=first_call[system.name],
+                samples_ms=ms,
+            )
+        )
+        log(f"  {system.name:<52} {results[-1].median_ms:10.2f} ms")
+    return results
+
+
+def peak_memory_mb(workload_index: int, system_name: str, quick: bool) -> float | None:
+    """Peak extra resident memory of 3 steps, measured in a fresh process."""
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--memory-probe",
+        str(workload_index),
+        system_name,
+    ]
+    if quick:
+        command.append("--quick")
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    try:
+        return json.loads(result.stdout.strip().splitlines()[-1])["peak_mb"]
+    except (IndexError, ValueError, KeyError):
+        return None
+
+
+def _status_kb(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field_name)
+
+
+def memory_probe(workload_index: int, system_name: str, quick: bool) -> None:
+    """Run in a subprocess: set up, reset the peak, step 3 times, report."""
+    workload = workloads(quick)[workload_index]
+    system = next(s for s in systems() if s.name == system_name)
+    step = system.setup(workload)
+    baseline = _status_kb("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # reset VmHWM, the peak resident set size
+    for _ in range(3):
+        step()
+    peak = _status_kb("VmHWM")
+    print(json.dumps({"peak_mb": max(peak - baseline, 0) / 1024}))

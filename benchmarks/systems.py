@@ -1,0 +1,142 @@
+"""The systems compared: each turns a workload into a zero-argument `step`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from benchmarks.floor import Floor
+from benchmarks.workloads import Workload, gradients, touched_rows
+
+
+@dataclass(frozen=True)
+class System:
+    """One implementation on one execution path.
+
+    Attributes:
+        name: Label in the tables.
+        family: "keras_adam", "keras", "torch" or "floor".
+        setup: Builds the state for a workload and returns the step function.
+        dense: Runs on dense workloads.
+        sparse: Runs on the embedding workload.
+    """
+
+    name: str
+    family: str
+    setup: Callable[[Workload], Callable[[], None]]
+    dense: bool = True
+    sparse: bool = True
+
+
+def _tf_setup(make_optimizer: Callable, mode: str, densify: bool = False) -> Callable:
+    def setup(workload: Workload) -> Callable[[], None]:
+        import keras
+        import tensorflow as tf
+
+        variables = [keras.Variable(np.zeros(shape, "float32")) for shape in workload.shapes]
+        grads = [tf.constant(g) for g in gradients(workload)]
+        if workload.sparse:
+            rows = tf.constant(touched_rows(workload), "int64")
+            table_shape = tf.constant(workload.shapes[0], "int64")
+            grads = [tf.IndexedSlices(grads[0], rows, table_shape)]
+            if densify:
+                grads = [tf.convert_to_tensor(grads[0])]
+        optimizer = make_optimizer()
+        optimizer.build(variables)
+
+        def apply(grads):
+            optimizer.apply_gradients(zip(grads, variables, strict=True))
+
+        if mode == "eager":
+            return lambda: apply(grads)
+        compiled = tf.function(apply, jit_compile=mode == "xla")
+        return lambda: compiled(grads)
+
+    return setup
+
+
+def _torch_setup(**options) -> Callable:
+    def setup(workload: Workload) -> Callable[[], None]:
+        import torch
+
+        params = [torch.zeros(shape, requires_grad=True) for shape in workload.shapes]
+        grads = [torch.from_numpy(g) for g in gradients(workload)]
+        if workload.sparse:
+            rows = torch.from_numpy(touched_rows(workload))
+            sparse_grad = torch.sparse_coo_tensor(rows[None], grads[0], workload.shapes[0])
+            if options.get("sparse"):
+                params[0].grad = sparse_grad.coalesce()
+                optimizer = torch.optim.SparseAdam(params, lr=1e-3)
+                return optimizer.step
+            grads = [sparse_grad.to_dense()]
+        for param, grad in zip(params, grads, strict=True):
+            param.grad = grad
+        optimizer = torch.optim.Adam(params, lr=1e-3, **options)
+        return optimizer.step
+
+    return setup
+
+
+def _floor_setup(workload: Workload) -> Callable[[], None]:
+    n = workload.rows_touched * workload.shapes[0][1] if workload.sparse else workload.parameters
+    return Floor(n).step
+
+
+def systems() -> list[System]:
+    """Every system, in table order."""
+    import keras
+
+    import keras_adam
+
+    def ours(**kw):
+        return lambda: keras_adam.Adam(**kw)
+
+    def lazy(**kw):
+        return lambda: keras_adam.Adam(lazy_sparse=True, **kw)
+
+    return [
+        System("keras_adam default, tf.function", "keras_adam", _tf_setup(ours(), "function")),
+        System("keras_adam default, XLA", "keras_adam", _tf_setup(ours(), "xla")),
+        System(
+            "keras_adam fused=True, tf.function",
+            "keras_adam",
+            _tf_setup(ours(fused=True), "function"),
+        ),
+        System(
+            "keras_adam fused=False, tf.function",
+            "keras_adam",
+            _tf_setup(ours(fused=False), "function"),
+        ),
+        System("keras_adam fused=False, XLA", "keras_adam", _tf_setup(ours(fused=False), "xla")),
+        System(
+            "keras_adam lazy_sparse, tf.function",
+            "keras_adam",
+            _tf_setup(lazy(), "function"),
+            dense=False,
+        ),
+        System("keras_adam lazy_sparse, XLA", "keras_adam", _tf_setup(lazy(), "xla"), dense=False),
+        System(
+            "keras_adam dense update of the table, tf.function",
+            "keras_adam",
+            _tf_setup(ours(), "function", densify=True),
+            dense=False,
+        ),
+        System("keras Adam, eager", "keras", _tf_setup(keras.optimizers.Adam, "eager")),
+        System("keras Adam, tf.function", "keras", _tf_setup(keras.optimizers.Adam, "function")),
+        System("keras Adam, XLA", "keras", _tf_setup(keras.optimizers.Adam, "xla")),
+        System("torch Adam foreach", "torch", _torch_setup(foreach=True)),
+        System("torch Adam fused", "torch", _torch_setup(fused=True)),
+        System("torch SparseAdam", "torch", _torch_setup(sparse=True), dense=False),
+        System("floor (Adam's memory traffic)", "floor", _floor_setup),
+    ]
+
+
+def torch_available() -> bool:
+    """Whether the optional torch extra is installed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError:
+        return False
+    return True

@@ -1,0 +1,56 @@
+"""The benchmark harness runs every system and writes its reports.
+
+Timings are never asserted here (the machines are shared and noisy): only
+that the harness measures what it says and writes what it promises.
+"""
+
+import json
+
+import numpy as np
+
+from benchmarks import report, run
+from benchmarks.floor import Floor
+from benchmarks.systems import systems
+from benchmarks.workloads import Workload, workloads
+
+TINY = [
+    Workload("tiny dense", "two small variables", ((64,), (8, 8))),
+    Workload("embedding", "a 100 x 4 table, 5 rows touched", ((100, 4),), rows_touched=5),
+]
+META = {"machine": "test", "repeats": 2, "floor_kind": "test", "quick": True}
+
+
+def test_every_applicable_system_is_timed_and_reported(tmp_path):
+    results = []
+    for workload in TINY:
+        results += run.time_workload(workload, repeats=2, log=lambda *_: None)
+    for workload in TINY:
+        expected = {s.name for s in systems() if run.applicable(s, workload)}
+        assert {r.system for r in results if r.workload == workload.name} == expected
+    assert all(r.median_ms > 0 and len(r.samples_ms) == 2 for r in results)
+
+    table = report.markdown(results, TINY, META)
+    assert "## tiny dense" in table and "## embedding" in table and "## Targets" in table
+    assert "lazy sparse ≥ 10× the dense update of the table" in table
+    report.write_json(tmp_path / "r.json", results, META)
+    assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == len(results)
+    report.plot(tmp_path / "r.png", results, TINY)
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_floor_does_adams_arithmetic():
+    """The floor is a real Adam pass (not just copies), in C when it can be."""
+    floor = Floor(1000)
+    p, g = floor.p.astype(np.float64), floor.g.astype(np.float64)
+    floor.step()
+    m = 0.1 * g
+    v = 0.001 * g * g
+    np.testing.assert_allclose(floor.p, p - 1e-3 * m / (np.sqrt(v) + 1e-7), rtol=1e-5)
+    np.testing.assert_allclose(floor.m, m, rtol=1e-5)
+
+
+def test_memory_probe_reports_a_peak():
+    index = [w.name for w in workloads(quick=True)].index("1 large")
+    peak = run.peak_memory_mb(index, "keras_adam default, tf.function", quick=True)
+    # m and v for 2.1M float32 parameters are 16 MB: the peak is at least that.
+    assert peak is not None and peak >= 16
