@@ -17,6 +17,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory probes")
+    parser.add_argument(
+        "--docs",
+        type=Path,
+        default=None,
+        help="also write this docs page (e.g. docs/performance.md)",
+    )
     parser.add_argument("--memory-probe", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> None:
     report.write_json(args.output / "results.json", results, meta)
     report.plot(args.output / "results.png", results, chosen)
     print(f"wrote {args.output}/results.md, results.json, results.png")
+    if args.docs:
+        report.write_docs_page(args.docs, table, args.output / "results.png")
+        print(f"wrote {args.docs}")
 
 
 if __name__ == "__main__":

@@ -154,3 +154,61 @@ def plot(path, results: list[Measurement], workloads) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+DOCS_INTRO = """# Performance
+
+Adam's step is memory-bound: in float32 it reads the parameter, the gradient
+and both moments and writes back the parameter and the moments, 28 bytes per
+parameter. `keras_adam.Adam` runs dense updates through TensorFlow's fused
+`ResourceApplyAdam` kernel (one pass) wherever it applies, and sparse
+`Embedding` gradients through the lazy row update (`lazy_sparse=True`).
+
+Reproduce everything below with
+
+```bash
+pip install ".[test]"            # torch 2.13.0 (CPU) is the optional peer
+python -m benchmarks --docs docs/performance.md   # about 12 minutes
+python -m benchmarks --quick     # smaller workloads, under 3 minutes
+```
+
+All systems run in one process, interleaved round by round; peak memory is
+measured in a fresh process per system (the extra resident memory of three
+steps, optimizer state included). Read ratios, not absolute times: the
+machines are shared and noisy.
+
+![median ms per step](img/benchmarks.png)
+
+## Reading the results
+
+- *keras_adam default* and *keras_adam fused=True* run the same code: their
+  difference is the noise of the machine.
+- Inside `tf.function` without XLA (tf.distribute, op determinism, layers
+  that don't compile), the fused kernel is several times faster than Keras's
+  Adam on large variables, and uses a fraction of its temporary memory.
+  Under XLA, both compile to about the same speed.
+- Many small variables are dominated by per-kernel dispatch: 200 calls of
+  `ResourceApplyAdam` on 10k parameters each cost about 4× one call on all
+  2.1M parameters. torch's fused Adam updates every tensor in one
+  multi-tensor kernel; matching it needs such a kernel in TensorFlow.
+- `lazy_sparse=True` costs in proportion to the rows touched (sort, gather,
+  update, scatter), not the table size.
+
+"""
+
+
+def write_docs_page(path, table: str, png) -> None:
+    """Write the docs' Performance page from a results table and plot."""
+    import shutil
+    from pathlib import Path
+
+    path = Path(path)
+    image = path.parent / "img" / "benchmarks.png"
+    image.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(png, image)
+    body = table.split("\n", 1)[1]  # the page has its own title
+    path.write_text(
+        DOCS_INTRO
+        + "## Results\n"
+        + body.replace("\n## ", "\n### ").replace("\n### Targets", "\n## Targets")
+    )

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
 from typing import Any
 
 import keras
@@ -41,11 +40,6 @@ def _path_pattern(path: str) -> str:
 
 def _compile(patterns: tuple[str, ...]) -> re.Pattern | None:
     return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-
-
-@contextlib.contextmanager
-def _no_scope() -> Iterator[None]:
-    yield
 
 
 def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
@@ -352,7 +346,8 @@ class Adam(keras.optimizers.Optimizer):
         name = f"{reference.path.replace('/', '_')}_{name}"
         strategy = getattr(self, "_distribution_strategy", None)
         colocate = reference.value if isinstance(reference, keras.Variable) else reference
-        with strategy.extended.colocate_vars_with(colocate) if strategy else _no_scope():
+        scope = strategy.extended.colocate_vars_with(colocate) if strategy else None
+        with scope or contextlib.nullcontext():
             return self.add_variable(
                 shape=reference.shape,
                 dtype=self.moment_dtype,
@@ -487,7 +482,6 @@ class Adam(keras.optimizers.Optimizer):
         decays = self.weight_decay and self._use_weight_decay(variable)
         weight_decay = self.weight_decay if decays else 0.0
         hyper = dict(
-            step=self.iterations + 1,
             learning_rate=learning_rate,
             beta_1=self.beta_1,
             beta_2=self.beta_2,
@@ -499,10 +493,10 @@ class Adam(keras.optimizers.Optimizer):
             maximize=self.maximize,
         )
         sparse = tf is not None and isinstance(gradient, tf.IndexedSlices)
-        if sparse and self.lazy_sparse:
-            self._update_rows(gradient, variable, slots, dtype, hyper)
-            return
         if sparse:
+            if self.lazy_sparse:
+                self._update_rows(gradient, variable, slots, dtype, hyper)
+                return
             gradient = tf.convert_to_tensor(gradient)
         if self.fused is not False and not self._fused_flag_blockers():
             if not self._fused_dtype_blocker(variable):
@@ -517,6 +511,7 @@ class Adam(keras.optimizers.Optimizer):
             read(gradient),
             *(read(slot) for slot in slots[:2]),
             v_hat=read(slots[2]) if self.amsgrad else None,
+            step=self.iterations + 1,
             **hyper,
         )
         for slot, value in zip(slots, new[1:], strict=False):
@@ -636,6 +631,7 @@ class Adam(keras.optimizers.Optimizer):
             ops.cast(row_gradients, dtype),
             *(read_rows(slot) for slot in slots[:2]),
             v_hat=read_rows(slots[2]) if self.amsgrad else None,
+            step=self.iterations + 1,
             **hyper,
         )
         # The gradient's own dense shape: reading the variable's shape would read

@@ -36,6 +36,10 @@ def test_every_applicable_system_is_timed_and_reported(tmp_path):
     assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == len(results)
     report.plot(tmp_path / "r.png", results, TINY)
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    report.write_docs_page(tmp_path / "docs" / "performance.md", table, tmp_path / "r.png")
+    page = (tmp_path / "docs" / "performance.md").read_text()
+    assert page.startswith("# Performance") and "## tiny dense" in page
+    assert (tmp_path / "docs" / "img" / "benchmarks.png").exists()
 
 
 def test_floor_does_adams_arithmetic():
