@@ -172,9 +172,10 @@ python -m benchmarks --docs docs/performance.md   # about 12 minutes
 python -m benchmarks --quick     # smaller workloads, under 3 minutes
 ```
 
-All systems run in one process, interleaved round by round; peak memory is
-measured in a fresh process per system (the extra resident memory of three
-steps, optimizer state included). Read ratios, not absolute times: the
+All systems run in one process, interleaved round by round. Peak memory is
+measured in a fresh process per system: the peak resident memory of setting
+up and running three steps, less the weights and gradients, so optimizer
+state, temporaries and compilation. Read ratios, not absolute times: the
 machines are shared and noisy.
 
 ![median ms per step](img/benchmarks.png)

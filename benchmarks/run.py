@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass, field
 
 from benchmarks.systems import System, systems, torch_available
-from benchmarks.workloads import Workload, workloads
+from benchmarks.workloads import Workload, gradients, workloads
 
 
 @dataclass
@@ -75,7 +75,10 @@ def time_workload(workload: Workload, repeats: int, log=print) -> list[Measureme
 
 
 def peak_memory_mb(workload_index: int, system_name: str, quick: bool) -> float | None:
-    """Peak extra resident memory of 3 steps, measured in a fresh process."""
+    """Peak memory (MB) a system adds beyond its weights and gradients.
+
+    Measured over setup and 3 steps, in a fresh process.
+    """
     command = [
         sys.executable,
         "-m",
@@ -102,14 +105,20 @@ def _status_kb(field_name: str) -> int:
 
 
 def memory_probe(workload_index: int, system_name: str, quick: bool) -> None:
-    """Run in a subprocess: set up, reset the peak, step 3 times, report."""
+    """Run in a subprocess: the peak resident memory one system adds.
+
+    The peak is reset before the system is set up; its weights and gradients
+    are subtracted, so what remains is the optimizer's state, its
+    temporaries and any compilation.
+    """
     workload = workloads(quick)[workload_index]
     system = next(s for s in systems() if s.name == system_name)
-    step = system.setup(workload)
     baseline = _status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM, the peak resident set size
+    step = system.setup(workload)
     for _ in range(3):
         step()
-    peak = _status_kb("VmHWM")
-    print(json.dumps({"peak_mb": max(peak - baseline, 0) / 1024}))
+    peak = _status_kb("VmHWM") - baseline
+    weights_and_gradients_kb = 4 * (workload.parameters + sum(g.size for g in gradients(workload)))
+    print(json.dumps({"peak_mb": max(peak - weights_and_gradients_kb / 1024, 0) / 1024}))
