@@ -1,7 +1,9 @@
 r"""The Adam update rule: the one place where the math of a step lives.
 
-Every execution path of `keras_adam.Adam` (dense tensors, lazy sparse rows)
-computes its step through `adam_step`, and the tests check each path against
+The `keras.ops` path and the lazy sparse rows of `keras_adam.Adam` compute
+their step with `adam_step`; the fused TensorFlow kernel
+(`ResourceApplyAdam`) implements the same "hat" formula in C++ and is tested
+against `adam_step` to round-off. The tests also check `adam_step` against
 independent oracles: a NumPy transcription of Kingma & Ba (2014),
 `keras.optimizers.Adam` and `torch.optim`.
 
