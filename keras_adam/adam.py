@@ -550,19 +550,20 @@ class Adam(keras.optimizers.Optimizer):
 
         `tf.raw_ops.ResourceApplyAdam` computes Keras's ε̂ form in one pass
         over var, m and v (it has an XLA kernel too). Maximize, L2 and
-        decoupled weight decay are applied around it, in the same order as
-        `adam_step`.
+        decoupled weight decay are applied around it by the same functions
+        `adam_step` uses.
         """
         var = variable.value if isinstance(variable, keras.Variable) else variable
         dtype = var.dtype
-        gradient = tf.cast(gradient, dtype)
-        if self.maximize:
-            gradient = -gradient
-        weight_decay = hyper["weight_decay"]
-        if weight_decay and not self.decoupled_weight_decay:
-            gradient = gradient + var * weight_decay
-        if weight_decay and self.decoupled_weight_decay:
-            var.assign(var - var * weight_decay * tf.cast(hyper["learning_rate"], dtype))
+        decay = dict(
+            weight_decay=hyper["weight_decay"], decoupled_weight_decay=self.decoupled_weight_decay
+        )
+        gradient = update_rule.effective_gradient(
+            tf.cast(gradient, dtype), var, maximize=self.maximize, **decay
+        )
+        if decay["weight_decay"] and self.decoupled_weight_decay:
+            lr = tf.cast(hyper["learning_rate"], dtype)
+            var.assign(update_rule.decoupled_decay(var, lr=lr, **decay))
         scalars = self._fused_scalars(dtype, hyper["learning_rate"])
         m, v = (slot.value if isinstance(slot, keras.Variable) else slot for slot in slots)
         tf.raw_ops.ResourceApplyAdam(

@@ -115,6 +115,49 @@ class AdamState(NamedTuple):
     v_hat: Any = None
 
 
+def effective_gradient(
+    grad: Any, param: Any, *, weight_decay: float, decoupled_weight_decay: bool, maximize: bool
+) -> Any:
+    r"""The gradient the moments see: negated to maximize, plus L2 decay.
+
+    Args:
+        grad: $g_t$.
+        param: $\theta_{t-1}$.
+        weight_decay: $\lambda$; 0 for none.
+        decoupled_weight_decay: If True the decay is not added here (see
+            `decoupled_decay`).
+        maximize: Negate the gradient.
+
+    Returns:
+        $\pm g_t$, plus $\lambda\theta_{t-1}$ for L2 decay.
+    """
+    if maximize:
+        grad = -grad
+    if weight_decay and not decoupled_weight_decay:
+        grad = grad + param * weight_decay
+    return grad
+
+
+def decoupled_decay(
+    param: Any, *, weight_decay: float, decoupled_weight_decay: bool, lr: Any
+) -> Any:
+    r"""AdamW's $\theta \leftarrow \theta - \theta\lambda\eta$ (Keras's rounding).
+
+    Args:
+        param: $\theta_{t-1}$.
+        weight_decay: $\lambda$; 0 for none.
+        decoupled_weight_decay: If False this is the identity (L2 decay is
+            in `effective_gradient`).
+        lr: $\eta$, in `param`'s dtype.
+
+    Returns:
+        The decayed parameter.
+    """
+    if weight_decay and decoupled_weight_decay:
+        param = param - param * weight_decay * lr
+    return param
+
+
 def adam_step(
     param: Any,
     grad: Any,
@@ -165,18 +208,22 @@ def adam_step(
     dtype = param.dtype
     t = ops.cast(step, dtype)
     lr = ops.cast(learning_rate, dtype)
-    if maximize:
-        grad = -grad
-    if weight_decay and not decoupled_weight_decay:
-        grad = grad + param * weight_decay
+    grad = effective_gradient(
+        grad,
+        param,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        maximize=maximize,
+    )
     m = m + (grad - m) * (1 - beta_1)
     v = v + (ops.square(grad) - v) * (1 - beta_2)
     denominator_v = v
     if v_hat is not None:
         v_hat = ops.maximum(v_hat, v)
         denominator_v = v_hat
-    if weight_decay and decoupled_weight_decay:
-        param = param - param * weight_decay * lr
+    param = decoupled_decay(
+        param, weight_decay=weight_decay, decoupled_weight_decay=decoupled_weight_decay, lr=lr
+    )
     beta_1_power = ops.power(ops.convert_to_tensor(beta_1, dtype=dtype), t)
     beta_2_power = ops.power(ops.convert_to_tensor(beta_2, dtype=dtype), t)
 
