@@ -20,6 +20,7 @@ MOMENT_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
 
 if backend.backend() == "tensorflow":
     import tensorflow as tf
+    from tensorflow.python.ops import control_flow_util  # is this graph compiled by XLA?
 else:  # pragma: no cover - other backends are not supported yet
     tf = None
 
@@ -45,11 +46,20 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern | None:
 def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
     """Sum the slices of repeated indices of a `tf.IndexedSlices`.
 
+    Outside XLA, `tf.unique` finds the distinct rows in one hashing pass and
+    only those rows are updated. XLA has no kernel for `tf.unique` (its
+    output shape depends on the data), so under XLA the indices are sorted
+    instead and every position carries its row's total: repeated positions
+    then compute and write identical rows, and shapes stay static.
+
     Returns:
-        `(rows, totals)`: the indices sorted, and for each position the sum
-        of all slices with that index. Shapes are those of the input.
+        `(rows, totals)`: row indices, and for each the sum of all slices
+        with that index.
     """
     indices = gradient.indices
+    if not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+        rows, segment = tf.unique(indices)
+        return rows, tf.math.unsorted_segment_sum(gradient.values, segment, tf.shape(rows)[0])
     order = tf.argsort(indices, stable=True)
     rows = tf.gather(indices, order)
     values = tf.gather(gradient.values, order)
@@ -616,10 +626,8 @@ class Adam(keras.optimizers.Optimizer):
     ) -> None:
         """The lazy update: only the rows a `tf.IndexedSlices` gradient touches.
 
-        Repeated indices are summed first (the update is not linear). Each
-        position then carries its row's total, so repeated positions compute
-        and write identical rows. Shapes stay static, so this compiles under
-        XLA.
+        Repeated indices are summed first (the update is not linear), see
+        `_coalesce_rows`; this compiles under XLA.
         """
         rows, row_gradients = _coalesce_rows(gradient)
 
