@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 import keras
+import numpy as np
 from keras import backend, ops
 
 from keras_adam import update_rule, validation
@@ -294,6 +295,8 @@ class Adam(keras.optimizers.Optimizer):
         self._method_exclusions: tuple[str, ...] = ()
         self._exclusion_regex = _compile(exclusions)
         self._per_step = _PerStepCache()
+        # State loaded before `build`, restored by `build` (a tuple: not tracked).
+        self._pending_state: tuple | None = None
 
     # -- learning rate -----------------------------------------------------
 
@@ -336,6 +339,11 @@ class Adam(keras.optimizers.Optimizer):
         self._momentums, self._velocities = self._add_moments(var_list, ["momentum", "velocity"])
         if self.amsgrad:
             (self._velocity_hats,) = self._add_moments(var_list, ["velocity_hat"])
+        pending, self._pending_state = self._pending_state, None
+        if pending is not None:
+            # `fit` may build inside a traced function: restore eagerly, once.
+            with tf.init_scope() if tf is not None else contextlib.nullcontext():
+                self.load_own_variables({str(i): value for i, value in enumerate(pending)})
 
     def _add_moments(self, var_list: list, names: list[str]) -> tuple[list, ...]:
         """Slot variables named and ordered as Keras's, of `moment_dtype`."""
@@ -382,30 +390,46 @@ class Adam(keras.optimizers.Optimizer):
         optimizer was built (only its step counter and learning rate) loads
         into a built optimizer with zero moments, which is exactly that state.
 
+        Full state loaded into an optimizer that is not built yet (as
+        `model.load_weights` does before the first `fit`) is kept and
+        restored by `build`: the step counter and learning rate at once, the
+        moments when their variables exist. `keras.optimizers.Adam` instead
+        skips it with a warning, restarting Adam from zero moments and step 1.
+
         Args:
             store: A mapping from "0", "1", ... to arrays.
 
         Raises:
             ValueError: if the number of saved arrays or any shape does not
-                fit this optimizer's variables.
+                fit this optimizer's variables (for deferred state, raised by
+                `build`).
         """
         own = self.variables
-        saved = [store[str(i)] for i in range(len(store.keys()))]
+        saved = [np.array(store[str(i)]) for i in range(len(store.keys()))]
+        base = self._base_variable_count()
+        if not self.built and len(saved) > base:
+            self._check_shapes(own, saved[:base])
+            for variable, value in zip(own, saved[:base], strict=True):
+                variable.assign(value)
+            self._pending_state = tuple(saved)
+            return
         if len(saved) != len(own):
-            unbuilt_state = len(saved) == self._base_variable_count() and self.built
+            unbuilt_state = len(saved) == base and self.built
             if not unbuilt_state:
-                hint = (
-                    " This optimizer is not built yet: call "
-                    "`optimizer.build(model.trainable_variables)` first."
-                    if not self.built
-                    else " Was the state saved with other options (amsgrad, use_ema, "
+                raise ValueError(
+                    f"Cannot load optimizer state into '{self.name}': the saved state "
+                    f"has {len(saved)} variables but this optimizer has {len(own)}. "
+                    "Was the state saved with other options (amsgrad, use_ema, "
                     "gradient_accumulation_steps, a learning-rate schedule) or for "
                     "another model?"
                 )
-                raise ValueError(
-                    f"Cannot load optimizer state into '{self.name}': the saved state "
-                    f"has {len(saved)} variables but this optimizer has {len(own)}.{hint}"
-                )
+        self._check_shapes(own, saved)
+        for variable, value in zip(own, saved, strict=False):
+            variable.assign(value)
+        for variable in own[len(saved) :]:
+            variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
+
+    def _check_shapes(self, own: list, saved: list) -> None:
         for i, (variable, value) in enumerate(zip(own, saved, strict=False)):
             if tuple(variable.shape) != tuple(value.shape):
                 raise ValueError(
@@ -413,10 +437,14 @@ class Adam(keras.optimizers.Optimizer):
                     f"has shape {tuple(value.shape)} but '{variable.path}' has shape "
                     f"{tuple(variable.shape)}."
                 )
-        for variable, value in zip(own, saved, strict=False):
-            variable.assign(value)
-        for variable in own[len(saved) :]:
-            variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
+
+    def save_own_variables(self, store: Any) -> None:
+        """Save the optimizer's variables; deferred state not yet restored is saved as is."""
+        if not self.built and self._pending_state is not None:
+            for i, value in enumerate(self._pending_state):
+                store[str(i)] = value
+            return
+        super().save_own_variables(store)
 
     def set_weights(self, weights: list) -> None:
         """Set all optimizer variables from a list of arrays.

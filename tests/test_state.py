@@ -174,11 +174,38 @@ def test_loading_a_different_shape_raises_and_changes_nothing():
     assert_load_refused_and_state_unchanged(saved, r"saved variable 4 has shape \(7, 3\).*\(3,\)")
 
 
-def test_loading_into_an_unbuilt_optimizer_raises():
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_state_loaded_before_build_is_restored_by_build(mode):
+    """As `model.load_weights` does before the first fit: nothing is dropped,
+    and the restored optimizer continues exactly where the saved one was."""
+    source = keras_adam.Adam(**BINARY)
+    source_variables, source_loss = make_problem("float32")
+    train(source, source_variables, source_loss, 0, 3)
     saved = {}
-    built_optimizer().save_own_variables(saved)
-    with pytest.raises(ValueError, match=r"not built yet"):
-        keras_adam.Adam().load_own_variables(saved)
+    source.save_own_variables(saved)
+    later = keras_adam.Adam(**BINARY)
+    later.load_own_variables(saved)
+    assert int(later.iterations.numpy()) == int(source.iterations.numpy()) > 0  # at once
+    resaved = {}
+    later.save_own_variables(resaved)  # not built yet: the pending state is what is saved
+    assert sorted(resaved) == sorted(saved)
+    for key in saved:
+        np.testing.assert_array_equal(resaved[key], saved[key])
+    variables, loss_fn = moved_problem(source_variables)
+    # `later` builds inside its first (possibly traced) step.
+    make_step(later, variables, loss_fn, mode)(tf.constant(3, dtype="int64"))
+    make_step(source, source_variables, source_loss, mode)(tf.constant(3, dtype="int64"))
+    for ours, theirs in zip(values(later.variables), values(source.variables), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_state_loaded_before_build_that_does_not_fit_fails_at_build():
+    saved = {}
+    built_optimizer(amsgrad=True).save_own_variables(saved)
+    optimizer = keras_adam.Adam()
+    optimizer.load_own_variables(saved)
+    with pytest.raises(ValueError, match=r"saved state has \d+ variables but this optimizer has"):
+        optimizer.build(make_problem("float32")[0])
 
 
 def test_keras_only_warns_where_we_raise():

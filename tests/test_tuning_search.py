@@ -1,0 +1,251 @@
+"""`tuning.search`: results, files, resume, seeds, failures, and Hyperband's carried Adam state."""
+
+import csv
+import json
+import math
+import os
+import warnings
+
+import keras
+import numpy as np
+import pytest
+
+import keras_adam
+import tuning
+from tuning import AdamSearchSpace
+from tuning.datasets import load_dataset
+
+LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+@pytest.fixture(scope="module")
+def data():
+    d = load_dataset("digits")
+    return d.x_train[:600], d.y_train[:600], d.x_test[:200], d.y_test[:200]
+
+
+def build():
+    return keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+
+
+def run(data, tmp_path, **kwargs):
+    x, y, x_test, y_test = data
+    options = {
+        "loss": LOSS,
+        "metrics": ["accuracy"],
+        "tuner": "random",
+        "max_trials": 3,
+        "epochs": 2,
+        "directory": str(tmp_path),
+        "project": "p",
+        "comparison_repeats": 1,
+        "test_data": (x_test, y_test),
+    }
+    options.update(kwargs)
+    return tuning.search(build, x, y, **options)
+
+
+def test_search_returns_and_writes_what_people_act_on(data, tmp_path):
+    ended = []
+    result = run(data, tmp_path, on_trial_end=ended.append)
+    assert [r.trial_id for r in result.trials] == ["0", "1", "2"]
+    assert [r.trial_id for r in ended] == ["0", "1", "2"]
+    assert all(r.status == "COMPLETED" and r.seconds > 0 for r in result.trials)
+    assert result.tuned == ("learning_rate",)
+    best = min(result.trials, key=lambda r: r.score)
+    assert result.score == best.score
+    assert result.best_hyperparameters == best.hyperparameters
+    # The ready optimizer is built from the best values.
+    assert isinstance(result.optimizer, keras_adam.Adam)
+    assert math.isclose(
+        float(result.optimizer.learning_rate), best.hyperparameters["learning_rate"], rel_tol=1e-6
+    )
+    # Repeat 0 of the comparison reproduces the best trial: same weights, data, seed.
+    assert result.comparison.tuned_scores[0] == pytest.approx(result.score, rel=1e-5)
+    assert "test_accuracy" in result.comparison.tuned_metrics
+
+    paths = result.write()
+    with open(paths["best.json"]) as f:
+        best_json = json.load(f)
+    assert best_json["objective"] == "val_loss"
+    assert best_json["score"] == pytest.approx(result.score)
+    assert best_json["trials"] == 3
+    assert set(best_json["hyperparameters"]) >= {"learning_rate", "beta_1", "beta_2"}
+    rebuilt = keras_adam.Adam.from_config(best_json["optimizer"])
+    assert math.isclose(
+        float(rebuilt.learning_rate), best.hyperparameters["learning_rate"], rel_tol=1e-6
+    )
+    assert best_json["baseline"]["score"] == pytest.approx(result.comparison.default_score)
+    with open(paths["trials.csv"]) as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["trial_id", "status", "learning_rate", "beta_1", "beta_2"]
+    assert list(rows[0])[-3:] == ["score", "seconds", "reason"]
+    assert [r["trial_id"] for r in rows] == ["0", "1", "2"]
+    assert float(rows[1]["score"]) == result.trials[1].score
+    assert float(rows[0]["beta_1"]) == 0.9  # not searched with 3 trials: Keras's default
+    assert os.path.getsize(paths["trials.png"]) > 10_000
+
+
+def test_resume_keeps_finished_trials_and_runs_only_missing_ones(data, tmp_path):
+    first = run(data, tmp_path, max_trials=2, comparison_repeats=0)
+    ended = []
+    second = run(data, tmp_path, max_trials=3, comparison_repeats=0, on_trial_end=ended.append)
+    assert [r.trial_id for r in ended] == ["2"]
+    assert second.trials[:2] == first.trials
+    again = []
+    run(data, tmp_path, max_trials=3, comparison_repeats=0, on_trial_end=again.append)
+    assert again == []
+
+
+def test_seed_zero_is_a_seed(data, tmp_path):
+    def values(seed, name):
+        result = run(data, tmp_path, seed=seed, project=name, comparison_repeats=0, epochs=1)
+        return [r.hyperparameters["learning_rate"] for r in result.trials]
+
+    assert values(0, "a") == values(0, "b")
+    assert values(0, "a") != values(1, "c")
+
+
+def regression():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((128, 4)).astype("float32") * 10
+    return x, x @ np.ones((4, 1), "float32")
+
+
+def test_diverging_trials_fail_with_their_reason_and_the_search_goes_on(tmp_path):
+    x, y = regression()
+    ended = []
+    result = tuning.search(
+        lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+        x,
+        y,
+        loss="mse",
+        metrics=None,
+        tuner="grid",
+        max_trials=10,
+        epochs=2,
+        space=AdamSearchSpace(learning_rate=(1e-3, 1e36), tuned=("learning_rate",)),
+        directory=str(tmp_path),
+        comparison_repeats=0,
+        on_trial_end=ended.append,
+    )
+    assert len(result.trials) == len(ended) == 10
+    failed = [r for r in result.trials if r.status == "FAILED"]
+    completed = [r for r in result.trials if r.status == "COMPLETED"]
+    assert failed and completed
+    assert all(r.reason.startswith("diverged: ") for r in failed)
+    assert all(r.hyperparameters["learning_rate"] > 1e10 for r in failed)
+    assert result.best_hyperparameters["learning_rate"] < 1e10
+    rows = list(csv.DictReader(open(result.write(plot=False)["trials.csv"])))
+    assert [r["status"] for r in rows].count("FAILED") == len(failed)
+    assert all(r["reason"].startswith("diverged") for r in rows if r["status"] == "FAILED")
+
+
+def test_no_completed_trial_is_a_clear_error(tmp_path):
+    x, y = regression()
+    with pytest.raises(RuntimeError, match=r"No trial completed.*diverged"):
+        tuning.search(
+            lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+            x,
+            y,
+            loss="mse",
+            metrics=None,
+            max_trials=2,
+            tuner="random",
+            epochs=1,
+            space=AdamSearchSpace(learning_rate=(1e34, 1e36)),
+            directory=str(tmp_path),
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"max_trials": 0}, r"`max_trials` must be a positive integer.*0"),
+        ({"epochs": -2}, r"`epochs`.*-2"),
+        ({"tuner": "sgd"}, r"`tuner` must be one of random, bayesian, hyperband, grid.*'sgd'"),
+        ({"objective": "val_thing"}, r"`objective`.*'val_thing'"),
+        ({"validation_split": 1.5}, r"`validation_split`.*1\.5"),
+        ({"seed": -1}, r"`seed`.*-1"),
+        ({"comparison_repeats": -1}, r"`comparison_repeats`.*-1"),
+    ],
+)
+def test_bad_search_arguments_name_themselves(data, tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run(data, tmp_path, **kwargs)
+
+
+class _Probe(keras.callbacks.Callback):
+    """Records Adam's variables when training begins and after each epoch (a class-level
+    log: KerasTuner deep-copies callbacks)."""
+
+    begins: list = []
+    epochs: list = []
+    trial: list = [None]
+
+    def _variables(self):
+        return [v.numpy().copy() for v in self.model.optimizer.variables]
+
+    def on_train_begin(self, logs=None):
+        _Probe.begins.append((_Probe.trial[0], self._variables()))
+
+    def on_epoch_end(self, epoch, logs=None):
+        _Probe.epochs.append((_Probe.trial[0].trial_id, logs["val_loss"], self._variables()))
+
+
+def test_hyperband_continues_trials_with_adams_state(data, tmp_path):
+    _Probe.begins.clear()
+    _Probe.epochs.clear()
+
+    def begin(trial):
+        _Probe.trial[0] = trial
+
+    run(
+        data,
+        tmp_path,
+        tuner="hyperband",
+        max_trials=None,
+        epochs=3,
+        comparison_repeats=0,
+        callbacks=[_Probe()],
+        on_trial_begin=begin,
+    )
+    continued = [
+        (trial, variables)
+        for trial, variables in _Probe.begins
+        if "tuner/trial_id" in trial.hyperparameters.values
+    ]
+    assert continued, "this Hyperband budget continues at least one trial"
+    for trial, variables in continued:
+        previous = trial.hyperparameters.values["tuner/trial_id"]
+        # KerasTuner continues from the previous trial's best epoch (first minimum).
+        history = [(loss, v) for trial_id, loss, v in _Probe.epochs if trial_id == previous]
+        best = min(range(len(history)), key=lambda i: history[i][0])
+        expected = history[best][1]
+        assert len(variables) == len(expected) == 6
+        for value, saved in zip(variables, expected, strict=True):
+            np.testing.assert_array_equal(value, saved)
+        steps_per_epoch = math.ceil(600 * 0.8 / 32)
+        assert int(variables[0]) == (best + 1) * steps_per_epoch  # the step counter
+        assert np.abs(variables[2]).max() > 0  # the first moment
+
+
+def test_keras_tuner_hyperband_drops_keras_adams_state_but_not_ours(tmp_path):
+    """Why AdamHyperband and deferred restoration exist: Keras skips state loaded early."""
+    keras.utils.set_random_seed(0)
+    x = np.ones((8, 2), "float32")
+    results = {}
+    for name, make in [("keras", keras.optimizers.Adam), ("ours", keras_adam.Adam)]:
+        model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        model.compile(optimizer=make(), loss="mse")
+        model.fit(x, x[:, :1], epochs=2, verbose=0)
+        path = str(tmp_path / f"{name}.weights.h5")
+        model.save_weights(path)
+        fresh = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+        fresh.compile(optimizer=make(), loss="mse")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fresh.load_weights(path)  # as KerasTuner's Hyperband does: optimizer not built
+        fresh.optimizer.build(fresh.trainable_variables)
+        results[name] = int(fresh.optimizer.iterations)
+    assert results == {"keras": 0, "ours": 2}

@@ -1,0 +1,6 @@
+"""`python -m tuning`: the same command as `keras-adam-tune`."""
+
+from tuning.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""`keras-adam-tune` (also `python -m tuning`): search Adam's β1, β2 and η from the shell.
+
+    keras-adam-tune --dataset digits
+    keras-adam-tune --dataset wine --tuner hyperband --epochs 30
+    keras-adam-tune --model mypkg.models:build --data mypkg.data:load --max-trials 40
+
+`--model MODULE:FUNCTION` returns an uncompiled `keras.Model` (it may take a
+`keras_tuner.HyperParameters`); `--data MODULE:FUNCTION` returns
+`(x_train, y_train, x_test, y_test)` or a `tuning.datasets.Dataset`. With
+`--dataset`, the model is a small multilayer perceptron for that data.
+
+Results go to `DIR/NAME/`: `best.json`, `trials.csv` and `trials.png` (see
+`tuning.results`). Rerunning without `--overwrite` resumes the search.
+Bad arguments exit with status 2 and a one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from tuning.datasets import DATASET_NAMES  # noqa: E402
+from tuning.tuners import TUNERS  # noqa: E402
+
+#: Trials and epochs of the default search: about 3 minutes on 2 cores for digits.
+DEFAULT_MAX_TRIALS = 20
+DEFAULT_EPOCHS = 15
+
+
+class UsageError(Exception):
+    """A bad command-line argument; the message names it."""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+    return value
+
+
+def _range(text: str) -> tuple[float, float]:
+    parts = text.replace(",", ":").split(":")
+    try:
+        low, high = (float(p) for p in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be LOW:HIGH, got {text!r}") from None
+    if not low < high:
+        raise argparse.ArgumentTypeError(f"low end must be below high end, got {text!r}")
+    return low, high
+
+
+def _reference(text: str) -> str:
+    module, sep, function = text.partition(":")
+    if not sep or not module or not function or not function.isidentifier():
+        raise argparse.ArgumentTypeError(f"must be MODULE:FUNCTION, got {text!r}")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, no usage dump
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (its names are the command's contract)."""
+    parser = _Parser(
+        prog="keras-adam-tune",
+        description="Search Adam's learning rate, beta_1 and beta_2 with KerasTuner.",
+    )
+    source = parser.add_argument_group("data and model")
+    source.add_argument(
+        "--dataset", choices=DATASET_NAMES, help="bundled scikit-learn data (default: digits)"
+    )
+    source.add_argument("--model", type=_reference, metavar="MODULE:FUNCTION")
+    source.add_argument("--data", type=_reference, metavar="MODULE:FUNCTION")
+    budget = parser.add_argument_group("search")
+    budget.add_argument("--tuner", choices=TUNERS, default="bayesian")
+    budget.add_argument("--max-trials", type=_positive_int, default=None, metavar="N")
+    budget.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, metavar="N")
+    budget.add_argument("--seed", type=_non_negative_int, default=0, metavar="N")
+    budget.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    budget.add_argument(
+        "--objective", default="val_loss", help="metric to optimize (default: val_loss)"
+    )
+    budget.add_argument("--early-stopping", type=_positive_int, default=None, metavar="PATIENCE")
+    budget.add_argument("--learning-rate", type=_range, metavar="LOW:HIGH")
+    budget.add_argument("--beta-1", type=_range, metavar="LOW:HIGH", help="range of beta_1")
+    budget.add_argument("--beta-2", type=_range, metavar="LOW:HIGH", help="range of beta_2")
+    budget.add_argument("--epsilon", type=_range, metavar="LOW:HIGH")
+    budget.add_argument("--weight-decay", type=_range, metavar="LOW:HIGH")
+    budget.add_argument(
+        "--tune",
+        nargs="+",
+        choices=("learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay"),
+        help="what to search (default: chosen by --max-trials)",
+    )
+    budget.add_argument(
+        "--lr-range-test", action="store_true", help="narrow the learning-rate range first"
+    )
+    budget.add_argument(
+        "--comparison-repeats",
+        type=_non_negative_int,
+        default=3,
+        metavar="N",
+        help="runs per optimizer when comparing with default Adam (0: skip)",
+    )
+    output = parser.add_argument_group("output")
+    output.add_argument("--directory", default="runs", metavar="DIR")
+    output.add_argument("--project", default=None, metavar="NAME")
+    output.add_argument("--overwrite", action="store_true", help="start afresh")
+    output.add_argument("--no-plot", action="store_true", help="skip trials.png")
+    output.add_argument(
+        "--worker-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="distributed chief: give up after this long without a worker",
+    )
+    return parser
+
+
+def _load_reference(option: str, reference: str) -> Callable:
+    module_name, _, function_name = reference.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # an import error of any kind is the user's
+        raise UsageError(
+            f"argument {option}: cannot import module {module_name!r} ({error})"
+        ) from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise UsageError(
+            f"argument {option}: module {module_name!r} has no function {function_name!r}"
+        )
+    return function
+
+
+def default_model(num_features: int, num_classes: int) -> Callable[[], Any]:
+    """The model `--dataset` tunes on: a two-hidden-layer perceptron."""
+    import keras
+
+    def build() -> keras.Model:
+        return keras.Sequential(
+            [
+                keras.Input((num_features,)),
+                keras.layers.Dense(64, activation="relu"),
+                keras.layers.Dense(32, activation="relu"),
+                keras.layers.Dense(num_classes),
+            ]
+        )
+
+    return build
+
+
+def _load_data(args: argparse.Namespace) -> tuple:
+    from tuning.datasets import Dataset, load_dataset
+
+    if args.data is None:
+        data = load_dataset(args.dataset or "digits", seed=args.seed)
+        return data.x_train, data.y_train, data.x_test, data.y_test, data.num_classes
+    loaded = _load_reference("--data", args.data)()
+    if isinstance(loaded, Dataset):
+        return loaded.x_train, loaded.y_train, loaded.x_test, loaded.y_test, loaded.num_classes
+    if not isinstance(loaded, tuple | list) or len(loaded) != 4:
+        raise UsageError(
+            f"argument --data: {args.data} must return (x_train, y_train, x_test, y_test) "
+            f"or a tuning.datasets.Dataset, got {type(loaded).__name__}"
+        )
+    import numpy as np
+
+    y_train = np.asarray(loaded[1])
+    classes = int(y_train.max()) + 1 if y_train.dtype.kind in "iu" else None
+    return (*loaded, classes)
+
+
+def _space(args: argparse.Namespace, learning_rate: tuple | None) -> Any:
+    from tuning.space import AdamSearchSpace
+
+    ranges = {
+        "learning_rate": learning_rate or args.learning_rate,
+        "beta_1": args.beta_1,
+        "beta_2": args.beta_2,
+        "epsilon": args.epsilon,
+        "weight_decay": args.weight_decay,
+    }
+    given = {k: v for k, v in ranges.items() if v is not None}
+    try:
+        return AdamSearchSpace(**given, tuned=tuple(args.tune) if args.tune else None)
+    except (TypeError, ValueError) as error:
+        raise UsageError(str(error)) from None
+
+
+class Progress:
+    """Prints a live line per trial: running, then its hyperparameters, score and seconds."""
+
+    def __init__(self, tuned: Sequence[str], objective: str, total: int | None, stream: Any):
+        """Print to `stream` for a search of `tuned` with `total` trials."""
+        self.tuned, self.objective, self.total, self.stream = tuned, objective, total, stream
+        self.live = hasattr(stream, "isatty") and stream.isatty()
+        self._started = 0.0
+
+    def begin(self, trial: Any) -> None:
+        """Show that a trial is running (on a terminal, replaced when it ends)."""
+        self._started = time.perf_counter()
+        if self.live:
+            number = int(trial.trial_id) + 1 if str(trial.trial_id).isdigit() else trial.trial_id
+            of = f"/{self.total}" if self.total else ""
+            self.stream.write(f"trial {number}{of}  running ...")
+            self.stream.flush()
+
+    def end(self, record: Any) -> None:
+        """Print the finished trial's line."""
+        from tuning.results import trial_line
+
+        prefix = "\r\033[K" if self.live else ""
+        line = trial_line(record, self.tuned, self.objective, self.total)
+        self.stream.write(prefix + line + "\n")
+        self.stream.flush()
+
+
+def run(argv: Sequence[str] | None = None, stream: Any = None) -> int:
+    """Parse `argv`, run the search, print and write the results.
+
+    Returns:
+        The exit status: 0 on success, 2 for bad arguments.
+    """
+    stream = stream or sys.stdout
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.dataset and args.data:
+        parser.error("argument --data: not allowed with argument --dataset")
+    from tuning.distributed import WorkerTimeoutError
+
+    try:
+        return _run(args, stream)
+    except UsageError as error:
+        parser.error(str(error))
+    except (RuntimeError, WorkerTimeoutError) as error:  # no trial completed, silent workers
+        message = " ".join(str(error).split())
+        print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
+        return 1
+    return 2  # pragma: no cover - parser.error exits
+
+
+def _run(args: argparse.Namespace, stream: Any) -> int:
+    x_train, y_train, x_test, y_test, num_classes = _load_data(args)
+    if args.model is not None:
+        build_model = _load_reference("--model", args.model)
+    elif num_classes is None:
+        raise UsageError("argument --model: required when --data gives non-integer labels")
+    else:
+        build_model = default_model(x_train.shape[1], num_classes)
+    import keras
+
+    import tuning
+    from tuning import distributed
+    from tuning.search import objective_direction
+    from tuning.space import AdamSearchSpace
+
+    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    metrics = ["accuracy"] if num_classes is not None else None
+    max_trials = args.max_trials
+    if max_trials is None and args.tuner != "hyperband":
+        max_trials = DEFAULT_MAX_TRIALS
+    project = args.project or (
+        args.dataset or "digits" if args.data is None else args.data.replace(":", "-")
+    )
+    learning_rate = None
+    if args.lr_range_test:
+        learning_rate = _range_test(build_model, x_train, y_train, loss, args, stream)
+    space = _space(args, learning_rate)
+    if args.objective and "acc" in args.objective and metrics is None:
+        raise UsageError(f"argument --objective: {args.objective} needs classification labels")
+    try:
+        objective_direction(args.objective)
+    except ValueError:
+        raise UsageError(
+            f"argument --objective: cannot tell whether to minimize or maximize "
+            f"{args.objective!r}; name a loss or an accuracy-like metric"
+        ) from None
+    role = distributed.role()
+    tuned = AdamSearchSpace.for_budget(space, max_trials).tuned_names()
+    progress = Progress(tuned, args.objective, max_trials, stream)
+    print(
+        f"Searching {', '.join(tuned)} with {args.tuner} ({max_trials or 'Hyperband'} trials, "
+        f"{args.epochs} epochs each) on {project}; results in "
+        f"{os.path.join(args.directory, project)}/",
+        file=stream,
+        flush=True,
+    )
+    result = tuning.search(
+        build_model,
+        x_train,
+        y_train,
+        validation_split=0.2,
+        test_data=(x_test, y_test),
+        loss=loss,
+        metrics=metrics,
+        objective=args.objective,
+        tuner=args.tuner,
+        max_trials=max_trials,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        space=space,
+        early_stopping=args.early_stopping,
+        directory=args.directory,
+        project=project,
+        overwrite=args.overwrite,
+        comparison_repeats=args.comparison_repeats,
+        worker_timeout=args.worker_timeout,
+        on_trial_begin=progress.begin,
+        on_trial_end=progress.end,
+    )
+    if result is None:
+        print(f"worker {os.environ.get('KERASTUNER_TUNER_ID')}: no trials left", file=stream)
+        return 0
+    paths = result.write(plot=not args.no_plot)
+    _print_result(result, paths, role, stream)
+    return 0
+
+
+def _range_test(build_model: Callable, x: Any, y: Any, loss: Any, args: Any, stream: Any) -> tuple:
+    import keras
+
+    import keras_adam
+    from tuning.hypermodel import _takes_hp
+    from tuning.lr_range_test import lr_range_test
+
+    keras.utils.set_random_seed(args.seed)
+    if _takes_hp(build_model):
+        import keras_tuner
+
+        model = build_model(keras_tuner.HyperParameters())
+    else:
+        model = build_model()
+    model.compile(optimizer=keras_adam.Adam(), loss=loss)
+    low, high = args.learning_rate or (1e-7, 10.0)
+    result = lr_range_test(
+        model, x, y, batch_size=args.batch_size, min_learning_rate=low, max_learning_rate=high
+    )
+    bounds = result.suggested_bounds
+    print(
+        f"LR range test ({len(result.learning_rates)} steps, {result.stopped_reason}): "
+        f"searching learning_rate in [{bounds[0]:.3g}, {bounds[1]:.3g}]",
+        file=stream,
+        flush=True,
+    )
+    return bounds
+
+
+def _print_result(result: Any, paths: dict, role: str, stream: Any) -> None:
+    print("\n" + result.table(), file=stream)
+    values = ", ".join(
+        f"{k}={v!r}" for k, v in result.best_hyperparameters.items() if v is not None
+    )
+    print(
+        f"\nBest optimizer ({result.objective} = {result.score:.4f}):\n  keras_adam.Adam({values})",
+        file=stream,
+    )
+    if result.comparison is not None:
+        print("\nAgainst default Adam (keras_adam.Adam()):", file=stream)
+        print(result.comparison.summary(), file=stream)
+    print("\nWrote " + ", ".join(paths.values()), file=stream, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Console entry point of `keras-adam-tune`."""
+    sys.exit(run(argv))

@@ -1,0 +1,346 @@
+"""What a search returns and writes: trials, the best optimizer, its comparison with default Adam.
+
+Files written by `SearchResult.write` into the project directory:
+
+- `best.json`: the best hyperparameters, a `keras_adam.Adam` config
+  (`keras_adam.Adam.from_config(best["optimizer"])` rebuilds it), the
+  objective and its score, the number of trials, and default Adam's score
+  measured the same way (`baseline`);
+- `trials.csv`: one row per trial in trial order: `trial_id, status,
+  learning_rate, beta_1, beta_2`, the other searched hyperparameters,
+  `score, seconds`, and `reason` (why a trial failed, else empty);
+- `trials.png`: the score against η, β1 and β2 (log scales; β as 1 − β).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import keras_adam
+from tuning.space import NAMES
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial of a search.
+
+    Attributes:
+        trial_id: KerasTuner's id ("00", "01", ...), in start order.
+        status: "COMPLETED", "FAILED", "INVALID", "RUNNING" or "IDLE".
+        hyperparameters: Adam's five hyperparameters in this trial
+            (searched or fixed), as `keras_adam.Adam` arguments.
+        score: The objective's best value over the trial's epochs, or None.
+        seconds: Wall time of the trial, or None if unknown.
+        reason: Why the trial failed (e.g. "diverged: loss=nan at epoch 2,
+            batch 5"), else None.
+    """
+
+    trial_id: str
+    status: str
+    hyperparameters: dict
+    score: float | None
+    seconds: float | None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """The tuned optimizer against default Adam, trained and scored the same way.
+
+    Both train the same model from the same initial weights for each repeat
+    (seeds `seed`, `seed + 1`, ...), with the search's data, epochs and
+    callbacks; each run is scored like a trial (the objective's best epoch).
+
+    Attributes:
+        objective: The objective's name, e.g. "val_loss".
+        direction: "min" or "max".
+        tuned_scores: One score per repeat for the tuned optimizer.
+        default_scores: One score per repeat for `keras_adam.Adam()` with
+            Keras's defaults (η=1e-3, β1=0.9, β2=0.999, ε̂=1e-7) and the
+            search's fixed options.
+        tuned_metrics: Mean of every other metric of the tuned runs
+            (validation at the last epoch, and `test_*` on test data).
+        default_metrics: The same for default Adam.
+    """
+
+    objective: str
+    direction: str
+    tuned_scores: tuple[float, ...]
+    default_scores: tuple[float, ...]
+    tuned_metrics: dict
+    default_metrics: dict
+
+    @property
+    def tuned_score(self) -> float:
+        """Mean score of the tuned optimizer."""
+        return _mean(self.tuned_scores)
+
+    @property
+    def default_score(self) -> float:
+        """Mean score of default Adam."""
+        return _mean(self.default_scores)
+
+    @property
+    def tuned_is_better(self) -> bool:
+        """Whether the tuned optimizer's mean score beats default Adam's."""
+        if math.isnan(self.default_score):
+            return not math.isnan(self.tuned_score)
+        if self.direction == "min":
+            return self.tuned_score < self.default_score
+        return self.tuned_score > self.default_score
+
+    def summary(self) -> str:
+        """A few lines comparing the two, for a terminal."""
+        n = len(self.tuned_scores)
+        lines = [f"{'':9} {self.objective:>12}  " + "  ".join(f"{k:>14}" for k in self._keys())]
+        for label, score, metrics in (
+            ("tuned", self.tuned_score, self.tuned_metrics),
+            ("default", self.default_score, self.default_metrics),
+        ):
+            cells = "  ".join(f"{metrics.get(k, float('nan')):>14.4f}" for k in self._keys())
+            lines.append(f"{label:9} {score:>12.4f}  {cells}")
+        verdict = "better" if self.tuned_is_better else "not better"
+        lines.append(
+            f"(means of {n} run{'s' if n != 1 else ''} each, same initial weights; "
+            f"tuned is {verdict} on {self.objective}, {self.direction}imized)"
+        )
+        return "\n".join(lines)
+
+    def _keys(self) -> list[str]:
+        return sorted(k for k in self.tuned_metrics if k != self.objective)
+
+    def to_json(self) -> dict:
+        """A JSON-ready dict."""
+        return {
+            "objective": self.objective,
+            "direction": self.direction,
+            "tuned": {"score": self.tuned_score, "scores": list(self.tuned_scores)}
+            | {"metrics": self.tuned_metrics},
+            "default": {"score": self.default_score, "scores": list(self.default_scores)}
+            | {"metrics": self.default_metrics},
+        }
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """The outcome of `tuning.search`.
+
+    Attributes:
+        best_hyperparameters: Adam's five hyperparameters of the best trial,
+            as `keras_adam.Adam` arguments (searched and fixed).
+        optimizer: A new `keras_adam.Adam` built from them and the fixed
+            options, ready for `model.compile`.
+        objective: The objective's name.
+        direction: "min" or "max".
+        score: The best trial's score.
+        trials: Every trial, in trial order.
+        tuned: The names that were searched.
+        tuner: The search algorithm's name.
+        comparison: The tuned optimizer against default Adam, or None if
+            the search was run with `comparison_repeats=0`.
+        project_dir: Where KerasTuner keeps the search (and where `write`
+            writes by default).
+    """
+
+    best_hyperparameters: dict
+    optimizer: keras_adam.Adam
+    objective: str
+    direction: str
+    score: float
+    trials: tuple[TrialRecord, ...]
+    tuned: tuple[str, ...]
+    tuner: str
+    comparison: Comparison | None
+    project_dir: str
+
+    def table(self) -> str:
+        """The trials as a fixed-width table, for a terminal."""
+        return format_trials(self.trials, self.tuned, self.objective)
+
+    def to_json(self) -> dict:
+        """The content of `best.json`."""
+        baseline = None
+        if self.comparison is not None:
+            baseline = {
+                "optimizer": keras_adam.Adam().get_config(),
+                "score": self.comparison.default_score,
+                "scores": list(self.comparison.default_scores),
+                "metrics": self.comparison.default_metrics,
+            }
+        return {
+            "hyperparameters": self.best_hyperparameters,
+            "optimizer": _jsonable(self.optimizer.get_config()),
+            "objective": self.objective,
+            "direction": self.direction,
+            "score": self.score,
+            "trials": len(self.trials),
+            "completed": sum(t.status == "COMPLETED" for t in self.trials),
+            "tuned": list(self.tuned),
+            "tuner": self.tuner,
+            "baseline": baseline,
+            "comparison": None if self.comparison is None else self.comparison.to_json(),
+        }
+
+    def write(self, directory: str | None = None, *, plot: bool = True) -> dict:
+        """Write `best.json`, `trials.csv` and (with `plot`) `trials.png`.
+
+        Args:
+            directory: Where to write; defaults to `project_dir`.
+            plot: Whether to draw `trials.png` (needs matplotlib).
+
+        Returns:
+            The paths written, by file name.
+        """
+        directory = directory or self.project_dir
+        os.makedirs(directory, exist_ok=True)
+        paths = {name: os.path.join(directory, name) for name in ("best.json", "trials.csv")}
+        with open(paths["best.json"] + ".tmp", "w") as f:
+            json.dump(_finite(self.to_json()), f, indent=2, allow_nan=False)
+            f.write("\n")
+        os.replace(paths["best.json"] + ".tmp", paths["best.json"])
+        write_trials_csv(paths["trials.csv"], self.trials, self.tuned)
+        if plot:
+            paths["trials.png"] = os.path.join(directory, "trials.png")
+            plot_trials(paths["trials.png"], self.trials, self.objective, self.direction)
+        return paths
+
+
+def _mean(values: Sequence[float]) -> float:
+    finite = [v for v in values if v is not None and math.isfinite(v)]
+    if len(finite) != len(values) or not finite:
+        return float("nan")
+    return sum(finite) / len(finite)
+
+
+def _finite(value: Any) -> Any:
+    """JSON has no NaN or infinity: write them as null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _jsonable(config: dict) -> dict:
+    return json.loads(json.dumps(config, default=str))
+
+
+def csv_columns(tuned: Sequence[str]) -> list[str]:
+    """The columns of `trials.csv` for a search of `tuned`."""
+    others = [n for n in NAMES if n in tuned and n not in ("learning_rate", "beta_1", "beta_2")]
+    return [
+        "trial_id",
+        "status",
+        "learning_rate",
+        "beta_1",
+        "beta_2",
+        *others,
+        "score",
+        "seconds",
+        "reason",
+    ]
+
+
+def write_trials_csv(path: str, trials: Sequence[TrialRecord], tuned: Sequence[str]) -> None:
+    """Write one row per trial, in trial order (see the module docstring)."""
+    columns = csv_columns(tuned)
+    with open(path + ".tmp", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for trial in trials:
+            row = {
+                "trial_id": trial.trial_id,
+                "status": trial.status,
+                "score": "" if trial.score is None else repr(float(trial.score)),
+                "seconds": "" if trial.seconds is None else f"{trial.seconds:.3f}",
+                "reason": trial.reason or "",
+                **{k: "" if v is None else repr(v) for k, v in trial.hyperparameters.items()},
+            }
+            writer.writerow([row.get(c, "") for c in columns])
+    os.replace(path + ".tmp", path)
+
+
+def format_trials(trials: Sequence[TrialRecord], tuned: Sequence[str], objective: str) -> str:
+    """A fixed-width table of trials."""
+    names = [n for n in NAMES if n in tuned]
+    header = f"{'trial':>5}  {'status':9}  " + "  ".join(f"{n:>13}" for n in names)
+    header += f"  {objective:>12}  {'seconds':>7}"
+    lines = [header, "-" * len(header)]
+    for trial in trials:
+        cells = "  ".join(f"{trial.hyperparameters.get(n, float('nan')):>13.6g}" for n in names)
+        score = "—" if trial.score is None else f"{trial.score:.4f}"
+        seconds = "—" if trial.seconds is None else f"{trial.seconds:.1f}"
+        line = f"{trial.trial_id:>5}  {trial.status:9}  {cells}  {score:>12}  {seconds:>7}"
+        if trial.reason:
+            line += f"  {trial.reason}"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def trial_line(trial: TrialRecord, tuned: Sequence[str], objective: str, total: Any) -> str:
+    """One line for a finished trial: number, hyperparameters, score, seconds."""
+    number = int(trial.trial_id) + 1 if trial.trial_id.isdigit() else trial.trial_id
+    of = f"/{total}" if total else ""
+    values = " ".join(f"{n}={trial.hyperparameters[n]:.4g}" for n in NAMES if n in tuned)
+    score = f"{objective}={trial.score:.4f}" if trial.score is not None else trial.status.lower()
+    seconds = "" if trial.seconds is None else f" {trial.seconds:.1f}s"
+    reason = f" ({trial.reason})" if trial.reason else ""
+    return f"trial {number}{of}  {values}  {score}{seconds}{reason}"
+
+
+def trial_value(trial: TrialRecord, name: str) -> float:
+    """A trial's value of one hyperparameter."""
+    return float(trial.hyperparameters[name])
+
+
+def plot_trials(path: str, trials: Sequence[TrialRecord], objective: str, direction: str) -> None:
+    """Scatter the completed trials' scores against η, 1 − β1 and 1 − β2 (log x axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [t for t in trials if t.score is not None and math.isfinite(t.score)]
+    best = None
+    if done:
+        pick = min if direction == "min" else max
+        best = pick(done, key=lambda t: t.score)
+    panels = (("learning_rate", "η (learning rate)"), ("beta_1", "1 − β1"), ("beta_2", "1 − β2"))
+    figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    for axis, (name, label) in zip(axes, panels, strict=True):
+
+        def x_of(trial: TrialRecord, name: str = name) -> float:
+            value = trial_value(trial, name)
+            return 1.0 - value if name.startswith("beta") else value
+
+        xs = [x_of(t) for t in done]
+        if len(set(xs)) <= 1:  # not searched: one value
+            fixed = f"{trial_value(done[0], name):g}" if done else "—"
+            axis.text(0.5, 0.5, f"{name} fixed at {fixed}", ha="center", transform=axis.transAxes)
+            axis.set_xlabel(label)
+            axis.set_xticks([])
+            continue
+        axis.scatter(xs, [t.score for t in done], s=22, alpha=0.8)
+        if best is not None:
+            axis.scatter([x_of(best)], [best.score], s=90, marker="*", color="C3", label="best")
+        axis.set_xscale("log")
+        axis.set_xlabel(label)
+        axis.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel(objective)
+    if best is not None and any(a.get_legend_handles_labels()[0] for a in axes):
+        next(a for a in axes if a.get_legend_handles_labels()[0]).legend(loc="best")
+    failed = len(trials) - len(done)
+    figure.suptitle(
+        f"{len(done)} completed trials" + (f", {failed} failed (not shown)" if failed else "")
+    )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

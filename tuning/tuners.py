@@ -1,0 +1,201 @@
+"""KerasTuner tuners for Adam: trial timing and reports, and a Hyperband that keeps Adam's state.
+
+`make_tuner` builds one of four searches by name (`TUNERS`). All share
+`AdamTuner`, which times every trial (`trial_<id>/seconds.json`, so resumed
+and distributed searches keep their times) and reports each finished trial
+to a callback.
+
+Hyperband trains a promising configuration further by starting a new trial
+from the old one's best-epoch checkpoint. Keras 3 weight files hold the
+optimizer's variables too, but KerasTuner's `Hyperband` loads them into an
+optimizer that is not built yet, and `keras.optimizers.Adam` then skips them
+with a warning: Adam restarts with zero moments at step 1, and its bias
+correction treats the continued run as brand new. `AdamHyperband` builds
+the optimizer before loading, so a continued trial resumes Adam's moments
+and step counter exactly. (`keras_adam.Adam` also keeps state loaded before
+it is built and restores it in `build`, so KerasTuner's own `Hyperband`
+carries it as well.)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import keras
+import keras_tuner
+import numpy as np
+
+#: Tuner names accepted by `make_tuner` and the `--tuner` option.
+TUNERS = ("random", "bayesian", "hyperband", "grid")
+
+SECONDS_FILE = "seconds.json"
+
+
+class AdamTuner(keras_tuner.Tuner):
+    """A `keras_tuner.Tuner` that times trials and reports each one as it ends.
+
+    Args:
+        oracle: The KerasTuner oracle (the search algorithm).
+        hypermodel: The `tuning.AdamHyperModel`.
+        on_trial_end: Called with `(tuner, trial_id, seconds)` after each
+            trial has been recorded by the oracle, or None.
+        on_trial_begin: Called with `(tuner, trial)` as a trial starts, or None.
+        **kwargs: `keras_tuner.Tuner` arguments (directory, project_name,
+            overwrite, ...).
+    """
+
+    def __init__(
+        self,
+        oracle: keras_tuner.Oracle,
+        hypermodel: keras_tuner.HyperModel,
+        *,
+        on_trial_end: Callable[[AdamTuner, str, float], None] | None = None,
+        on_trial_begin: Callable[[AdamTuner, Any], None] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """See the class docstring."""
+        super().__init__(oracle=oracle, hypermodel=hypermodel, **kwargs)
+        self._report_end = on_trial_end
+        self._report_begin = on_trial_begin
+        self._started = 0.0
+
+    def on_trial_begin(self, trial: Any) -> None:
+        """Start the trial's clock."""
+        super().on_trial_begin(trial)
+        self._started = time.perf_counter()
+        if self._report_begin is not None:
+            self._report_begin(self, trial)
+
+    def on_trial_end(self, trial: Any) -> None:
+        """Record the trial's seconds, let the oracle score it, then report it."""
+        seconds = time.perf_counter() - self._started
+        path = os.path.join(self.get_trial_dir(trial.trial_id), SECONDS_FILE)
+        _write_atomically(path, json.dumps({"seconds": seconds}).encode())
+        super().on_trial_end(trial)
+        if self._report_end is not None:
+            self._report_end(self, trial.trial_id, seconds)
+
+    def trial_seconds(self, trial_id: str) -> float | None:
+        """Seconds the trial took, or None if it never finished here."""
+        path = os.path.join(self.project_dir, f"trial_{trial_id}", SECONDS_FILE)
+        try:
+            with open(path) as f:
+                return float(json.load(f)["seconds"])
+        except (OSError, ValueError, KeyError):
+            return None
+
+
+class AdamHyperband(AdamTuner):
+    """Hyperband whose continued trials resume Adam's moments and step counter.
+
+    Takes the same arguments as `AdamTuner`, with a
+    `keras_tuner.oracles.HyperbandOracle`.
+    """
+
+    def run_trial(self, trial: Any, *fit_args, **fit_kwargs) -> Any:
+        """Train for the epochs the Hyperband bracket gives this trial."""
+        values = trial.hyperparameters.values
+        if "tuner/epochs" in values:
+            fit_kwargs["epochs"] = values["tuner/epochs"]
+            fit_kwargs["initial_epoch"] = values["tuner/initial_epoch"]
+        return super().run_trial(trial, *fit_args, **fit_kwargs)
+
+    def _build_hypermodel(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        model = super()._build_hypermodel(hp)
+        previous = hp.values.get("tuner/trial_id")
+        if previous is not None:
+            # The previous trial's best epoch: weights and, built first so that
+            # they load now and are checked now, Adam's variables.
+            if not model.built:
+                model.build_from_config(json.loads(_read(self._get_build_config_fname(previous))))
+            model.optimizer.build(model.trainable_variables)
+            model.load_weights(self._get_checkpoint_fname(previous))
+        return model
+
+
+def _write_atomically(path: str, data: bytes) -> None:
+    with open(path + ".tmp", "wb") as f:
+        f.write(data)
+    os.replace(path + ".tmp", path)
+
+
+def seed_oracle(oracle: keras_tuner.Oracle, seed: int) -> None:
+    """Give a fresh oracle exactly `seed`; KerasTuner replaces 0 with a random seed."""
+    oracle.seed = seed
+    oracle._seed_state = seed
+    if isinstance(oracle, keras_tuner.oracles.BayesianOptimizationOracle):
+        oracle._random_state = np.random.RandomState(seed)
+        oracle.gpr = oracle._make_gpr()
+
+
+def make_oracle(
+    name: str,
+    *,
+    objective: Any,
+    max_trials: int | None,
+    epochs: int,
+    seed: int,
+) -> keras_tuner.Oracle:
+    """The oracle (search algorithm) for a tuner name.
+
+    Args:
+        name: One of `TUNERS`.
+        objective: The KerasTuner objective.
+        max_trials: The trial budget. Hyperband sets its own number of
+            trials from `epochs`; `max_trials` then caps it.
+        epochs: Training epochs per trial (Hyperband's most).
+        seed: The search's seed; 0 is a seed like any other.
+
+    Returns:
+        The oracle, seeded.
+    """
+    if name not in TUNERS:
+        raise ValueError(
+            f"Argument `tuner` must be one of {', '.join(TUNERS)}. Received: tuner={name!r}"
+        )
+    # Diverging trials fail (and are recorded) without stopping the search.
+    common = {
+        "objective": objective,
+        "seed": seed or None,
+        "max_consecutive_failed_trials": 10**9,
+    }
+    if name == "random":
+        oracle = keras_tuner.oracles.RandomSearchOracle(max_trials=max_trials, **common)
+    elif name == "bayesian":
+        oracle = keras_tuner.oracles.BayesianOptimizationOracle(max_trials=max_trials, **common)
+    elif name == "grid":
+        oracle = keras_tuner.oracles.GridSearchOracle(max_trials=max_trials, **common)
+    else:
+        oracle = keras_tuner.oracles.HyperbandOracle(max_epochs=max(epochs, 2), **common)
+        oracle.max_trials = max_trials
+    seed_oracle(oracle, seed)
+    return oracle
+
+
+def make_tuner(name: str, hypermodel: keras_tuner.HyperModel, **kwargs: Any) -> AdamTuner:
+    """An `AdamTuner` (or `AdamHyperband` for "hyperband") around the named oracle.
+
+    Args:
+        name: One of `TUNERS`.
+        hypermodel: The `tuning.AdamHyperModel`.
+        **kwargs: `make_oracle` arguments (objective, max_trials, epochs,
+            seed) and `AdamTuner` arguments (directory, project_name,
+            overwrite, on_trial_end, on_trial_begin).
+
+    Returns:
+        The tuner; if its project directory holds a search and `overwrite`
+        is false, the search is reloaded and resumes.
+    """
+    oracle_args = {k: kwargs.pop(k) for k in ("objective", "max_trials", "epochs", "seed")}
+    oracle = make_oracle(name, **oracle_args)
+    cls = AdamHyperband if name == "hyperband" else AdamTuner
+    return cls(oracle, hypermodel, **kwargs)
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
