@@ -27,7 +27,10 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tuning.datasets import DATASET_NAMES  # noqa: E402
-from tuning.tuners import TUNERS  # noqa: E402
+
+#: `--tuner` choices: `tuning.tuners.TUNERS`, spelled out so that parsing
+#: arguments does not import TensorFlow (a test keeps the two equal).
+TUNER_CHOICES = ("random", "bayesian", "hyperband", "grid")
 
 #: Trials and epochs of the default search: about 3 minutes on 2 cores for digits.
 DEFAULT_MAX_TRIALS = 20
@@ -104,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--model", type=_reference, metavar="MODULE:FUNCTION")
     source.add_argument("--data", type=_reference, metavar="MODULE:FUNCTION")
     budget = parser.add_argument_group("search")
-    budget.add_argument("--tuner", choices=TUNERS, default="bayesian")
+    budget.add_argument("--tuner", choices=TUNER_CHOICES, default="bayesian")
     budget.add_argument("--max-trials", type=_positive_int, default=None, metavar="N")
     budget.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, metavar="N")
     budget.add_argument("--seed", type=_non_negative_int, default=0, metavar="N")
@@ -144,7 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_float,
         default=600.0,
         metavar="SECONDS",
-        help="distributed chief: give up after this long without a worker",
+        help="distributed: the chief gives up after this long without a worker "
+        "(longer than a trial); a worker after this long without the chief",
     )
     return parser
 
@@ -265,9 +269,15 @@ def run(argv: Sequence[str] | None = None, stream: Any = None) -> int:
         return _run(args, stream)
     except UsageError as error:
         parser.error(str(error))
-    except (RuntimeError, WorkerTimeoutError) as error:  # no trial completed, silent workers
+    except Exception as error:
+        import grpc
+
+        # No trial completed, silent workers, or a chief that went away.
+        if not isinstance(error, RuntimeError | WorkerTimeoutError | grpc.RpcError):
+            raise
+        lost = "lost the chief: " if isinstance(error, grpc.RpcError) else ""
         message = " ".join(str(error).split())
-        print(f"{parser.prog}: {message}", file=sys.stderr, flush=True)
+        print(f"{parser.prog}: {lost}{message}", file=sys.stderr, flush=True)
         return 1
     return 2  # pragma: no cover - parser.error exits
 
@@ -284,7 +294,7 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
 
     import tuning
     from tuning import distributed
-    from tuning.search import objective_direction
+    from tuning.searching import objective_direction
     from tuning.space import AdamSearchSpace
 
     loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)

@@ -38,7 +38,8 @@ def role() -> str:
     """The role of this process: "chief", "worker" or "single" (from the environment)."""
     if not (os.environ.get("KERASTUNER_ORACLE_IP") and os.environ.get("KERASTUNER_ORACLE_PORT")):
         return "single"
-    return "chief" if os.environ.get("KERASTUNER_TUNER_ID") == "chief" else "worker"
+    # As KerasTuner decides (keras_tuner's dist_utils): any id containing "chief".
+    return "chief" if "chief" in os.environ.get("KERASTUNER_TUNER_ID", "") else "worker"
 
 
 class _LastContact(grpc.ServerInterceptor):
@@ -55,6 +56,17 @@ class _LastContact(grpc.ServerInterceptor):
     def intercept_service(self, continuation: Any, handler_call_details: Any) -> Any:
         self.touch()
         return continuation(handler_call_details)
+
+
+def limit_worker_wait(seconds: float) -> None:
+    """Make a worker's calls to the chief give up after `seconds` (KerasTuner waits an hour).
+
+    A worker started after its chief has finished, or left training when
+    its chief gave up, would otherwise hang for an hour.
+    """
+    from keras_tuner.src.distribute import oracle_client
+
+    oracle_client.TIMEOUT = seconds
 
 
 def serve_oracle(oracle: Any, *, worker_timeout: float, poll_seconds: float = 0.2) -> None:
@@ -76,11 +88,19 @@ def serve_oracle(oracle: Any, *, worker_timeout: float, poll_seconds: float = 0.
 
     address = f"{os.environ['KERASTUNER_ORACLE_IP']}:{os.environ['KERASTUNER_ORACLE_PORT']}"
     contact = _LastContact()
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1), interceptors=[contact])
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=1),
+        interceptors=[contact],
+        options=[("grpc.so_reuseport", 0)],  # a second chief on this port must fail
+    )
     servicer = oracle_chief.OracleServicer(oracle)
     protos.get_service_grpc().add_OracleServicer_to_server(servicer, server)
-    if server.add_insecure_port(address) == 0:
-        raise OSError(f"The chief could not listen on {address}: is the port in use?")
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError:  # some grpcio versions raise instead of returning 0
+        bound = 0
+    if bound == 0:
+        raise RuntimeError(f"The chief could not listen on {address}: is the port in use?")
     server.start()
     try:
         while not (servicer.stop_triggered and oracle_chief.exit_chief(oracle)):

@@ -170,8 +170,9 @@ def search(
         overwrite: Start afresh, deleting a previous search of that name.
         comparison_repeats: Training runs (seeds) per optimizer when
             comparing the best with default Adam; 0 skips the comparison.
-        worker_timeout: Distributed chief only: give up after this many
-            seconds without hearing from a worker.
+        worker_timeout: Distributed mode: the chief gives up after this many
+            seconds without a call from any worker (so it must exceed the
+            longest trial), and a worker after waiting this long for the chief.
         on_trial_begin: Called with each KerasTuner trial as it starts.
         on_trial_end: Called with the `TrialRecord` of each finished trial.
         verbose: Verbosity of `Model.fit` in trials.
@@ -235,7 +236,8 @@ def search(
         seed=seed,
         directory=directory,
         project_name=project,
-        overwrite=overwrite,
+        # A worker never starts afresh: KerasTuner would delete the shared project.
+        overwrite=overwrite and distributed.role() != "worker",
         on_trial_end=report_end,
         on_trial_begin=report_begin,
     )
@@ -253,6 +255,8 @@ def search(
         verbose=verbose,
     )
     where = distributed.role()
+    if where == "worker":
+        distributed.limit_worker_wait(worker_timeout)
     if where == "chief":
         kt.save()
         distributed.serve_oracle(kt.oracle, worker_timeout=worker_timeout)

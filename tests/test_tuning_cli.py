@@ -1,0 +1,154 @@
+"""`keras-adam-tune`: the contract's arguments, output files, resume, progress and bad input."""
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuning import cli
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(*argv):
+    out = io.StringIO()
+    status = cli.run(list(argv), stream=out)
+    return status, out.getvalue()
+
+
+def test_search_on_a_tabular_dataset_writes_the_contract_files(tmp_path):
+    status, out = run_cli(
+        "--dataset", "wine", "--tuner", "random", "--max-trials", "3", "--epochs", "2",
+        "--directory", str(tmp_path), "--comparison-repeats", "1", "--seed", "0",
+    )  # fmt: skip
+    assert status == 0
+    project = tmp_path / "wine"  # the default project name comes from the dataset
+    best = json.loads((project / "best.json").read_text())
+    assert set(best) >= {"hyperparameters", "optimizer", "objective", "score", "trials", "baseline"}
+    assert best["trials"] == 3 and best["objective"] == "val_loss"
+    assert isinstance(best["baseline"]["score"], float)
+    rows = list(csv.DictReader(open(project / "trials.csv")))
+    assert [r["trial_id"] for r in rows] == ["0", "1", "2"]
+    assert list(rows[0])[:5] == ["trial_id", "status", "learning_rate", "beta_1", "beta_2"]
+    assert (project / "trials.png").stat().st_size > 10_000
+    # A live line per trial, then the table, the best optimizer and the comparison.
+    for n in (1, 2, 3):
+        assert f"trial {n}/3  learning_rate=" in out
+    assert "Best optimizer (val_loss = " in out and "keras_adam.Adam(learning_rate=" in out
+    assert "Against default Adam" in out and "default" in out
+
+    # Resume: a larger budget runs only the missing trial.
+    status, out = run_cli(
+        "--dataset", "wine", "--tuner", "random", "--max-trials", "4", "--epochs", "2",
+        "--directory", str(tmp_path), "--comparison-repeats", "0", "--no-plot",
+    )  # fmt: skip
+    assert status == 0
+    assert "trial 4/4" in out and "trial 1/4" not in out
+    rows_after = list(csv.DictReader(open(project / "trials.csv")))
+    assert rows_after[:3] == rows
+    assert len(rows_after) == 4
+
+    # --overwrite starts afresh.
+    status, out = run_cli(
+        "--dataset", "wine", "--tuner", "random", "--max-trials", "1", "--epochs", "1",
+        "--directory", str(tmp_path), "--comparison-repeats", "0", "--overwrite", "--no-plot",
+    )  # fmt: skip
+    assert status == 0 and "trial 1/1" in out
+    assert json.loads((project / "best.json").read_text())["trials"] == 1
+
+
+def test_user_model_and_data_and_lr_range_test(tmp_path, monkeypatch):
+    module = tmp_path / "user_code.py"
+    module.write_text(
+        "import keras\n"
+        "from tuning.datasets import load_dataset\n"
+        "def build(hp):\n"
+        "    units = hp.Int('units', 8, 16, step=8)\n"
+        "    return keras.Sequential([keras.Input((13,)), keras.layers.Dense(units,"
+        " activation='relu'), keras.layers.Dense(3)])\n"
+        "def data():\n"
+        "    d = load_dataset('wine')\n"
+        "    return d.x_train, d.y_train, d.x_test, d.y_test\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    status, out = run_cli(
+        "--model", "user_code:build", "--data", "user_code:data", "--tuner", "grid",
+        "--max-trials", "2", "--epochs", "2", "--directory", str(tmp_path),
+        "--comparison-repeats", "0", "--lr-range-test", "--no-plot",
+    )  # fmt: skip
+    assert status == 0
+    assert "LR range test" in out
+    low, high = (float(v) for v in out.split("learning_rate in [")[1].split("]")[0].split(", "))
+    assert 0 < low < high
+    rows = list(csv.DictReader(open(tmp_path / "user_code-data" / "trials.csv")))
+    assert len(rows) == 2
+    assert all(low * 0.999 <= float(r["learning_rate"]) <= high * 1.001 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+        (["--model", "no_colon"], "argument --model: must be MODULE:FUNCTION, got 'no_colon'"),
+        (["--data", "mod:"], "argument --data: must be MODULE:FUNCTION"),
+        (["--max-trials", "0"], "argument --max-trials: must be a positive integer, got '0'"),
+        (["--max-trials", "-3"], "argument --max-trials: must be a positive integer"),
+        (["--epochs", "two"], "argument --epochs: must be a positive integer, got 'two'"),
+        (["--learning-rate", "1e-2:1e-3"], "argument --learning-rate: low end must be below"),
+        (["--beta-1", "0.9:0.5"], "argument --beta-1: low end must be below"),
+        (["--beta-2", "0.9:1.5"], "Argument `beta_2` must be in [0, 1)"),
+        (["--tuner", "sgd"], "argument --tuner: invalid choice: 'sgd'"),
+        (["--model", "no_such_module_x:build"], "cannot import module 'no_such_module_x'"),
+        (["--model", "json:no_such_function"], "module 'json' has no function 'no_such_function'"),
+        (["--dataset", "wine", "--data", "a:b"], "not allowed with argument --dataset"),
+        (["--objective", "val_thing"], "argument --objective: cannot tell whether to minimize"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_tuner_choices_are_the_tuners():
+    from tuning.tuners import TUNERS
+
+    assert cli.TUNER_CHOICES == TUNERS
+
+
+def test_console_script_and_module_are_the_same_command():
+    script = Path(sys.executable).parent / "keras-adam-tune"
+    assert script.exists(), "the console script is installed with the package"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    via_script = subprocess.run(
+        [str(script), "--max-trials", "0"], capture_output=True, text=True, env=env, timeout=120
+    )
+    via_module = subprocess.run(
+        [sys.executable, "-m", "tuning", "--max-trials", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
+    )
+    for result in (via_script, via_module):
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            "keras-adam-tune: error: argument --max-trials: must be a positive integer, got '0'"
+        ]
+    helps = [
+        subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT).stdout
+        for cmd in ([str(script), "--help"], [sys.executable, "-m", "tuning", "--help"])
+    ]
+    assert helps[0] == helps[1]
+    contract = "--dataset --model --data --tuner --max-trials --epochs --seed --directory"
+    for option in (*contract.split(), "--project", "--overwrite", "--lr-range-test"):
+        assert option in helps[0]
