@@ -376,9 +376,12 @@ def _range_test(build_model: Callable, x: Any, y: Any, loss: Any, args: Any, str
         model = build_model()
     model.compile(optimizer=keras_adam.Adam(), loss=loss)
     low, high = args.learning_rate or (1e-7, 10.0)
-    result = lr_range_test(
-        model, x, y, batch_size=args.batch_size, min_learning_rate=low, max_learning_rate=high
-    )
+    try:
+        result = lr_range_test(
+            model, x, y, batch_size=args.batch_size, min_learning_rate=low, max_learning_rate=high
+        )
+    except ValueError as error:  # e.g. the loss never decreased: no bounds to propose
+        raise UsageError(f"argument --lr-range-test: {' '.join(str(error).split())}") from None
     bounds = result.suggested_bounds
     print(
         f"LR range test ({len(result.learning_rates)} steps, {result.stopped_reason}): "
