@@ -106,6 +106,30 @@ def test_seed_zero_is_a_seed(data, tmp_path):
     assert values(0, "a") != values(1, "c")
 
 
+class _EpochCounter(keras.callbacks.Callback):
+    epochs: list = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        _EpochCounter.epochs.append(epoch)
+
+
+def test_early_stopping_ends_a_trial_that_stops_improving(data, tmp_path):
+    _EpochCounter.epochs.clear()
+    # η ~ 1e-12 cannot move float32 weights: the validation loss never improves.
+    result = run(
+        data,
+        tmp_path,
+        max_trials=1,
+        epochs=20,
+        early_stopping=2,
+        space=AdamSearchSpace(learning_rate=(1e-12, 2e-12)),
+        comparison_repeats=0,
+        callbacks=[_EpochCounter()],
+    )
+    assert result.trials[0].status == "COMPLETED"
+    assert _EpochCounter.epochs == [0, 1, 2]  # the first epoch, then `patience` more
+
+
 def regression():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((128, 4)).astype("float32") * 10

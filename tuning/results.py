@@ -334,6 +334,9 @@ def plot_trials(path: str, trials: Sequence[TrialRecord], objective: str, direct
         axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.grid(True, which="both", alpha=0.3)
+    scores = [t.score for t in done]
+    if scores and min(scores) > 0 and max(scores) / min(scores) > 20:
+        axes[0].set_yscale("log")  # shared: losses spanning decades
     axes[0].set_ylabel(objective)
     if best is not None and any(a.get_legend_handles_labels()[0] for a in axes):
         next(a for a in axes if a.get_legend_handles_labels()[0]).legend(loc="best")
