@@ -31,9 +31,10 @@ import subprocess
 import sys
 import time
 
+from tuning.cli import TUNER_CHOICES, positive_float, positive_int
+
 HOST = "127.0.0.1"
 WORKERS = ("tuner1", "tuner2")
-TUNERS = ("random", "bayesian", "hyperband", "grid")
 
 #: --small: a few seconds per trial, about 30 s in all on 2 cores.
 SMALL = {"max_trials": 4, "epochs": 2, "comparison_repeats": 1}
@@ -49,28 +50,14 @@ class Interrupted(Exception):
     """Ctrl-C or SIGTERM: stop every process."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument(
         "--small", action="store_true", help="4 trials of 2 epochs, 1 comparison run, no plot"
     )
-    parser.add_argument("--max-trials", type=_positive_int, metavar="N", help="default 6")
-    parser.add_argument("--epochs", type=_positive_int, metavar="N", help="default 5")
-    parser.add_argument("--tuner", choices=TUNERS, default="random")
+    parser.add_argument("--max-trials", type=positive_int, metavar="N", help="default 6")
+    parser.add_argument("--epochs", type=positive_int, metavar="N", help="default 5")
+    parser.add_argument("--tuner", choices=TUNER_CHOICES, default="random")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--directory", default="runs", metavar="DIR")
     parser.add_argument("--project", default="digits-distributed", metavar="NAME")
@@ -79,14 +66,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--worker-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         metavar="SECONDS",
         help="the chief gives up after this long without a call from a worker",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         metavar="SECONDS",
         help="stop everything if the search has not ended after this long",

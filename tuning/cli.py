@@ -41,34 +41,24 @@ class UsageError(Exception):
     """A bad command-line argument; the message names it."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _number(convert: Callable, kind: str, accept: Callable) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"must be {kind}, got {text!r}")
+        return value
+
+    parse.__name__ = kind.replace(" ", "_")
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
-    return value
+#: argparse types: each rejects bad text with "must be <kind>, got '<text>'".
+positive_int = _number(int, "a positive integer", lambda v: v > 0)
+non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
+positive_float = _number(float, "a positive number", lambda v: 0 < v < float("inf"))
 
 
 def _range(text: str) -> tuple[float, float]:
@@ -108,14 +98,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--data", type=_reference, metavar="MODULE:FUNCTION")
     budget = parser.add_argument_group("search")
     budget.add_argument("--tuner", choices=TUNER_CHOICES, default="bayesian")
-    budget.add_argument("--max-trials", type=_positive_int, default=None, metavar="N")
-    budget.add_argument("--epochs", type=_positive_int, default=DEFAULT_EPOCHS, metavar="N")
-    budget.add_argument("--seed", type=_non_negative_int, default=0, metavar="N")
-    budget.add_argument("--batch-size", type=_positive_int, default=32, metavar="N")
+    budget.add_argument("--max-trials", type=positive_int, default=None, metavar="N")
+    budget.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, metavar="N")
+    budget.add_argument("--seed", type=non_negative_int, default=0, metavar="N")
+    budget.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
     budget.add_argument(
         "--objective", default="val_loss", help="metric to optimize (default: val_loss)"
     )
-    budget.add_argument("--early-stopping", type=_positive_int, default=None, metavar="PATIENCE")
+    budget.add_argument("--early-stopping", type=positive_int, default=None, metavar="PATIENCE")
     budget.add_argument("--learning-rate", type=_range, metavar="LOW:HIGH")
     budget.add_argument("--beta-1", type=_range, metavar="LOW:HIGH", help="range of beta_1")
     budget.add_argument("--beta-2", type=_range, metavar="LOW:HIGH", help="range of beta_2")
@@ -132,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     budget.add_argument(
         "--comparison-repeats",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=3,
         metavar="N",
         help="runs per optimizer when comparing with default Adam (0: skip)",
@@ -144,7 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--no-plot", action="store_true", help="skip trials.png")
     output.add_argument(
         "--worker-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         metavar="SECONDS",
         help="distributed: the chief gives up after this long without a worker "
