@@ -18,7 +18,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -39,10 +38,10 @@ PROJECT = "p"
 TRIAL_LINE = re.compile(r"^trial (\d+)/(\d+)  ", re.MULTILINE)
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(EXAMPLE.parent))
+import distributed_tuning as example  # noqa: E402  (the example's process launcher)
+
+free_port = example.free_port
 
 
 def kill_group(pid):
@@ -75,14 +74,13 @@ def trial_numbers(text):
     return sorted(int(number) for number, _ in TRIAL_LINE.findall(text))
 
 
-class Tuning:
+class Tuning(example.Process):
     """One `python -m tuning` process of a chief/worker search, output in files."""
 
     def __init__(self, tmp_path, name, tuner_id, port, *options):
         self.name = name
-        self.out = tmp_path / "logs" / f"{name}.out"
-        self.err = tmp_path / "logs" / f"{name}.err"
-        self.out.parent.mkdir(exist_ok=True)
+        log_dir = tmp_path / "logs" / name
+        log_dir.mkdir(parents=True, exist_ok=True)
         command = [
             sys.executable,
             "-m",
@@ -106,23 +104,9 @@ class Tuning:
             PROJECT,
             *options,
         ]
-        env = {
-            **os.environ,
-            "KERASTUNER_TUNER_ID": tuner_id,
-            "KERASTUNER_ORACLE_IP": "127.0.0.1",
-            "KERASTUNER_ORACLE_PORT": str(port),
-            "TF_CPP_MIN_LOG_LEVEL": "2",
-        }
-        with open(self.out, "wb") as out, open(self.err, "wb") as err:
-            self.process = subprocess.Popen(
-                command,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=err,
-                env=env,
-                cwd=tmp_path,
-                start_new_session=True,
-            )
+        super().__init__(tuner_id, command, port, str(log_dir))
+        self.out, self.err = Path(self.out_path), Path(self.err_path)
+        self.process = self.popen
 
     def wait(self, timeout):
         try:
