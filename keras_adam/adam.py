@@ -14,7 +14,7 @@ import keras
 import numpy as np
 from keras import backend, ops
 
-from keras_adam import update_rule, validation
+from keras_adam import kernels, update_rule, validation
 
 #: Accepted values of `moment_dtype`.
 MOMENT_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
@@ -586,10 +586,15 @@ class Adam(keras.optimizers.Optimizer):
     def _fused_update(self, variable: Any, gradient: Any, slots: list, hyper: dict) -> None:
         """The same step as `update_rule.adam_step` in one TensorFlow kernel.
 
-        `tf.raw_ops.ResourceApplyAdam` computes Keras's ε̂ form in one pass
-        over var, m and v (it has an XLA kernel too). Maximize, L2 and
-        decoupled weight decay are applied around it by the same functions
-        `adam_step` uses.
+        `tf.raw_ops.ResourceApplyAdam` computes Keras's ε̂ form over var, m
+        and v (it has an XLA kernel too). Maximize, L2 and decoupled weight
+        decay are applied around it by the same functions `adam_step` uses.
+
+        Within one step outside XLA, on CPU variables, the kernel call is
+        deferred instead: `_flush_multi_tensor` then updates all variables
+        of a dtype with one multi-tensor op (`keras_adam.kernels`), the same
+        arithmetic in one pass per element. The decay and gradient changes
+        above are already in the graph, ordered before it.
         """
         var = variable.value if isinstance(variable, keras.Variable) else variable
         dtype = var.dtype
@@ -604,6 +609,10 @@ class Adam(keras.optimizers.Optimizer):
             var.assign(update_rule.decoupled_decay(var, lr=lr, **decay))
         scalars = self._fused_scalars(dtype, hyper["learning_rate"])
         m, v = (slot.value if isinstance(slot, keras.Variable) else slot for slot in slots)
+        group = self._multi_tensor_group(var, m, v)
+        if group is not None:
+            group.append((var, m, v, gradient))
+            return
         tf.raw_ops.ResourceApplyAdam(
             var=var.handle,
             m=m.handle,
@@ -639,11 +648,48 @@ class Adam(keras.optimizers.Optimizer):
             cache[dtype] = scalars
         return scalars
 
+    def _multi_tensor_group(self, var: Any, m: Any, v: Any) -> list | None:
+        """The list `var`'s multi-tensor update joins, or None to run it now.
+
+        The multi-tensor op applies within a step (`_backend_update_step`),
+        outside XLA (it has no XLA kernel), without a distribution strategy,
+        on CPU variables, and where the kernel is available
+        (`keras_adam.kernels.load`).
+        """
+        cache = self._per_step.values
+        if cache is None or tf.distribute.has_strategy():
+            return None
+        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+            return None
+        for x in (var, m, v):
+            if tf.DeviceSpec.from_string(x.device or "").device_type not in (None, "CPU"):
+                return None
+        if kernels.load() is None:
+            return None
+        groups = cache.setdefault("multi_tensor", {})
+        return groups.setdefault((var.dtype, var.device), [])
+
+    def _flush_multi_tensor(self) -> None:
+        """One multi-tensor op per group of deferred fused updates."""
+        groups = self._per_step.values.pop("multi_tensor", {})
+        module = kernels.load() if groups else None
+        for (dtype, _), group in groups.items():
+            variables, ms, vs, gradients = zip(*group, strict=True)
+            module.keras_adam_multi_tensor_apply_adam(
+                var=[x.handle for x in variables],
+                m=[x.handle for x in ms],
+                v=[x.handle for x in vs],
+                grad=list(gradients),
+                **self._fused_scalars(dtype, None),
+            )
+
     def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any):
-        # One step of all variables: share the fused kernel's scalars.
+        # One step of all variables: share the fused kernel's scalars, and
+        # update the fused variables together (`_flush_multi_tensor`).
         self._per_step.values = {}
         try:
             super()._backend_update_step(grads, trainable_variables, learning_rate)
+            self._flush_multi_tensor()
         finally:
             self._per_step.values = None
 

@@ -1,0 +1,326 @@
+// A multi-tensor Adam for TensorFlow on CPU: one op call updates the
+// variables, first and second moments of all N variables of a step.
+//
+// The math is ResourceApplyAdam's (Keras's "hat" epsilon, see
+// keras_adam/update_rule.py), written as one pass over each element:
+//
+//   lr_t = lr * sqrt(1 - beta2_power) / (1 - beta1_power)
+//   m   <- m + (g - m) * (1 - beta1)
+//   v   <- v + (g * g - v) * (1 - beta2)
+//   var <- var - (m * lr_t) / (sqrt(v) + epsilon)
+//
+// with the same operation order as ResourceApplyAdam's CPU functor, so the
+// two agree to the last bit unless the compiler contracts to FMA (it is
+// built with -ffp-contract=off).
+//
+// Resource-variable semantics are those of TensorFlow's training ops
+// (tensorflow/core/kernels/training_op_helpers.h): every variable's mutex is
+// held for the whole update, locked in address order; a buffer that is
+// shared with a pending read (or a variable in copy-on-read mode) is not
+// written in place: the update reads the old buffer and writes a new one,
+// which becomes the variable's value. Bad inputs return InvalidArgument.
+//
+// Work is split over the elements of all tensors together, on the device's
+// intra-op thread pool.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <vector>
+
+#include "tensorflow/core/framework/op.h"
+#include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
+#include "tensorflow/core/framework/shape_inference.h"
+#include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/lib/core/refcount.h"
+#include "tensorflow/core/platform/mutex.h"
+#include "tensorflow/core/platform/threadpool.h"
+
+namespace keras_adam {
+
+using ::tensorflow::DataType;
+using ::tensorflow::DataTypeString;
+using ::tensorflow::DataTypeToEnum;
+using ::tensorflow::OpKernel;
+using ::tensorflow::OpKernelConstruction;
+using ::tensorflow::OpKernelContext;
+using ::tensorflow::Tensor;
+using ::tensorflow::Var;
+namespace errors = ::tensorflow::errors;
+
+// -- the elementwise step --------------------------------------------------
+
+template <typename T>
+struct Scalars {
+  T alpha, one_minus_beta1, one_minus_beta2, epsilon;
+};
+
+// In place: the common case. Pointers do not alias each other.
+template <typename T>
+__attribute__((always_inline)) inline void StepInPlace(
+    T* __restrict__ var, T* __restrict__ m, T* __restrict__ v,
+    const T* __restrict__ g, int64_t n, const Scalars<T> s) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i];
+    const T mi = m[i] + (gi - m[i]) * s.one_minus_beta1;
+    const T vi = v[i] + (gi * gi - v[i]) * s.one_minus_beta2;
+    m[i] = mi;
+    v[i] = vi;
+    var[i] = var[i] - (mi * s.alpha) / (std::sqrt(vi) + s.epsilon);
+  }
+}
+
+// Compiled for several instruction sets; the loader picks one at run time,
+// so a cached library stays valid on another x86-64 machine.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KERAS_ADAM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define KERAS_ADAM_CLONES
+#endif
+
+KERAS_ADAM_CLONES void StepInPlaceF32(float* var, float* m, float* v, const float* g,
+                                      int64_t n, const Scalars<float> s) {
+  StepInPlace<float>(var, m, v, g, n, s);
+}
+
+KERAS_ADAM_CLONES void StepInPlaceF64(double* var, double* m, double* v, const double* g,
+                                      int64_t n, const Scalars<double> s) {
+  StepInPlace<double>(var, m, v, g, n, s);
+}
+
+inline void StepInPlaceDispatch(float* var, float* m, float* v, const float* g, int64_t n,
+                                const Scalars<float>& s) {
+  StepInPlaceF32(var, m, v, g, n, s);
+}
+
+inline void StepInPlaceDispatch(double* var, double* m, double* v, const double* g, int64_t n,
+                                const Scalars<double>& s) {
+  StepInPlaceF64(var, m, v, g, n, s);
+}
+
+// Copy-on-write: reads the old buffers, writes new ones (rare; not tuned).
+template <typename T>
+void StepOutOfPlace(const T* var_in, const T* m_in, const T* v_in, const T* g, T* var_out,
+                    T* m_out, T* v_out, int64_t n, const Scalars<T>& s) {
+  for (int64_t i = 0; i < n; ++i) {
+    const T gi = g[i];
+    const T mi = m_in[i] + (gi - m_in[i]) * s.one_minus_beta1;
+    const T vi = v_in[i] + (gi * gi - v_in[i]) * s.one_minus_beta2;
+    const T pi = var_in[i];
+    m_out[i] = mi;
+    v_out[i] = vi;
+    var_out[i] = pi - (mi * s.alpha) / (std::sqrt(vi) + s.epsilon);
+  }
+}
+
+template <typename T>
+struct Segment {
+  const T* var_in;
+  const T* m_in;
+  const T* v_in;
+  const T* g;
+  T* var_out;
+  T* m_out;
+  T* v_out;
+  bool in_place;
+};
+
+// -- the op ------------------------------------------------------------------
+
+// Input layout: var[0..N), m[0..N), v[0..N), grad[0..N), then the scalars.
+enum ScalarInput { kBeta1Power = 0, kBeta2Power, kLr, kBeta1, kBeta2, kEpsilon, kNumScalars };
+
+template <typename T>
+class MultiTensorApplyAdamOp : public OpKernel {
+ public:
+  explicit MultiTensorApplyAdamOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("N", &n_));
+  }
+
+  void Compute(OpKernelContext* context) override {
+    const int n = n_;
+    const DataType dtype = DataTypeToEnum<T>::v();
+
+    // Scalars.
+    T scalar[kNumScalars];
+    static const char* const kScalarNames[kNumScalars] = {
+        "beta1_power", "beta2_power", "lr", "beta1", "beta2", "epsilon"};
+    for (int k = 0; k < kNumScalars; ++k) {
+      const Tensor& t = context->input(4 * n + k);
+      OP_REQUIRES(context, tensorflow::TensorShapeUtils::IsScalar(t.shape()),
+                  errors::InvalidArgument(kScalarNames[k], " is not a scalar: ",
+                                          t.shape().DebugString()));
+      scalar[k] = t.scalar<T>()();
+    }
+    Scalars<T> s;
+    s.alpha = scalar[kLr] * std::sqrt(T(1) - scalar[kBeta2Power]) / (T(1) - scalar[kBeta1Power]);
+    s.one_minus_beta1 = T(1) - scalar[kBeta1];
+    s.one_minus_beta2 = T(1) - scalar[kBeta2];
+    s.epsilon = scalar[kEpsilon];
+
+    // Look up the 3N variables; each may appear once only.
+    std::vector<tensorflow::core::RefCountPtr<Var>> vars(3 * n);
+    for (int i = 0; i < 3 * n; ++i) {
+      OP_REQUIRES_OK(context, tensorflow::LookupResource(
+                                  context, tensorflow::HandleFromInput(context, i), &vars[i]));
+    }
+    std::vector<Var*> order(3 * n);
+    for (int i = 0; i < 3 * n; ++i) order[i] = vars[i].get();
+    std::sort(order.begin(), order.end());
+    OP_REQUIRES(context, std::adjacent_find(order.begin(), order.end()) == order.end(),
+                errors::InvalidArgument(
+                    "A variable is passed more than once (as a variable or a moment)."));
+
+    // Lock every variable's mutex, in address order (as TensorFlow's
+    // MaybeLockVariableInputMutexesInOrder does), for the whole update.
+    std::vector<tensorflow::mutex_lock> locks;
+    locks.reserve(order.size());
+    for (Var* var : order) locks.emplace_back(*var->mu());
+
+    // Validate before touching anything.
+    static const char* const kRole[3] = {"var", "m", "v"};
+    for (int i = 0; i < n; ++i) {
+      const Tensor& grad = context->input(3 * n + i);
+      for (int r = 0; r < 3; ++r) {
+        Var* var = vars[r * n + i].get();
+        OP_REQUIRES(context, var->is_initialized && var->tensor()->IsInitialized(),
+                    errors::FailedPrecondition("Attempting to use uninitialized variable ",
+                                               kRole[r], "[", i, "]."));
+        OP_REQUIRES(context, var->tensor()->dtype() == dtype,
+                    errors::InvalidArgument(kRole[r], "[", i, "] has dtype ",
+                                            DataTypeString(var->tensor()->dtype()),
+                                            ", expected ", DataTypeString(dtype), "."));
+        OP_REQUIRES(context, var->tensor()->shape() == grad.shape(),
+                    errors::InvalidArgument(kRole[r], "[", i, "] has shape ",
+                                            var->tensor()->shape().DebugString(),
+                                            " but grad[", i, "] has shape ",
+                                            grad.shape().DebugString(), "."));
+      }
+    }
+
+    // Copy-on-write where a buffer is shared, as PrepareToUpdateVariable:
+    // all new buffers are allocated before any variable changes, and the
+    // old tensors stay alive (in `old`) until the update is done.
+    std::vector<Tensor> old(3 * n);
+    std::vector<bool> copy(3 * n, false);
+    std::vector<Tensor> fresh(3 * n);
+    for (int j = 0; j < 3 * n; ++j) {
+      Var* var = vars[j].get();
+      if (var->copy_on_read_mode.load() || !var->tensor()->RefCountIsOne()) {
+        copy[j] = true;
+        tsl::AllocatorAttributes attr;
+        attr.set_gpu_compatible(true);
+        attr.set_nic_compatible(true);
+        OP_REQUIRES_OK(context,
+                       context->allocate_temp(dtype, var->tensor()->shape(), &fresh[j], attr));
+      }
+    }
+    std::vector<Segment<T>> segments(n);
+    std::vector<int64_t> offsets(n + 1, 0);
+    for (int i = 0; i < n; ++i) {
+      Segment<T>& seg = segments[i];
+      seg.in_place = true;
+      const T* in[3];
+      T* out[3];
+      for (int r = 0; r < 3; ++r) {
+        const int j = r * n + i;
+        Tensor* tensor = vars[j]->tensor();
+        if (copy[j]) {
+          old[j] = *tensor;
+          *tensor = fresh[j];
+          in[r] = old[j].flat<T>().data();
+          seg.in_place = false;
+        } else {
+          in[r] = tensor->flat<T>().data();
+        }
+        out[r] = tensor->flat<T>().data();
+      }
+      seg.var_in = in[0];
+      seg.m_in = in[1];
+      seg.v_in = in[2];
+      seg.var_out = out[0];
+      seg.m_out = out[1];
+      seg.v_out = out[2];
+      seg.g = context->input(3 * n + i).flat<T>().data();
+      offsets[i + 1] = offsets[i] + context->input(3 * n + i).NumElements();
+    }
+    const int64_t total = offsets[n];
+    if (total == 0) return;
+
+    // Elements [begin, end) of all tensors laid end to end.
+    auto work = [&segments, &offsets, &s, n](int64_t begin, int64_t end) {
+      int i = static_cast<int>(std::upper_bound(offsets.begin(), offsets.end(), begin) -
+                               offsets.begin()) - 1;
+      for (; i < n && offsets[i] < end; ++i) {
+        const int64_t lo = std::max(begin, offsets[i]) - offsets[i];
+        const int64_t hi = std::min(end, offsets[i + 1]) - offsets[i];
+        if (hi <= lo) continue;
+        const Segment<T>& seg = segments[i];
+        if (seg.in_place) {
+          StepInPlaceDispatch(seg.var_out + lo, seg.m_out + lo, seg.v_out + lo, seg.g + lo,
+                              hi - lo, s);
+        } else {
+          StepOutOfPlace<T>(seg.var_in + lo, seg.m_in + lo, seg.v_in + lo, seg.g + lo,
+                            seg.var_out + lo, seg.m_out + lo, seg.v_out + lo, hi - lo, s);
+        }
+      }
+    };
+    // Cost per element, in cycles: 4 loads and 3 stores of T plus a sqrt
+    // and a division, as ResourceApplyAdam's cost model counts them.
+    const int64_t cost_per_element = 7 * sizeof(T) + 20;
+    auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+    pool->ParallelFor(total, cost_per_element, work);
+  }
+
+ private:
+  int n_;
+};
+
+}  // namespace keras_adam
+
+namespace tensorflow {
+
+REGISTER_OP("KerasAdamMultiTensorApplyAdam")
+    .Input("var: N * resource")
+    .Input("m: N * resource")
+    .Input("v: N * resource")
+    .Input("grad: N * T")
+    .Input("beta1_power: T")
+    .Input("beta2_power: T")
+    .Input("lr: T")
+    .Input("beta1: T")
+    .Input("beta2: T")
+    .Input("epsilon: T")
+    .Attr("N: int >= 1")
+    .Attr("T: {float, double}")
+    .SetIsStateful()
+    .SetShapeFn([](shape_inference::InferenceContext* c) {
+      int n;
+      TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
+      shape_inference::ShapeHandle unused;
+      for (int k = 0; k < 6; ++k) {
+        TF_RETURN_IF_ERROR(c->WithRank(c->input(4 * n + k), 0, &unused));
+      }
+      return absl::OkStatus();
+    })
+    .Doc(R"doc(
+Adam (ResourceApplyAdam's update) on N variables at once, in one pass per
+element, on the CPU thread pool. var, m and v are resource variables; grad
+has one dense tensor per variable, of the variable's shape.
+)doc");
+
+#define KERAS_ADAM_REGISTER(T)                                         \
+  REGISTER_KERNEL_BUILDER(Name("KerasAdamMultiTensorApplyAdam")       \
+                              .Device(DEVICE_CPU)                      \
+                              .TypeConstraint<T>("T"),                 \
+                          ::keras_adam::MultiTensorApplyAdamOp<T>);
+
+KERAS_ADAM_REGISTER(float)
+KERAS_ADAM_REGISTER(double)
+#undef KERAS_ADAM_REGISTER
+
+}  // namespace tensorflow
