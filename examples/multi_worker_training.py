@@ -23,9 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -147,7 +149,8 @@ def launch(args: argparse.Namespace) -> int:
     import numpy as np
 
     ports = free_ports(WORKERS)
-    output = os.path.abspath(f"multi_worker_{os.getpid()}.npz")
+    scratch = tempfile.mkdtemp(prefix="multi_worker_")
+    output = os.path.join(scratch, "worker0.npz")
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     flags = [f"--steps={args.steps}", f"--global-batch={args.global_batch}"]
     flags += ["--lazy-sparse"] * args.lazy_sparse + ["--no-fused"] * args.no_fused
@@ -185,7 +188,7 @@ def launch(args: argparse.Namespace) -> int:
     with np.load(output) as saved:
         distributed = [saved[f"arr_{i}"] for i in range(len(reference))]
         steps = int(saved["steps"])
-    os.remove(output)
+    shutil.rmtree(scratch, ignore_errors=True)
     pairs = zip(distributed, reference, strict=True)
     difference = max(float(np.abs(a - b).max()) for a, b in pairs)
     scale = max(float(np.abs(a).max()) for a in reference)
