@@ -160,9 +160,11 @@ DOCS_INTRO = """# Performance
 
 Adam's step is memory-bound: in float32 it reads the parameter, the gradient
 and both moments and writes back the parameter and the moments, 28 bytes per
-parameter. `keras_adam.Adam` runs dense updates through TensorFlow's fused
-`ResourceApplyAdam` kernel (one pass) wherever it applies, and sparse
-`Embedding` gradients through the lazy row update (`lazy_sparse=True`).
+parameter. `keras_adam.Adam` runs dense updates through a multi-tensor kernel
+(one op per step and dtype, one pass per element, on TensorFlow's CPU thread
+pool) inside `tf.function` and eagerly, through TensorFlow's fused
+`ResourceApplyAdam` (one op per variable) under XLA, and sparse `Embedding`
+gradients through the lazy row update (`lazy_sparse=True`).
 
 Reproduce everything below with
 
@@ -190,8 +192,10 @@ machines are shared and noisy.
   Under XLA, both compile to about the same speed.
 - Many small variables are dominated by per-kernel dispatch: 200 calls of
   `ResourceApplyAdam` on 10k parameters each cost about 4× one call on all
-  2.1M parameters. torch's fused Adam updates every tensor in one
-  multi-tensor kernel; matching it needs such a kernel in TensorFlow.
+  2.1M parameters. Like torch's fused Adam, the default path updates every
+  tensor in one multi-tensor kernel; *keras_adam ResourceApplyAdam per
+  variable* is the same optimizer with that kernel disabled
+  (`KERAS_ADAM_KERNEL=0`).
 - `lazy_sparse=True` costs in proportion to the rows touched (sort, gather,
   update, scatter), not the table size.
 

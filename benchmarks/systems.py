@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,7 +32,11 @@ class System:
     sparse: bool = True
 
 
-def _tf_setup(make_optimizer: Callable, mode: str, densify: bool = False) -> Callable:
+def _tf_setup(
+    make_optimizer: Callable, mode: str, densify: bool = False, kernel: bool = True
+) -> Callable:
+    """`kernel=False` traces with the multi-tensor kernel disabled (KERAS_ADAM_KERNEL=0)."""
+
     def setup(workload: Workload) -> Callable[[], None]:
         import keras
         import tensorflow as tf
@@ -52,9 +58,27 @@ def _tf_setup(make_optimizer: Callable, mode: str, densify: bool = False) -> Cal
         if mode == "eager":
             return lambda: apply(grads)
         compiled = tf.function(apply, jit_compile=mode == "xla")
+        if not kernel:
+            with _kernel_disabled():
+                compiled.get_concrete_function(grads)  # later calls reuse this trace
         return lambda: compiled(grads)
 
     return setup
+
+
+@contextlib.contextmanager
+def _kernel_disabled():
+    from keras_adam import kernels
+
+    previous = os.environ.get(kernels.ENV_SWITCH)
+    os.environ[kernels.ENV_SWITCH] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ[kernels.ENV_SWITCH]
+        else:
+            os.environ[kernels.ENV_SWITCH] = previous
 
 
 def _torch_setup(**options) -> Callable:
@@ -103,6 +127,11 @@ def systems() -> list[System]:
             "keras_adam fused=True, tf.function",
             "keras_adam",
             _tf_setup(ours(fused=True), "function"),
+        ),
+        System(
+            "keras_adam ResourceApplyAdam per variable, tf.function",
+            "keras_adam",
+            _tf_setup(ours(), "function", kernel=False),
         ),
         System(
             "keras_adam fused=False, tf.function",

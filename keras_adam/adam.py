@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 from typing import Any
 
 import keras
@@ -26,8 +27,12 @@ else:  # pragma: no cover - other backends are not supported yet
     tf = None
 
 
-class _PerStepCache:
-    """Values shared by the variables of one step (not tracked by Keras)."""
+class _PerStepCache(threading.local):
+    """Values shared by the variables of one step (not tracked by Keras).
+
+    Thread-local: under MirroredStrategy each replica runs the step in its
+    own thread.
+    """
 
     values: dict | None = None
 
@@ -176,14 +181,18 @@ class Adam(keras.optimizers.Optimizer):
             Keras), "float32", "float64", "bfloat16" or "float16". With
             "float32", bfloat16/float16 weights keep float32 moments.
         fused: Which execution path takes dense gradients. None (default):
-            the fused TensorFlow kernel (`ResourceApplyAdam`, one pass over
-            the weights and moments) wherever it applies, the `keras.ops`
-            path elsewhere. True: demand the kernel; raises `ValueError` if
-            the options (`epsilon_mode="paper"`, `amsgrad`, `rectify`) or a
-            variable (not float32/float64, or moments of another dtype) rule
-            it out. False: always the `keras.ops` path, the reference that
-            is bit-identical to `keras.optimizers.Adam`. Both paths agree to
-            round-off.
+            the fused kernel wherever it applies, the `keras.ops` path
+            elsewhere. The fused kernel is a multi-tensor op that updates
+            all float32 (and all float64) variables of a step in one pass
+            per element (`keras_adam.kernels`, compiled at first use;
+            `KERAS_ADAM_KERNEL=0` disables it), or TensorFlow's
+            `ResourceApplyAdam`, once per variable, under XLA and where the
+            multi-tensor op is unavailable. True: demand the fused kernel;
+            raises `ValueError` if the options (`epsilon_mode="paper"`,
+            `amsgrad`, `rectify`) or a variable (not float32/float64, or
+            moments of another dtype) rule it out. False: always the
+            `keras.ops` path, the reference that is bit-identical to
+            `keras.optimizers.Adam`. All paths agree to round-off.
         **kwargs: Passed to `keras.optimizers.Optimizer` (for example the
             deprecated `decay`, which Keras ignores with a warning).
     """
@@ -287,8 +296,8 @@ class Adam(keras.optimizers.Optimizer):
             blockers = self._fused_flag_blockers()
             if blockers:
                 raise ValueError(
-                    "Argument `fused=True` cannot apply: the fused kernel "
-                    f"(ResourceApplyAdam) does not support {'; '.join(blockers)}. "
+                    "Argument `fused=True` cannot apply: the fused kernels "
+                    f"(ResourceApplyAdam, multi-tensor Adam) do not support {'; '.join(blockers)}. "
                     "Use fused=None to fall back where it cannot apply."
                 )
         self._constructor_exclusions = exclusions
@@ -671,7 +680,7 @@ class Adam(keras.optimizers.Optimizer):
 
     def _flush_multi_tensor(self) -> None:
         """One multi-tensor op per group of deferred fused updates."""
-        groups = self._per_step.values.pop("multi_tensor", {})
+        groups = (self._per_step.values or {}).pop("multi_tensor", {})
         module = kernels.load() if groups else None
         for (dtype, _), group in groups.items():
             variables, ms, vs, gradients = zip(*group, strict=True)

@@ -1,11 +1,15 @@
 r"""The Adam update rule: the one place where the math of a step lives.
 
 The `keras.ops` path and the lazy sparse rows of `keras_adam.Adam` compute
-their step with `adam_step`; the fused TensorFlow kernel
-(`ResourceApplyAdam`) implements the same "hat" formula in C++ and is tested
-against `adam_step` to round-off. The tests also check `adam_step` against
-independent oracles: a NumPy transcription of Kingma & Ba (2014),
-`keras.optimizers.Adam` and `torch.optim`.
+their step with `adam_step`. The fused path implements the same "hat"
+formula in C++, in one of two kernels: TensorFlow's `ResourceApplyAdam`, one
+call per variable (under XLA, and wherever the other is unavailable), or the
+multi-tensor kernel of `keras_adam.kernels` (`KerasAdamMultiTensorApplyAdam`,
+one call per step and dtype, outside XLA on CPU), which repeats
+`ResourceApplyAdam`'s arithmetic operation for operation. Both are tested
+against `adam_step` to round-off, and against each other. The tests also
+check `adam_step` against independent oracles: a NumPy transcription of
+Kingma & Ba (2014), `keras.optimizers.Adam` and `torch.optim`.
 
 ## Adam (Kingma & Ba, 2014)
 
