@@ -109,10 +109,12 @@ class AdamHyperModel(keras_tuner.HyperModel):
             )
         options = dict(optimizer_options or {})
         fixed = {name: options.pop(name) for name in NAMES if name in options}
-        space = (space or AdamSearchSpace()).fixed(**fixed) if fixed else space
+        space = space or AdamSearchSpace()
+        if fixed:
+            space = space.fixed(**fixed)
         keras_adam.Adam(**options)  # raises ValueError/TypeError naming a bad option
         self.build_model = build_model
-        self.space = space or AdamSearchSpace()
+        self.space = space
         self.loss = loss
         self.metrics = metrics
         self.compile_options = dict(compile_options or {})
