@@ -3,6 +3,7 @@ the result against one process training on the same global batches.
 
     python examples/multi_worker_training.py            # launches 2 workers on 127.0.0.1
     python examples/multi_worker_training.py --small    # the test suite's budget
+    python examples/multi_worker_training.py --skip-nonfinite  # one NaN on one worker
 
 Keras 3's `model.fit` does not run under MultiWorkerMirroredStrategy
 (keras-team/keras#20585), so this is the custom-training-loop pattern:
@@ -12,6 +13,11 @@ and applies the same Adam step on every worker. The model has an Embedding
 layer, whose gradients are sparse rows (`tf.IndexedSlices`), so the lazy
 sparse path runs too (`--lazy-sparse`); dense layers use the fused kernel
 unless `--no-fused`.
+
+With `--skip-nonfinite`, one sample of step 3 is NaN, in the last worker's
+half of the batch only: with `skip_nonfinite=True` every worker skips that
+step (the verdict is all-reduced), as does the single process, and the
+weights still match.
 
 The launcher starts the workers (TF_CONFIG on free local ports), runs the
 single-process reference itself, and prints the largest weight difference;
@@ -33,6 +39,7 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 WORKERS = 2
+POISONED_STEP = 3  # with --skip-nonfinite (0-based)
 VOCABULARY, FEATURES, CLASSES = 50, 8, 3
 
 
@@ -43,6 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--small", action="store_true", help="10 steps")
     parser.add_argument("--lazy-sparse", action="store_true", help="lazy sparse Embedding rows")
     parser.add_argument("--no-fused", action="store_true", help="the keras.ops reference path")
+    parser.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip_nonfinite=True, and a NaN in one worker's half of step 3",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds for the workers")
     parser.add_argument("--worker", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--output", default=None, help=argparse.SUPPRESS)
@@ -53,11 +65,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if args.small:
         args.steps = 10
+    if args.skip_nonfinite and args.steps <= POISONED_STEP:
+        parser.error(f"--skip-nonfinite needs --steps > {POISONED_STEP}")
     return args
 
 
-def dataset(global_batch: int, steps: int):
-    """The same global batches everywhere: token ids and features, with labels."""
+def dataset(global_batch: int, steps: int, poison: bool = False):
+    """The same global batches everywhere: token ids and features, with labels.
+
+    With `poison`, the last sample of step `POISONED_STEP` has a NaN feature.
+    """
     import numpy as np
 
     rng = np.random.default_rng(0)
@@ -65,6 +82,8 @@ def dataset(global_batch: int, steps: int):
     tokens = rng.integers(0, VOCABULARY, size=(n, 4)).astype("int32")
     features = rng.normal(size=(n, FEATURES)).astype("float32")
     labels = ((features[:, 0] > 0).astype("int32") + (tokens[:, 0] % 2)).astype("int32")
+    if poison:
+        features[(POISONED_STEP + 1) * global_batch - 1, 0] = np.nan
     return tokens, features, labels
 
 
@@ -94,10 +113,12 @@ def train(strategy, args: argparse.Namespace, shard: int, shards: int):
     options = {"lazy_sparse": args.lazy_sparse}
     if args.no_fused:
         options["fused"] = False
+    if args.skip_nonfinite:
+        options["skip_nonfinite"] = True
     with strategy.scope():
         model, optimizer = build(options)
     loss_fn = keras.losses.SparseCategoricalCrossentropy(from_logits=True, reduction="sum")
-    tokens, features, labels = dataset(args.global_batch, args.steps)
+    tokens, features, labels = dataset(args.global_batch, args.steps, args.skip_nonfinite)
     per_worker = args.global_batch // shards
 
     def local_batches(context):
@@ -121,7 +142,12 @@ def train(strategy, args: argparse.Namespace, shard: int, shards: int):
 
     for t, f, y in batches:
         strategy.run(step, args=(t, f, y))
-    return [v.numpy() for v in model.trainable_variables], int(optimizer.iterations.numpy())
+    skipped = optimizer.skipped_steps
+    return (
+        [v.numpy() for v in model.trainable_variables],
+        int(optimizer.iterations.numpy()),
+        0 if skipped is None else int(skipped.numpy()),
+    )
 
 
 def free_ports(count: int) -> list[int]:
@@ -139,9 +165,9 @@ def run_worker(args: argparse.Namespace) -> int:
     import tensorflow as tf
 
     strategy = tf.distribute.MultiWorkerMirroredStrategy()
-    weights, steps = train(strategy, args, shard=args.worker, shards=WORKERS)
-    if args.worker == 0:
-        np.savez(args.output, *weights, steps=steps)
+    weights, steps, skipped = train(strategy, args, shard=args.worker, shards=WORKERS)
+    # Each worker writes its own result: all of them must have skipped.
+    np.savez(f"{args.output}.{args.worker}.npz", *weights, steps=steps, skipped=skipped)
     return 0
 
 
@@ -150,10 +176,11 @@ def launch(args: argparse.Namespace) -> int:
 
     ports = free_ports(WORKERS)
     scratch = tempfile.mkdtemp(prefix="multi_worker_")
-    output = os.path.join(scratch, "worker0.npz")
+    output = os.path.join(scratch, "worker")
     cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
     flags = [f"--steps={args.steps}", f"--global-batch={args.global_batch}"]
     flags += ["--lazy-sparse"] * args.lazy_sparse + ["--no-fused"] * args.no_fused
+    flags += ["--skip-nonfinite"] * args.skip_nonfinite
     processes = []
     try:
         for index in range(WORKERS):
@@ -184,17 +211,33 @@ def launch(args: argparse.Namespace) -> int:
 
     import tensorflow as tf
 
-    reference, reference_steps = train(tf.distribute.get_strategy(), args, shard=0, shards=1)
-    with np.load(output) as saved:
-        distributed = [saved[f"arr_{i}"] for i in range(len(reference))]
-        steps = int(saved["steps"])
+    reference, reference_steps, reference_skipped = train(
+        tf.distribute.get_strategy(), args, shard=0, shards=1
+    )
+    workers = []
+    for index in range(WORKERS):
+        with np.load(f"{output}.{index}.npz") as saved:
+            weights = [saved[f"arr_{i}"] for i in range(len(reference))]
+            workers.append((weights, int(saved["steps"]), int(saved["skipped"])))
     shutil.rmtree(scratch, ignore_errors=True)
-    pairs = zip(distributed, reference, strict=True)
-    difference = max(float(np.abs(a - b).max()) for a, b in pairs)
+    difference = max(
+        float(np.abs(a - b).max())
+        for weights, _, _ in workers
+        for a, b in zip(weights, reference, strict=True)
+    )
     scale = max(float(np.abs(a).max()) for a in reference)
-    print(f"{WORKERS} workers vs 1 process, {steps} vs {reference_steps} Adam steps:")
+    steps = [s for _, s, _ in workers]
+    skipped = [s for _, _, s in workers]
+    print(f"{WORKERS} workers vs 1 process, {steps[0]} vs {reference_steps} Adam steps:")
+    if args.skip_nonfinite:
+        print(f"skipped steps: workers {skipped}, 1 process {reference_skipped}")
     print(f"max |weight difference| = {difference:.3g} (weights up to {scale:.3g})")
-    ok = steps == reference_steps == args.steps and difference <= 1e-5
+    expected_skips = int(args.skip_nonfinite)
+    ok = (
+        all(s == reference_steps == args.steps - expected_skips for s in steps)
+        and all(s == reference_skipped == expected_skips for s in skipped)
+        and difference <= 1e-5
+    )
     print("match" if ok else "MISMATCH")
     return 0 if ok else 1
 

@@ -15,7 +15,7 @@ ARGUMENTS = (
     "learning_rate beta_1 beta_2 epsilon amsgrad weight_decay clipnorm clipvalue global_clipnorm "
     "use_ema ema_momentum ema_overwrite_frequency loss_scale_factor gradient_accumulation_steps "
     "name epsilon_mode decoupled_weight_decay exclude_from_weight_decay rectify maximize "
-    "lazy_sparse moment_dtype fused"
+    "lazy_sparse moment_dtype fused skip_nonfinite"
 ).split()
 
 anything = st.one_of(

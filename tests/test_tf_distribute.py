@@ -5,9 +5,13 @@
   same global batch (to 1e-5), on the fused, reference and lazy sparse
   paths; the slot variables are mirrored, one copy on each device of its
   variable.
+- `skip_nonfinite=True` under MirroredStrategy: a NaN in one replica's half
+  of a batch makes every replica skip that step (the verdict is
+  all-reduced), and the weights match single-device training that skips it.
 - MultiWorkerMirroredStrategy: two worker processes on 127.0.0.1 with the
   custom-training-loop pattern (examples/multi_worker_training.py) match one
-  process.
+  process, also with a NaN in one worker's half of a batch
+  (`--skip-nonfinite`).
 
 Both run in subprocesses: logical devices must be set before TensorFlow
 starts, and each worker is a process.
@@ -80,6 +84,46 @@ MIRRORED = textwrap.dedent(
 )
 
 
+SKIP_NONFINITE = textwrap.dedent(
+    """
+    import json
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, numpy as np
+    import keras_adam
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 5)).astype("float32")
+    y = rng.normal(size=(128, 1)).astype("float32")
+    x[40, 2] = np.nan  # batch 1 (rows 32-63): in the second replica's half only
+
+    def train(strategy, options):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(8, activation="relu"),
+                                      keras.layers.Dense(1)])
+            model.compile(optimizer=keras_adam.Adam(0.01, skip_nonfinite=True, **options),
+                          loss="mse")
+        model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+        return model
+
+    results = {}
+    for name, options in [("fused", {}), ("reference", {"fused": False})]:
+        single = train(tf.distribute.get_strategy(), options)
+        mirrored = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), options)
+        results[name] = {
+            "difference": max(float(np.abs(a - b).max())
+                              for a, b in zip(single.get_weights(), mirrored.get_weights())),
+            "finite": all(bool(np.isfinite(w).all()) for w in mirrored.get_weights()),
+            "steps": [int(m.optimizer.iterations.numpy()) for m in (single, mirrored)],
+            "skipped": [int(m.optimizer.skipped_steps.numpy()) for m in (single, mirrored)],
+        }
+    print(json.dumps(results))
+    """
+)
+
+
 def run(command, timeout):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3", "CUDA_VISIBLE_DEVICES": ""}
     result = subprocess.run(
@@ -100,10 +144,26 @@ def test_mirrored_strategy_matches_single_device_training(tmp_path):
         assert result["mirrored_slots"] and result["colocated"], (name, result)
 
 
+def test_mirrored_strategy_skips_a_step_that_is_nonfinite_on_one_replica(tmp_path):
+    script = tmp_path / "skip_nonfinite.py"
+    script.write_text(SKIP_NONFINITE)
+    results = json.loads(run([sys.executable, str(script)], 600).strip().splitlines()[-1])
+    assert set(results) == {"fused", "reference"}
+    for name, result in results.items():
+        assert result["difference"] <= 1e-5 and result["finite"], (name, result)
+        assert result["steps"] == [2 * 3, 2 * 3], (name, result)  # 4 batches, 1 skipped, 2 epochs
+        assert result["skipped"] == [2, 2], (name, result)
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("flags", [[], ["--lazy-sparse", "--no-fused"]])
+@pytest.mark.parametrize(
+    "flags", [[], ["--lazy-sparse", "--no-fused"], ["--skip-nonfinite"]], ids=str
+)
 def test_multi_worker_custom_loop_matches_one_process(flags):
     out = run([sys.executable, str(ROOT / "examples" / "multi_worker_training.py"), "--small",
                *flags], 600)  # fmt: skip
-    assert "2 workers vs 1 process, 10 vs 10 Adam steps" in out
+    steps = 9 if "--skip-nonfinite" in flags else 10
+    assert f"2 workers vs 1 process, {steps} vs {steps} Adam steps" in out
+    if "--skip-nonfinite" in flags:
+        assert "skipped steps: workers [1, 1], 1 process 1" in out
     assert out.strip().endswith("match")
