@@ -14,7 +14,17 @@ from typing import Any
 from keras import optimizers
 
 
-def _fail(name: str, value: Any, requirement: str) -> ValueError:
+def invalid(name: str, value: Any, requirement: str) -> ValueError:
+    """The error for a bad argument: "Argument `name` must be ... Received: name=value".
+
+    Args:
+        name: The argument's name.
+        value: What the caller passed.
+        requirement: What a valid value is ("a positive integer").
+
+    Returns:
+        The `ValueError` to raise.
+    """
     return ValueError(f"Argument `{name}` must be {requirement}. Received: {name}={value!r}")
 
 
@@ -35,10 +45,10 @@ def real_number(name: str, value: Any, requirement: str) -> float:
         ValueError: if `value` is not a finite real number.
     """
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _fail(name, value, requirement)
+        raise invalid(name, value, requirement)
     value = float(value)
     if not math.isfinite(value):
-        raise _fail(name, value, requirement)
+        raise invalid(name, value, requirement)
     return value
 
 
@@ -56,7 +66,7 @@ def learning_rate(value: Any) -> Any:
     requirement = "a finite float > 0, a LearningRateSchedule, or a callable"
     value = real_number("learning_rate", value, requirement)
     if not value > 0:
-        raise _fail("learning_rate", value, requirement)
+        raise invalid("learning_rate", value, requirement)
     return value
 
 
@@ -65,7 +75,7 @@ def decay_rate(name: str, value: Any) -> float:
     requirement = "a float in the interval [0, 1)"
     value = real_number(name, value, requirement)
     if not 0 <= value < 1:
-        raise _fail(name, value, requirement)
+        raise invalid(name, value, requirement)
     return value
 
 
@@ -76,7 +86,7 @@ def non_negative(name: str, value: Any, *, optional: bool = False) -> float | No
     requirement = "a finite float >= 0" + (" or None" if optional else "")
     value = real_number(name, value, requirement)
     if value < 0:
-        raise _fail(name, value, requirement)
+        raise invalid(name, value, requirement)
     return value
 
 
@@ -87,7 +97,7 @@ def positive(name: str, value: Any, *, optional: bool = False) -> float | None:
     requirement = "a finite float > 0" + (" or None" if optional else "")
     value = real_number(name, value, requirement)
     if not value > 0:
-        raise _fail(name, value, requirement)
+        raise invalid(name, value, requirement)
     return value
 
 
@@ -95,15 +105,16 @@ def boolean(name: str, value: Any) -> bool:
     """Validate a flag: exactly True or False (NumPy bools accepted)."""
     if isinstance(value, bool) or type(value).__name__ == "bool_":
         return bool(value)
-    raise _fail(name, value, "True or False")
+    raise invalid(name, value, "True or False")
 
 
-def optional_integer(name: str, value: Any, minimum: int) -> int | None:
-    """Validate None or an integer >= `minimum` (booleans refused)."""
-    if value is None:
+def integer(name: str, value: Any, minimum: int, *, optional: bool = False) -> int | None:
+    """Validate an integer >= `minimum` (booleans refused), or None if `optional`."""
+    if value is None and optional:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise _fail(name, value, f"an integer >= {minimum} or None")
+        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise invalid(name, value, kind + (" or None" if optional else ""))
     return int(value)
 
 
@@ -111,7 +122,7 @@ def name(value: Any) -> str | None:
     """Validate the optimizer's `name`: None or a non-empty string."""
     if value is None or (isinstance(value, str) and value):
         return value
-    raise _fail("name", value, "a non-empty string or None")
+    raise invalid("name", value, "a non-empty string or None")
 
 
 def choice(name: str, value: Any, options: tuple) -> Any:
@@ -119,7 +130,7 @@ def choice(name: str, value: Any, options: tuple) -> Any:
     if isinstance(value, (str, type(None))) and value in options:
         return value
     listed = ", ".join(repr(option) for option in options)
-    raise _fail(name, value, f"one of {listed}")
+    raise invalid(name, value, f"one of {listed}")
 
 
 def patterns(name: str, value: Any) -> tuple[str, ...]:
@@ -129,7 +140,7 @@ def patterns(name: str, value: Any) -> tuple[str, ...]:
     items = (value,) if isinstance(value, str) else value
     requirement = "None, a regular expression, or a list of them"
     if not isinstance(items, (list, tuple)) or not all(isinstance(p, str) for p in items):
-        raise _fail(name, value, requirement)
+        raise invalid(name, value, requirement)
     for pattern in items:
         try:
             re.compile(pattern)

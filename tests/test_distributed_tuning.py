@@ -81,29 +81,11 @@ class Tuning(example.Process):
         self.name = name
         log_dir = tmp_path / "logs" / name
         log_dir.mkdir(parents=True, exist_ok=True)
-        command = [
-            sys.executable,
-            "-m",
-            "tuning",
-            "--dataset",
-            "digits",
-            "--tuner",
-            "random",
-            "--max-trials",
-            str(MAX_TRIALS),
-            "--epochs",
-            "2",
-            "--seed",
-            "0",
-            "--comparison-repeats",
-            "1",
-            "--no-plot",
-            "--directory",
-            str(tmp_path),
-            "--project",
-            PROJECT,
-            *options,
-        ]
+        # The example's command line, on its small budget (which adds --no-plot).
+        arguments = ["--small", "--tuner", "random", "--max-trials", str(MAX_TRIALS)]
+        arguments += ["--epochs", "2", "--seed", "0", "--directory", str(tmp_path)]
+        arguments += ["--project", PROJECT]
+        command = [*example.tuning_command(example.parse_args(arguments)), *options]
         super().__init__(tuner_id, command, port, str(log_dir))
         self.out, self.err = Path(self.out_path), Path(self.err_path)
         self.process = self.popen

@@ -79,6 +79,8 @@ from typing import Any
 import keras
 import numpy as np
 
+from keras_adam.validation import integer, invalid
+
 __all__ = ["LRRangeTest", "RangeTestResult", "lr_range_test", "suggest_bounds"]
 
 #: Stop reasons recorded in `LRRangeTest.stopped_reason`.
@@ -102,17 +104,13 @@ MIN_RELATIVE_DECREASE = 1e-3
 # -- argument checks -----------------------------------------------------------
 
 
-def _fail(name: str, value: Any, requirement: str) -> ValueError:
-    return ValueError(f"Argument `{name}` must be {requirement}. Received: {name}={value!r}")
-
-
 def _real(name: str, value: Any, requirement: str, *, allow_inf: bool = False) -> float:
     """`value` as a float; booleans, non-numbers and NaN (and inf) are refused."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise _fail(name, value, requirement)
+        raise invalid(name, value, requirement)
     number = float(value)
     if math.isnan(number) or (math.isinf(number) and not allow_inf):
-        raise _fail(name, value, requirement)
+        raise invalid(name, value, requirement)
     return number
 
 
@@ -126,20 +124,19 @@ def _check_sweep(
     """Validate the sweep's arguments and return them as Python numbers."""
     low = _real("min_learning_rate", min_learning_rate, "a positive finite number")
     if not low > 0:
-        raise _fail("min_learning_rate", min_learning_rate, "a positive finite number")
+        raise invalid("min_learning_rate", min_learning_rate, "a positive finite number")
     requirement = f"a finite number greater than min_learning_rate ({min_learning_rate!r})"
     high = _real("max_learning_rate", max_learning_rate, requirement)
     if not high > low:
-        raise _fail("max_learning_rate", max_learning_rate, requirement)
-    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 2:
-        raise _fail("steps", steps, "an integer >= 2")
+        raise invalid("max_learning_rate", max_learning_rate, requirement)
+    steps = integer("steps", steps, 2)
     beta = _real("smoothing", smoothing, "a number in [0, 1)")
     if not 0 <= beta < 1:
-        raise _fail("smoothing", smoothing, "a number in [0, 1)")
+        raise invalid("smoothing", smoothing, "a number in [0, 1)")
     requirement = "a number > 1 (inf disables the divergence check)"
     factor = _real("divergence_factor", divergence_factor, requirement, allow_inf=True)
     if not factor > 1:
-        raise _fail("divergence_factor", divergence_factor, requirement)
+        raise invalid("divergence_factor", divergence_factor, requirement)
     return low, high, int(steps), beta, factor
 
 
@@ -580,27 +577,22 @@ def lr_range_test(
     """
     finder = LRRangeTest(min_learning_rate, max_learning_rate, steps, smoothing, divergence_factor)
     if not isinstance(model, keras.Model):
-        raise _fail("model", model, "a keras.Model")
+        raise invalid("model", model, "a keras.Model")
     if not getattr(model, "compiled", False) or getattr(model, "optimizer", None) is None:
-        raise _fail(
+        raise invalid(
             "model",
             model,
             "compiled with an optimizer: call `model.compile(optimizer=keras_adam.Adam(), "
             "loss=...)` first",
         )
     if not model.built:
-        raise _fail(
+        raise invalid(
             "model",
             model,
             "built, so that its weights can be saved and restored: give it a `keras.Input` "
             "or call `model.build(input_shape)` first",
         )
-    if batch_size is not None and (
-        isinstance(batch_size, bool)
-        or not isinstance(batch_size, numbers.Integral)
-        or batch_size < 1
-    ):
-        raise _fail("batch_size", batch_size, "a positive integer or None")
+    integer("batch_size", batch_size, 1, optional=True)
     optimizer = model.optimizer
     learning_rate = _settable_learning_rate(optimizer)
     if not optimizer.built:

@@ -14,13 +14,14 @@ Files written by `SearchResult.write` into the project directory:
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 import keras_adam
 from tuning.space import NAMES
@@ -200,10 +201,9 @@ class SearchResult:
         directory = directory or self.project_dir
         os.makedirs(directory, exist_ok=True)
         paths = {name: os.path.join(directory, name) for name in ("best.json", "trials.csv")}
-        with open(paths["best.json"] + ".tmp", "w") as f:
+        with atomic_open(paths["best.json"]) as f:
             json.dump(_finite(self.to_json()), f, indent=2, allow_nan=False)
             f.write("\n")
-        os.replace(paths["best.json"] + ".tmp", paths["best.json"])
         write_trials_csv(paths["trials.csv"], self.trials, self.tuned)
         if plot:
             paths["trials.png"] = os.path.join(directory, "trials.png")
@@ -252,7 +252,7 @@ def csv_columns(tuned: Sequence[str]) -> list[str]:
 def write_trials_csv(path: str, trials: Sequence[TrialRecord], tuned: Sequence[str]) -> None:
     """Write one row per trial, in trial order (see the module docstring)."""
     columns = csv_columns(tuned)
-    with open(path + ".tmp", "w", newline="") as f:
+    with atomic_open(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(columns)
         for trial in trials:
@@ -265,7 +265,28 @@ def write_trials_csv(path: str, trials: Sequence[TrialRecord], tuned: Sequence[s
                 **{k: "" if v is None else repr(v) for k, v in trial.hyperparameters.items()},
             }
             writer.writerow([row.get(c, "") for c in columns])
-    os.replace(path + ".tmp", path)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs: Any) -> Iterator[IO]:
+    """Write `path` all at once: readers see the old file or the new, never half.
+
+    The block writes `path + ".tmp"`, which replaces `path` when the block
+    ends without an error; on an error it is removed and `path` is untouched.
+
+    Args:
+        path: The file to write.
+        mode: "w" or "wb".
+        **kwargs: Passed to `open` (for example `newline=""` for CSV).
+    """
+    temporary = path + ".tmp"
+    try:
+        with open(temporary, mode, **kwargs) as f:
+            yield f
+        os.replace(temporary, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(temporary)
 
 
 def format_trials(trials: Sequence[TrialRecord], tuned: Sequence[str], objective: str) -> str:

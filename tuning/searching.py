@@ -33,6 +33,7 @@ import keras
 import keras_tuner
 import numpy as np
 
+from keras_adam import validation
 from tuning import distributed
 from tuning.hypermodel import AdamHyperModel, DivergenceGuard
 from tuning.results import Comparison, SearchResult, TrialRecord
@@ -59,14 +60,6 @@ def objective_direction(objective: str) -> str:
         f"Argument `objective` must name a loss or an accuracy-like metric, or be a "
         f"keras_tuner.Objective(name, direction). Received: objective={objective!r}"
     )
-
-
-def _positive_int(name: str, value: Any, *, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < minimum:
-        kind = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
-        raise ValueError(f"Argument `{name}` must be {kind}. Received: {name}={value!r}")
 
 
 def _reason(message: str | None) -> str | None:
@@ -185,12 +178,12 @@ def search(
         RuntimeError: if no trial completed.
         tuning.distributed.WorkerTimeoutError: if distributed workers fall silent.
     """
-    _positive_int("max_trials", max_trials, allow_none=tuner == "hyperband")
-    _positive_int("epochs", epochs)
-    _positive_int("batch_size", batch_size, allow_none=True)
-    _positive_int("early_stopping", early_stopping, allow_none=True)
-    _positive_int("comparison_repeats", comparison_repeats, minimum=0)
-    _positive_int("seed", seed, minimum=0)
+    validation.integer("max_trials", max_trials, 1, optional=tuner == "hyperband")
+    validation.integer("epochs", epochs, 1)
+    validation.integer("batch_size", batch_size, 1, optional=True)
+    validation.integer("early_stopping", early_stopping, 1, optional=True)
+    validation.integer("comparison_repeats", comparison_repeats, 0)
+    validation.integer("seed", seed, 0)
     if tuner not in TUNERS:
         raise ValueError(
             f"Argument `tuner` must be one of {', '.join(TUNERS)}. Received: tuner={tuner!r}"

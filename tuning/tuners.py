@@ -29,6 +29,8 @@ import keras
 import keras_tuner
 import numpy as np
 
+from tuning.results import atomic_open
+
 #: Tuner names accepted by `make_tuner` and the `--tuner` option.
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 
@@ -74,7 +76,8 @@ class AdamTuner(keras_tuner.Tuner):
         """Record the trial's seconds, let the oracle score it, then report it."""
         seconds = time.perf_counter() - self._started
         path = os.path.join(self.get_trial_dir(trial.trial_id), SECONDS_FILE)
-        _write_atomically(path, json.dumps({"seconds": seconds}).encode())
+        with atomic_open(path) as f:
+            json.dump({"seconds": seconds}, f)
         super().on_trial_end(trial)
         if self._report_end is not None:
             self._report_end(self, trial.trial_id, seconds)
@@ -115,12 +118,6 @@ class AdamHyperband(AdamTuner):
             model.optimizer.build(model.trainable_variables)
             model.load_weights(self._get_checkpoint_fname(previous))
         return model
-
-
-def _write_atomically(path: str, data: bytes) -> None:
-    with open(path + ".tmp", "wb") as f:
-        f.write(data)
-    os.replace(path + ".tmp", path)
 
 
 def seed_oracle(oracle: keras_tuner.Oracle, seed: int) -> None:
