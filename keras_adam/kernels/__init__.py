@@ -1,18 +1,28 @@
-"""The multi-tensor Adam kernel: a TensorFlow CPU op built at first use.
+"""The Adam kernels: two TensorFlow CPU ops in one library built at first use.
 
-`multi_tensor_adam.cc` is compiled with the machine's C++ compiler the first
-time a step needs it, into a per-user cache directory
+- `KerasAdamMultiTensorApplyAdam` (`multi_tensor_adam.cc`): the dense fused
+  step of all float32 (or float64) variables of a step in one call.
+- `KerasAdamSparseApplyAdam` (`sparse_rows_adam.cc`): the lazy sparse step
+  (`Adam(lazy_sparse=True)`) of one variable, on the rows a `tf.IndexedSlices`
+  gradient touches only, repeated indices summed first.
+
+Both include `adam_step.h`, the elementwise step they share. The two sources
+are compiled with the machine's C++ compiler into one shared library the
+first time a step needs either op, into a per-user cache directory
 (`$KERAS_ADAM_CACHE_DIR`, else `$XDG_CACHE_HOME/keras_adam`, else
 `~/.cache/keras_adam`). The library's name is a hash of everything that makes
-it differ: the source, the TensorFlow version and build flags, the compiler
-and its version, and the flags. Concurrent processes (pytest-xdist workers)
-take a file lock, so one compiles and the others wait and load; the library
-is written under a temporary name and renamed into place.
+it differ: the sources and the header, the TensorFlow version and build
+flags, the compiler and its version, and the flags. Concurrent processes
+(pytest-xdist workers) take a file lock, so one compiles and the others wait
+and load; the library is written under a temporary name and renamed into
+place.
 
 Anything that fails (no compiler, a compile error, a library TensorFlow
-refuses to load) is logged once and `load()` returns None: callers then use
-`tf.raw_ops.ResourceApplyAdam` per variable, so correctness never depends on
-this kernel. `KERAS_ADAM_KERNEL=0` disables it.
+refuses to load, a library without both ops) is logged once and `load()`
+returns None: callers then use `tf.raw_ops.ResourceApplyAdam` per variable
+for dense gradients and `keras.ops` gathers and scatters for lazy sparse
+rows, so correctness never depends on these kernels. `KERAS_ADAM_KERNEL=0`
+disables both.
 """
 
 from __future__ import annotations
@@ -29,12 +39,23 @@ import threading
 from pathlib import Path
 from typing import Any
 
-#: Name of the op, as it appears in traced graphs.
+#: Name of the multi-tensor op, as it appears in traced graphs.
 OP_NAME = "KerasAdamMultiTensorApplyAdam"
-#: Set to "0" (or "false", "no", "off") to disable the kernel.
+#: Name of the sparse-rows op, as it appears in traced graphs.
+SPARSE_OP_NAME = "KerasAdamSparseApplyAdam"
+#: Set to "0" (or "false", "no", "off") to disable the kernels.
 ENV_SWITCH = "KERAS_ADAM_KERNEL"
 
-SOURCE = Path(__file__).with_name("multi_tensor_adam.cc")
+_HERE = Path(__file__).parent
+#: The sources compiled together into the one library.
+SOURCES = (_HERE / "multi_tensor_adam.cc", _HERE / "sparse_rows_adam.cc")
+#: Headers the sources include (part of the cache key).
+HEADERS = (_HERE / "adam_step.h",)
+#: The Python wrappers `tf.load_op_library` generates for the two ops.
+_WRAPPERS = {
+    OP_NAME: "keras_adam_multi_tensor_apply_adam",
+    SPARSE_OP_NAME: "keras_adam_sparse_apply_adam",
+}
 # No -march: the library may be cached on a shared home directory. The
 # elementwise loop is cloned for AVX-512/AVX2/baseline and picked at load time.
 FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off", "-w")
@@ -67,8 +88,9 @@ def load() -> Any | None:
             except Exception as error:  # noqa: BLE001 - any failure means: fall back
                 _state["error"] = error
                 _logger.warning(
-                    "keras_adam: the multi-tensor Adam kernel is unavailable (%s); "
-                    "using ResourceApplyAdam per variable. Set %s=0 to silence this.",
+                    "keras_adam: the Adam kernels are unavailable (%s); using "
+                    "ResourceApplyAdam per variable and keras.ops for lazy sparse rows. "
+                    "Set %s=0 to silence this.",
                     error,
                     ENV_SWITCH,
                 )
@@ -102,7 +124,7 @@ def _command(compiler: str, output: str) -> list[str]:
     return [
         compiler,
         *FLAGS,
-        str(SOURCE),
+        *(str(source) for source in SOURCES),
         "-o",
         output,
         *tf.sysconfig.get_compile_flags(),
@@ -118,7 +140,7 @@ def _library_path(compiler: str) -> Path:
     ).stdout
     key = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
+        *(path.read_bytes() for path in SOURCES + HEADERS),
         tf.__version__,
         getattr(tf, "__git_version__", ""),
         tf.sysconfig.get_lib(),
@@ -129,7 +151,7 @@ def _library_path(compiler: str) -> Path:
     ):
         key.update(part if isinstance(part, bytes) else part.encode())
         key.update(b"\0")
-    return cache_dir() / f"multi_tensor_adam-{key.hexdigest()[:20]}.so"
+    return cache_dir() / f"keras_adam_kernels-{key.hexdigest()[:20]}.so"
 
 
 @contextlib.contextmanager
@@ -150,7 +172,7 @@ def _compile(compiler: str, library: Path) -> None:
     )
     os.close(descriptor)
     try:
-        _logger.info("keras_adam: compiling the multi-tensor Adam kernel into %s", library)
+        _logger.info("keras_adam: compiling the Adam kernels into %s", library)
         result = subprocess.run(
             _command(compiler, temporary),
             capture_output=True,
@@ -159,7 +181,8 @@ def _compile(compiler: str, library: Path) -> None:
             timeout=COMPILE_TIMEOUT,
         )
         if result.returncode != 0:
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {result.stderr.strip()[-2000:]}")
+            names = ", ".join(source.name for source in SOURCES)
+            raise RuntimeError(f"compiling {names} failed: {result.stderr.strip()[-2000:]}")
         os.replace(temporary, library)
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -177,6 +200,7 @@ def _build_and_load() -> Any:
             if not library.exists():
                 _compile(compiler, library)
     module = tf.load_op_library(str(library))
-    if not hasattr(module, "keras_adam_multi_tensor_apply_adam"):
-        raise RuntimeError(f"{library} does not define {OP_NAME}")
+    missing = [op for op, wrapper in _WRAPPERS.items() if not hasattr(module, wrapper)]
+    if missing:
+        raise RuntimeError(f"{library} does not define {', '.join(missing)}")
     return module

@@ -2,7 +2,8 @@
 // variables, first and second moments of all N variables of a step.
 //
 // The math is ResourceApplyAdam's (Keras's "hat" epsilon, see
-// keras_adam/update_rule.py), written as one pass over each element:
+// keras_adam/update_rule.py), written as one pass over each element
+// (adam_step.h):
 //
 //   lr_t = lr * sqrt(1 - beta2_power) / (1 - beta1_power)
 //   m   <- m + (g - m) * (1 - beta1)
@@ -40,6 +41,8 @@
 #include "tensorflow/core/platform/mutex.h"
 #include "tensorflow/core/platform/threadpool.h"
 
+#include "adam_step.h"
+
 namespace keras_adam {
 
 using ::tensorflow::DataType;
@@ -52,70 +55,8 @@ using ::tensorflow::Tensor;
 using ::tensorflow::Var;
 namespace errors = ::tensorflow::errors;
 
-// -- the elementwise step --------------------------------------------------
-
-template <typename T>
-struct Scalars {
-  T alpha, one_minus_beta1, one_minus_beta2, epsilon;
-};
-
-// In place: the common case. Pointers do not alias each other.
-template <typename T>
-__attribute__((always_inline)) inline void StepInPlace(
-    T* __restrict__ var, T* __restrict__ m, T* __restrict__ v,
-    const T* __restrict__ g, int64_t n, const Scalars<T> s) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T gi = g[i];
-    const T mi = m[i] + (gi - m[i]) * s.one_minus_beta1;
-    const T vi = v[i] + (gi * gi - v[i]) * s.one_minus_beta2;
-    m[i] = mi;
-    v[i] = vi;
-    var[i] = var[i] - (mi * s.alpha) / (std::sqrt(vi) + s.epsilon);
-  }
-}
-
-// Compiled for several instruction sets; the loader picks one at run time,
-// so a cached library stays valid on another x86-64 machine.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define KERAS_ADAM_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define KERAS_ADAM_CLONES
-#endif
-
-KERAS_ADAM_CLONES void StepInPlaceF32(float* var, float* m, float* v, const float* g,
-                                      int64_t n, const Scalars<float> s) {
-  StepInPlace<float>(var, m, v, g, n, s);
-}
-
-KERAS_ADAM_CLONES void StepInPlaceF64(double* var, double* m, double* v, const double* g,
-                                      int64_t n, const Scalars<double> s) {
-  StepInPlace<double>(var, m, v, g, n, s);
-}
-
-inline void StepInPlaceDispatch(float* var, float* m, float* v, const float* g, int64_t n,
-                                const Scalars<float>& s) {
-  StepInPlaceF32(var, m, v, g, n, s);
-}
-
-inline void StepInPlaceDispatch(double* var, double* m, double* v, const double* g, int64_t n,
-                                const Scalars<double>& s) {
-  StepInPlaceF64(var, m, v, g, n, s);
-}
-
-// Copy-on-write: reads the old buffers, writes new ones (rare; not tuned).
-template <typename T>
-void StepOutOfPlace(const T* var_in, const T* m_in, const T* v_in, const T* g, T* var_out,
-                    T* m_out, T* v_out, int64_t n, const Scalars<T>& s) {
-  for (int64_t i = 0; i < n; ++i) {
-    const T gi = g[i];
-    const T mi = m_in[i] + (gi - m_in[i]) * s.one_minus_beta1;
-    const T vi = v_in[i] + (gi * gi - v_in[i]) * s.one_minus_beta2;
-    const T pi = var_in[i];
-    m_out[i] = mi;
-    v_out[i] = vi;
-    var_out[i] = pi - (mi * s.alpha) / (std::sqrt(vi) + s.epsilon);
-  }
-}
+// -- the elementwise step: Scalars, StepInPlaceDispatch and StepOutOfPlace
+// are in adam_step.h, shared with sparse_rows_adam.cc.
 
 template <typename T>
 struct Segment {
@@ -156,11 +97,8 @@ class MultiTensorApplyAdamOp : public OpKernel {
                                           t.shape().DebugString()));
       scalar[k] = t.scalar<T>()();
     }
-    Scalars<T> s;
-    s.alpha = scalar[kLr] * std::sqrt(T(1) - scalar[kBeta2Power]) / (T(1) - scalar[kBeta1Power]);
-    s.one_minus_beta1 = T(1) - scalar[kBeta1];
-    s.one_minus_beta2 = T(1) - scalar[kBeta2];
-    s.epsilon = scalar[kEpsilon];
+    const Scalars<T> s = MakeScalars<T>(scalar[kLr], scalar[kBeta1Power], scalar[kBeta2Power],
+                                        scalar[kBeta1], scalar[kBeta2], scalar[kEpsilon]);
 
     // Look up the 3N variables; each may appear once only.
     std::vector<tensorflow::core::RefCountPtr<Var>> vars(3 * n);
