@@ -75,6 +75,21 @@ def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
     return rows, tf.gather(totals, segment)
 
 
+def _count_nonfinite(grads: list) -> Any:
+    """How many of `grads` hold a NaN or an infinity (a float32 scalar).
+
+    None entries are ignored; a `tf.IndexedSlices` is judged by its values.
+    """
+    counts = []
+    for gradient in grads:
+        if gradient is None:
+            continue
+        sparse = tf is not None and isinstance(gradient, tf.IndexedSlices)
+        values = gradient.values if sparse else gradient
+        counts.append(ops.cast(ops.logical_not(ops.all(ops.isfinite(values))), "float32"))
+    return ops.sum(ops.stack(counts)) if counts else ops.zeros((), "float32")
+
+
 @keras.saving.register_keras_serializable(package="keras_adam")
 class Adam(keras.optimizers.Optimizer):
     r"""Adam (Kingma & Ba, 2014), a drop-in for `keras.optimizers.Adam`.
@@ -175,8 +190,12 @@ class Adam(keras.optimizers.Optimizer):
             update only the rows the gradient touches: their moments, their
             weights and, lazily, their weight decay. Untouched rows stay
             bit-identical, as in `torch.optim.SparseAdam` and TFA's
-            `LazyAdam`. Repeated indices are summed first. With False
-            (default), sparse gradients give exactly the dense result.
+            `LazyAdam`. Repeated indices are summed first. Where the fused
+            path applies (see `fused`), outside XLA on CPU, one op
+            (`KerasAdamSparseApplyAdam`) does the whole update at a cost in
+            proportion to the rows touched; elsewhere, gathers and scatters
+            of `keras.ops`. With False (default), sparse gradients give
+            exactly the dense result.
         moment_dtype: dtype of $m$ and $v$: None (the variable's dtype, as
             Keras), "float32", "float64", "bfloat16" or "float16". With
             "float32", bfloat16/float16 weights keep float32 moments.
@@ -193,6 +212,19 @@ class Adam(keras.optimizers.Optimizer):
             moments of another dtype) rule it out. False: always the
             `keras.ops` path, the reference that is bit-identical to
             `keras.optimizers.Adam`. All paths agree to round-off.
+        skip_nonfinite: If True, a step whose gradients hold any NaN or
+            infinity is skipped as a whole: weights, moments, the step
+            counter `iterations` (so bias correction), gradient accumulators
+            and the weight average stay untouched, and `skipped_steps`
+            counts the skip. The check reads the gradients before
+            unscaling and clipping; under tf.distribute it sums the verdicts
+            of all replicas (and workers), so every replica skips the same
+            steps. It works inside `tf.function`, under XLA and under
+            tf.distribute. False (default) is Keras's behaviour: no check,
+            and a NaN or infinite gradient propagates into the moments and
+            the weights. With True, `variables` ends with the counter (one
+            more than `keras.optimizers.Adam`'s); this class still loads
+            Keras's state (the counter then starts at 0).
         **kwargs: Passed to `keras.optimizers.Optimizer` (for example the
             deprecated `decay`, which Keras ignores with a warning).
     """
@@ -222,6 +254,7 @@ class Adam(keras.optimizers.Optimizer):
         lazy_sparse: bool = False,
         moment_dtype: str | None = None,
         fused: bool | None = None,
+        skip_nonfinite: bool = False,
         **kwargs: Any,
     ) -> None:
         learning_rate = validation.learning_rate(learning_rate)
@@ -240,14 +273,14 @@ class Adam(keras.optimizers.Optimizer):
                 "Argument `ema_momentum` must be a float in [0, 1]. "
                 f"Received: ema_momentum={ema_momentum!r}"
             )
-        ema_overwrite_frequency = validation.optional_integer(
-            "ema_overwrite_frequency", ema_overwrite_frequency, 1
+        ema_overwrite_frequency = validation.integer(
+            "ema_overwrite_frequency", ema_overwrite_frequency, 1, optional=True
         )
         loss_scale_factor = validation.positive(
             "loss_scale_factor", loss_scale_factor, optional=True
         )
-        gradient_accumulation_steps = validation.optional_integer(
-            "gradient_accumulation_steps", gradient_accumulation_steps, 2
+        gradient_accumulation_steps = validation.integer(
+            "gradient_accumulation_steps", gradient_accumulation_steps, 2, optional=True
         )
         name = validation.name(name)
         epsilon_mode = validation.choice("epsilon_mode", epsilon_mode, update_rule.EPSILON_MODES)
@@ -261,6 +294,7 @@ class Adam(keras.optimizers.Optimizer):
         moment_dtype = validation.choice("moment_dtype", moment_dtype, MOMENT_DTYPES)
         if fused is not None:
             fused = validation.boolean("fused", fused)
+        skip_nonfinite = validation.boolean("skip_nonfinite", skip_nonfinite)
         if rectify and amsgrad:
             raise ValueError(
                 "Arguments `rectify` and `amsgrad` cannot both be True: RAdam has no "
@@ -292,6 +326,8 @@ class Adam(keras.optimizers.Optimizer):
         self.lazy_sparse = lazy_sparse
         self.moment_dtype = moment_dtype
         self.fused = fused
+        self.skip_nonfinite = skip_nonfinite
+        self._skipped_steps: keras.Variable | None = None
         if fused:
             blockers = self._fused_flag_blockers()
             if blockers:
@@ -348,6 +384,15 @@ class Adam(keras.optimizers.Optimizer):
         self._momentums, self._velocities = self._add_moments(var_list, ["momentum", "velocity"])
         if self.amsgrad:
             (self._velocity_hats,) = self._add_moments(var_list, ["velocity_hat"])
+        if self.skip_nonfinite:
+            # Last, so that the variables before it are laid out as Keras's.
+            self._skipped_steps = self.add_variable(
+                shape=(),
+                dtype="int64",
+                initializer="zeros",
+                aggregation="only_first_replica",
+                name="skipped_steps",
+            )
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             # `fit` may build inside a traced function: restore eagerly, once.
@@ -424,11 +469,13 @@ class Adam(keras.optimizers.Optimizer):
             return
         if len(saved) != len(own):
             unbuilt_state = len(saved) == base and self.built
-            if not unbuilt_state:
+            # Keras's state (or ours without skip_nonfinite): no skip counter.
+            without_counter = self.skip_nonfinite and self.built and len(saved) == len(own) - 1
+            if not (unbuilt_state or without_counter):
                 raise ValueError(
                     f"Cannot load optimizer state into '{self.name}': the saved state "
                     f"has {len(saved)} variables but this optimizer has {len(own)}. "
-                    "Was the state saved with other options (amsgrad, use_ema, "
+                    "Was the state saved with other options (amsgrad, skip_nonfinite, use_ema, "
                     "gradient_accumulation_steps, a learning-rate schedule) or for "
                     "another model?"
                 )
@@ -509,6 +556,77 @@ class Adam(keras.optimizers.Optimizer):
         # Weight decay (decoupled or L2) is part of `update_step`, computed
         # in the step's precision; Keras's separate pass is not used.
         return
+
+    # -- skipping non-finite steps --------------------------------------------
+
+    @property
+    def skipped_steps(self) -> keras.Variable | None:
+        """How many steps `skip_nonfinite=True` skipped (an int64 variable).
+
+        None with `skip_nonfinite=False`, and before the optimizer is built.
+        It is saved with the optimizer's state.
+        """
+        return self._skipped_steps
+
+    def apply(self, grads: list, trainable_variables: list | None = None) -> None:
+        """Apply one step of gradients (see `keras.optimizers.Optimizer.apply`).
+
+        With `skip_nonfinite=True` the whole step runs under a condition
+        that every gradient is finite; otherwise `skipped_steps` grows by
+        one and nothing else changes.
+
+        Args:
+            grads: One gradient (or None) per variable.
+            trainable_variables: The variables; needed on the first call,
+                which builds the optimizer.
+        """
+        apply = super().apply
+        if not self.skip_nonfinite:
+            return apply(grads, trainable_variables)
+        grads = list(grads)
+        if not grads:
+            return None
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+            if not self.built:
+                # Variables cannot be created inside a branch of the condition.
+                with keras.name_scope(self.name, caller=self):
+                    self.build(trainable_variables)
+        elif not self.built:
+            return apply(grads, trainable_variables)  # Keras's error for this case
+        nonfinite = _count_nonfinite(grads)
+
+        def skip() -> None:
+            self._skipped_steps.assign_add(1)
+
+        def step() -> None:
+            apply(grads, trainable_variables)
+
+        distributed = tf is not None and tf.distribute.has_strategy()
+        if not distributed or tf.distribute.in_cross_replica_context():
+            ops.cond(ops.equal(nonfinite, 0), step, skip)
+            return None
+        # One verdict for all replicas and workers: a replica that skipped
+        # alone would desynchronize the collectives of the step.
+        context = tf.distribute.get_replica_context()
+        nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM, nonfinite)
+        if tf.__internal__.distribute.strategy_supports_no_merge_call():
+            ops.cond(ops.equal(nonfinite, 0), step, skip)
+            return None
+
+        def cross_replica(strategy: Any, nonfinite: Any, grads: Any, variables: Any) -> None:
+            # The step calls `merge_call`, which a condition in replica
+            # context cannot contain: decide here, then run every replica on
+            # its own gradients (passed in, so they arrive per replica).
+            count = strategy.experimental_local_results(nonfinite)[0]
+            ops.cond(
+                ops.equal(count, 0),
+                lambda: strategy.extended.call_for_each_replica(apply, args=(grads, variables)),
+                skip,
+            )
+
+        context.merge_call(cross_replica, args=(nonfinite, grads, trainable_variables))
+        return None
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Apply one step to `variable` (the math is `update_rule.adam_step`).
@@ -709,9 +827,13 @@ class Adam(keras.optimizers.Optimizer):
     ) -> None:
         """The lazy update: only the rows a `tf.IndexedSlices` gradient touches.
 
-        Repeated indices are summed first (the update is not linear), see
-        `_coalesce_rows`; this compiles under XLA.
+        Repeated indices are summed first (the update is not linear). Where
+        the fused path applies, outside XLA on CPU, one op does it all
+        (`_fused_update_rows`); elsewhere `_coalesce_rows` and `keras.ops`
+        gathers and scatters, which compile under XLA.
         """
+        if self._fused_update_rows(gradient, variable, slots, hyper):
+            return
         rows, row_gradients = _coalesce_rows(gradient)
 
         def read_rows(x: Any) -> Any:
@@ -734,6 +856,55 @@ class Adam(keras.optimizers.Optimizer):
             self.assign(slot, tf.IndexedSlices(value, rows, shape))
         self.assign(variable, tf.IndexedSlices(new.param, rows, shape))
 
+    def _fused_update_rows(self, gradient: Any, variable: Any, slots: list, hyper: dict) -> bool:
+        """The lazy update in one `KerasAdamSparseApplyAdam` op, where it applies.
+
+        It applies where the fused path would (options and dtypes), outside
+        XLA (the op has no XLA kernel), on CPU variables, and where the
+        kernels are available (`keras_adam.kernels.load`). Under
+        tf.distribute it runs once per component variable. The op sums
+        repeated indices, then updates the touched rows of the variable and
+        its moments in place, with maximize and weight decay, at a cost in
+        proportion to the rows touched. Nothing here reads the table: a read
+        still alive when the op runs would make it copy the whole table.
+
+        Args:
+            gradient: The `tf.IndexedSlices` gradient.
+            variable: The model variable.
+            slots: Its moments `[m, v]`.
+            hyper: The step's hyperparameters (see `update_step`).
+
+        Returns:
+            Whether the update was done; if False, nothing was.
+        """
+        if self.fused is False or self._fused_flag_blockers():
+            return False
+        if self._fused_dtype_blocker(variable):
+            return False
+        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+            return False
+        var = variable.value if isinstance(variable, keras.Variable) else variable
+        m, v = (slot.value if isinstance(slot, keras.Variable) else slot for slot in slots[:2])
+        for x in (var, m, v):
+            if tf.DeviceSpec.from_string(x.device or "").device_type not in (None, "CPU"):
+                return False
+        module = kernels.load()
+        if module is None:
+            return False
+        dtype = var.dtype
+        module.keras_adam_sparse_apply_adam(
+            var=var.handle,
+            m=m.handle,
+            v=v.handle,
+            grad=tf.cast(gradient.values, dtype),
+            indices=gradient.indices,
+            weight_decay=tf.constant(hyper["weight_decay"], dtype),
+            decoupled_weight_decay=self.decoupled_weight_decay,
+            maximize=self.maximize,
+            **self._fused_scalars(dtype, hyper["learning_rate"]),
+        )
+        return True
+
     # -- serialization -------------------------------------------------------
 
     def get_config(self) -> dict:
@@ -755,6 +926,7 @@ class Adam(keras.optimizers.Optimizer):
                 "lazy_sparse": self.lazy_sparse,
                 "moment_dtype": self.moment_dtype,
                 "fused": self.fused,
+                "skip_nonfinite": self.skip_nonfinite,
             }
         )
         return config

@@ -1,15 +1,19 @@
 r"""The Adam update rule: the one place where the math of a step lives.
 
-The `keras.ops` path and the lazy sparse rows of `keras_adam.Adam` compute
-their step with `adam_step`. The fused path implements the same "hat"
-formula in C++, in one of two kernels: TensorFlow's `ResourceApplyAdam`, one
-call per variable (under XLA, and wherever the other is unavailable), or the
-multi-tensor kernel of `keras_adam.kernels` (`KerasAdamMultiTensorApplyAdam`,
-one call per step and dtype, outside XLA on CPU), which repeats
-`ResourceApplyAdam`'s arithmetic operation for operation. Both are tested
-against `adam_step` to round-off, and against each other. The tests also
-check `adam_step` against independent oracles: a NumPy transcription of
-Kingma & Ba (2014), `keras.optimizers.Adam` and `torch.optim`.
+The `keras.ops` path of `keras_adam.Adam` (dense gradients, and lazy sparse
+rows) computes its step with `adam_step`. The fused path implements the same
+"hat" formula in C++, in one of three kernels: TensorFlow's
+`ResourceApplyAdam`, one call per variable (under XLA, and wherever the
+others are unavailable); the multi-tensor kernel of `keras_adam.kernels`
+(`KerasAdamMultiTensorApplyAdam`, one call per step and dtype, outside XLA
+on CPU); and, for lazy sparse rows, `KerasAdamSparseApplyAdam` (sums
+repeated rows, then updates only the touched rows, outside XLA on CPU). The
+two kernels of our own share one elementwise step
+(`keras_adam/kernels/adam_step.h`) that repeats `ResourceApplyAdam`'s
+arithmetic operation for operation. All are tested against `adam_step` to
+round-off, and against each other. The tests also check `adam_step` against
+independent oracles: a NumPy transcription of Kingma & Ba (2014),
+`keras.optimizers.Adam` and `torch.optim`.
 
 ## Adam (Kingma & Ba, 2014)
 
