@@ -1,8 +1,15 @@
 """Shared harness: run an optimizer on a fixed problem in one execution mode."""
 
+import os
+import subprocess
+import sys
+
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
+
+from keras_adam import kernels
 
 MODES = ("eager", "function", "xla")
 DTYPES = ("float32", "float64")
@@ -112,3 +119,30 @@ def keras_trajectory(optimizer, dtype, mode, steps=STEPS):
         step(tf.constant(t, dtype="int64"))
         history.append(theta.numpy().astype(np.float64))
     return np.array(history)
+
+
+def run_python(code, env=None, timeout=600):
+    """Run `python -c code` in a fresh process; assert it succeeded and printed "ok" last."""
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", **(env or {})}
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=timeout,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.strip().endswith("ok"), result.stdout[-3000:]
+
+
+def _has_compiler():
+    try:
+        kernels._compiler()
+    except RuntimeError:
+        return False
+    return True
+
+
+#: Marks tests of our C++ kernels: skipped only where no compiler exists.
+needs_compiler = pytest.mark.skipif(not _has_compiler(), reason="no C++ compiler to build kernels")

@@ -6,9 +6,6 @@ applies and nowhere else (not under XLA); fall back when disabled or
 unavailable; and reject bad input with an error, never a crash.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -18,18 +15,10 @@ import tensorflow as tf
 
 import keras_adam
 from keras_adam import kernels
-
-
-def _no_compiler():
-    try:
-        kernels._compiler()
-    except RuntimeError:
-        return True
-    return False
-
+from tests.support import needs_compiler, run_python
 
 # With a compiler, the kernel must build: a failure is a test failure.
-pytestmark = pytest.mark.skipif(_no_compiler(), reason="no C++ compiler to build the kernel")
+pytestmark = needs_compiler
 
 # Size 0, scalar, odd sizes and sizes that are not multiples of any block.
 SHAPES = [(3, 4), (), (0,), (1001,), (17, 33), (1,), (0, 5), (3, 4, 5), (65537,), (7, 1, 13)]
@@ -298,17 +287,7 @@ THREADED = textwrap.dedent(
 
 
 def test_threaded_split_matches_resource_apply_adam():
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, "-c", THREADED],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    run_python(THREADED)
 
 
 def test_environment_variable_disables_in_a_fresh_process():
@@ -321,15 +300,5 @@ def test_environment_variable_disables_in_a_fresh_process():
         "tf.function(lambda: opt.apply_gradients([(tf.ones(2), v)]))()\n"
         "print('ok')\n"
     )
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2", kernels.ENV_SWITCH: "0"}
-    env["KERAS_ADAM_CACHE_DIR"] = "/nonexistent/keras_adam_cache"  # nothing is built
-    result = subprocess.run(
-        [sys.executable, "-c", script],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    # Nothing is built: the cache directory cannot even be created.
+    run_python(script, {kernels.ENV_SWITCH: "0", "KERAS_ADAM_CACHE_DIR": "/nonexistent/cache"})

@@ -11,9 +11,6 @@ anything is written; and the op must be used where it applies and nowhere
 else.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -23,18 +20,10 @@ import tensorflow as tf
 
 import keras_adam
 from keras_adam import kernels
-
-
-def _no_compiler():
-    try:
-        kernels._compiler()
-    except RuntimeError:
-        return True
-    return False
-
+from tests.support import needs_compiler, run_python
 
 # With a compiler, the kernel must build: a failure is a test failure.
-pytestmark = pytest.mark.skipif(_no_compiler(), reason="no C++ compiler to build the kernel")
+pytestmark = needs_compiler
 
 HYPER = dict(lr=0.01, beta1=0.9, beta2=0.999, epsilon=1e-7)
 OPTIONS = {
@@ -342,17 +331,7 @@ THREADED = textwrap.dedent(
 def test_threaded_split_equals_presorted_order():
     # Unsorted (radix sort, rows split over 4 threads) against the same
     # slices given already sorted by row, positions in the same order.
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, "-c", THREADED],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip().endswith("ok")
+    run_python(THREADED)
 
 
 # -- the optimizer ---------------------------------------------------------------------
