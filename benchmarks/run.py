@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -11,6 +12,15 @@ from dataclasses import dataclass, field
 
 from benchmarks.systems import System, systems, torch_available
 from benchmarks.workloads import Workload, gradients, workloads
+
+#: Seconds of busy waiting after each timed step (see `time_workload`).
+SETTLE_S = 0.02
+
+
+def _busy_wait(seconds: float) -> None:
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        pass
 
 
 @dataclass
@@ -37,8 +47,15 @@ def time_workload(workload: Workload, repeats: int, log=print) -> list[Measureme
     """Time every applicable system on `workload`, interleaved.
 
     Each system is set up and its first call timed; then in each of
-    `repeats` rounds every system steps once, the order rotating from round
-    to round so that no system always follows the same neighbour.
+    `repeats` rounds every system steps once, in a new random order (seeded)
+    each round, so that no system always follows the same neighbour. After
+    each timed step the process busy-waits `SETTLE_S`: OpenMP threads
+    (torch's, the floor's) keep spinning for a while after their loop ends,
+    and would otherwise take the cores from the next system timed. A busy
+    wait, not a sleep: on this VM an idle machine wakes slowly, and a sleep
+    made the floor 15× and torch's SparseAdam 2× slower. Setting
+    `OMP_WAIT_POLICY=PASSIVE` instead slows torch's fused Adam on many small
+    tensors 5×, which is not how torch runs.
     """
     steps, first_call = {}, {}
     chosen = [s for s in systems() if applicable(s, workload)]
@@ -51,12 +68,14 @@ def time_workload(workload: Workload, repeats: int, log=print) -> list[Measureme
         steps[system.name] = step
     samples = {name: [] for name in steps}
     order = list(steps.items())
-    for round_number in range(repeats):
-        shift = round_number % len(order)
-        for name, step in order[shift:] + order[:shift]:
+    shuffler = random.Random(0)
+    for _ in range(repeats):
+        shuffler.shuffle(order)
+        for name, step in order:
             start = time.perf_counter()
             step()
             samples[name].append(1e3 * (time.perf_counter() - start))
+            _busy_wait(SETTLE_S)
     results = []
     for system in chosen:
         ms = samples[system.name]

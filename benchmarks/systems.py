@@ -145,6 +145,12 @@ def systems() -> list[System]:
             _tf_setup(lazy(), "function"),
             dense=False,
         ),
+        System(
+            "keras_adam lazy_sparse fused=False, tf.function",
+            "keras_adam",
+            _tf_setup(lazy(fused=False), "function"),
+            dense=False,
+        ),
         System("keras_adam lazy_sparse, XLA", "keras_adam", _tf_setup(lazy(), "xla"), dense=False),
         System(
             "keras_adam dense update of the table, tf.function",
