@@ -49,6 +49,30 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern | None:
     return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
 
 
+def _tensor(x: Any) -> Any:
+    """The backend tensor or variable behind a `keras.Variable` (anything else as is)."""
+    return x.value if isinstance(x, keras.Variable) else x
+
+
+def _in_xla() -> bool:
+    """Whether the graph being built is compiled by XLA."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
+
+
+def _kernel_module(*variables: Any) -> Any | None:
+    """The loaded `keras_adam.kernels` library where its ops can update `variables`.
+
+    They can outside XLA (the ops have no XLA kernel), on CPU variables, and
+    where the library is available (`keras_adam.kernels.load`); else None.
+    """
+    if _in_xla():
+        return None
+    for x in variables:
+        if tf.DeviceSpec.from_string(x.device or "").device_type not in (None, "CPU"):
+            return None
+    return kernels.load()
+
+
 def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
     """Sum the slices of repeated indices of a `tf.IndexedSlices`.
 
@@ -63,7 +87,7 @@ def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
         with that index.
     """
     indices = gradient.indices
-    if not control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
+    if not _in_xla():
         rows, segment = tf.unique(indices)
         return rows, tf.math.unsorted_segment_sum(gradient.values, segment, tf.shape(rows)[0])
     order = tf.argsort(indices, stable=True)
@@ -417,7 +441,7 @@ class Adam(keras.optimizers.Optimizer):
         # tf.distribute, colocation with the model variable.
         name = f"{reference.path.replace('/', '_')}_{name}"
         strategy = getattr(self, "_distribution_strategy", None)
-        colocate = reference.value if isinstance(reference, keras.Variable) else reference
+        colocate = _tensor(reference)
         scope = strategy.extended.colocate_vars_with(colocate) if strategy else None
         with scope or contextlib.nullcontext():
             return self.add_variable(
@@ -602,18 +626,6 @@ class Adam(keras.optimizers.Optimizer):
         def step() -> None:
             apply(grads, trainable_variables)
 
-        distributed = tf is not None and tf.distribute.has_strategy()
-        if not distributed or tf.distribute.in_cross_replica_context():
-            ops.cond(ops.equal(nonfinite, 0), step, skip)
-            return None
-        # One verdict for all replicas and workers: a replica that skipped
-        # alone would desynchronize the collectives of the step.
-        context = tf.distribute.get_replica_context()
-        nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM, nonfinite)
-        if tf.__internal__.distribute.strategy_supports_no_merge_call():
-            ops.cond(ops.equal(nonfinite, 0), step, skip)
-            return None
-
         def cross_replica(strategy: Any, nonfinite: Any, grads: Any, variables: Any) -> None:
             # The step calls `merge_call`, which a condition in replica
             # context cannot contain: decide here, then run every replica on
@@ -625,7 +637,16 @@ class Adam(keras.optimizers.Optimizer):
                 skip,
             )
 
-        context.merge_call(cross_replica, args=(nonfinite, grads, trainable_variables))
+        distributed = tf is not None and tf.distribute.has_strategy()
+        if distributed and not tf.distribute.in_cross_replica_context():
+            # One verdict for all replicas and workers: a replica that skipped
+            # alone would desynchronize the collectives of the step.
+            context = tf.distribute.get_replica_context()
+            nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM, nonfinite)
+            if not tf.__internal__.distribute.strategy_supports_no_merge_call():
+                context.merge_call(cross_replica, args=(nonfinite, grads, trainable_variables))
+                return None
+        ops.cond(ops.equal(nonfinite, 0), step, skip)
         return None
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
@@ -663,10 +684,9 @@ class Adam(keras.optimizers.Optimizer):
                 self._update_rows(gradient, variable, slots, dtype, hyper)
                 return
             gradient = tf.convert_to_tensor(gradient)
-        if self.fused is not False and not self._fused_flag_blockers():
-            if not self._fused_dtype_blocker(variable):
-                self._fused_update(variable, gradient, slots, hyper)
-                return
+        if self._fused_applies(variable):
+            self._fused_update(variable, gradient, slots, hyper)
+            return
 
         def read(x: Any) -> Any:
             return ops.cast(x, dtype)
@@ -698,6 +718,12 @@ class Adam(keras.optimizers.Optimizer):
             blockers.append("rectify=True")
         return blockers
 
+    def _fused_applies(self, variable: Any) -> bool:
+        """Whether `variable`'s update takes a fused kernel (options and dtypes)."""
+        if self.fused is False or self._fused_flag_blockers():
+            return False
+        return not self._fused_dtype_blocker(variable)
+
     def _fused_dtype_blocker(self, variable: Any) -> str | None:
         """Why `variable` cannot take the fused kernel (None if it can)."""
         dtype = backend.standardize_dtype(variable.dtype)
@@ -723,7 +749,7 @@ class Adam(keras.optimizers.Optimizer):
         arithmetic in one pass per element. The decay and gradient changes
         above are already in the graph, ordered before it.
         """
-        var = variable.value if isinstance(variable, keras.Variable) else variable
+        var = _tensor(variable)
         dtype = var.dtype
         decay = dict(
             weight_decay=hyper["weight_decay"], decoupled_weight_decay=self.decoupled_weight_decay
@@ -735,7 +761,7 @@ class Adam(keras.optimizers.Optimizer):
             lr = tf.cast(hyper["learning_rate"], dtype)
             var.assign(update_rule.decoupled_decay(var, lr=lr, **decay))
         scalars = self._fused_scalars(dtype, hyper["learning_rate"])
-        m, v = (slot.value if isinstance(slot, keras.Variable) else slot for slot in slots)
+        m, v = (_tensor(slot) for slot in slots)
         group = self._multi_tensor_group(var, m, v)
         if group is not None:
             group.append((var, m, v, gradient))
@@ -786,12 +812,7 @@ class Adam(keras.optimizers.Optimizer):
         cache = self._per_step.values
         if cache is None or tf.distribute.has_strategy():
             return None
-        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-            return None
-        for x in (var, m, v):
-            if tf.DeviceSpec.from_string(x.device or "").device_type not in (None, "CPU"):
-                return None
-        if kernels.load() is None:
+        if _kernel_module(var, m, v) is None:
             return None
         groups = cache.setdefault("multi_tensor", {})
         return groups.setdefault((var.dtype, var.device), [])
@@ -837,7 +858,7 @@ class Adam(keras.optimizers.Optimizer):
         rows, row_gradients = _coalesce_rows(gradient)
 
         def read_rows(x: Any) -> Any:
-            x = x.value if isinstance(x, keras.Variable) else x
+            x = _tensor(x)
             return ops.cast(tf.gather(x, rows), dtype)
 
         new = update_rule.adam_step(
@@ -877,18 +898,10 @@ class Adam(keras.optimizers.Optimizer):
         Returns:
             Whether the update was done; if False, nothing was.
         """
-        if self.fused is False or self._fused_flag_blockers():
+        if not self._fused_applies(variable):
             return False
-        if self._fused_dtype_blocker(variable):
-            return False
-        if control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()):
-            return False
-        var = variable.value if isinstance(variable, keras.Variable) else variable
-        m, v = (slot.value if isinstance(slot, keras.Variable) else slot for slot in slots[:2])
-        for x in (var, m, v):
-            if tf.DeviceSpec.from_string(x.device or "").device_type not in (None, "CPU"):
-                return False
-        module = kernels.load()
+        var, m, v = (_tensor(x) for x in (variable, *slots[:2]))
+        module = _kernel_module(var, m, v)
         if module is None:
             return False
         dtype = var.dtype
