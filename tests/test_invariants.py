@@ -25,6 +25,27 @@ betas_1 = st.floats(0.0, 0.99)
 betas_2 = st.floats(0.5, 0.9999)
 learning_rates = st.floats(1e-4, 1.0)
 modes = st.sampled_from(["hat", "paper"])
+#: What the step invariants draw: a shape, β1, β2, η, the ε placement and a seed.
+STEP_PROBLEM = dict(
+    shape=shapes,
+    beta_1=betas_1,
+    beta_2=betas_2,
+    learning_rate=learning_rates,
+    epsilon_mode=modes,
+    seed=st.integers(0, 2**16),
+)
+
+
+def without_epsilon(beta_1, beta_2, learning_rate, epsilon_mode, **options):
+    """`keras_adam.Adam` with ε = 0, where the invariants are exact."""
+    return keras_adam.Adam(
+        learning_rate=learning_rate,
+        beta_1=beta_1,
+        beta_2=beta_2,
+        epsilon=0.0,
+        epsilon_mode=epsilon_mode,
+        **options,
+    )
 
 
 def nonzero_gradients(shape, steps, seed):
@@ -50,15 +71,7 @@ def run(optimizer, theta0, gradients, dtype):
 
 
 @SETTINGS
-@given(
-    shape=shapes,
-    scale=st.floats(1e-3, 1e3),
-    beta_1=betas_1,
-    beta_2=betas_2,
-    learning_rate=learning_rates,
-    epsilon_mode=modes,
-    seed=st.integers(0, 2**16),
-)
+@given(**STEP_PROBLEM, scale=st.floats(1e-3, 1e3))
 def test_rescaling_the_gradients_changes_nothing(
     shape, scale, beta_1, beta_2, learning_rate, epsilon_mode, seed
 ):
@@ -66,13 +79,7 @@ def test_rescaling_the_gradients_changes_nothing(
     theta0 = np.random.default_rng(seed + 1).normal(size=shape)
 
     def trajectory(factor):
-        optimizer = keras_adam.Adam(
-            learning_rate=learning_rate,
-            beta_1=beta_1,
-            beta_2=beta_2,
-            epsilon=0.0,
-            epsilon_mode=epsilon_mode,
-        )
+        optimizer = without_epsilon(beta_1, beta_2, learning_rate, epsilon_mode)
         return run(optimizer, theta0, gradients * factor, "float64")
 
     np.testing.assert_allclose(trajectory(scale), trajectory(1.0), rtol=1e-12, atol=1e-14)
@@ -80,28 +87,16 @@ def test_rescaling_the_gradients_changes_nothing(
 
 @SETTINGS
 @given(
-    shape=shapes,
+    **STEP_PROBLEM,
     dtype=st.sampled_from(["float32", "float64"]),
-    beta_1=betas_1,
-    beta_2=betas_2,
-    learning_rate=learning_rates,
-    epsilon_mode=modes,
     fused=st.sampled_from([None, False]),
-    seed=st.integers(0, 2**16),
 )
 def test_the_first_step_moves_each_coordinate_by_eta_sign_g(
     shape, dtype, beta_1, beta_2, learning_rate, epsilon_mode, fused, seed
 ):
     gradient = nonzero_gradients(shape, 1, seed)
     theta0 = np.random.default_rng(seed + 1).normal(size=shape)
-    optimizer = keras_adam.Adam(
-        learning_rate=learning_rate,
-        beta_1=beta_1,
-        beta_2=beta_2,
-        epsilon=0.0,
-        epsilon_mode=epsilon_mode,
-        fused=fused,
-    )
+    optimizer = without_epsilon(beta_1, beta_2, learning_rate, epsilon_mode, fused=fused)
     theta1 = run(optimizer, theta0, gradient, dtype)[0]
     start = np.array(theta0.astype(dtype), dtype="float64")
     # Exact up to rounding θ1 to the variable's dtype, and up to the
@@ -142,27 +137,14 @@ def paper_bound(beta_1, beta_2):
 
 
 @SETTINGS
-@given(
-    shape=shapes,
-    beta_1=betas_1,
-    beta_2=betas_2,
-    learning_rate=learning_rates,
-    epsilon_mode=modes,
-    seed=st.integers(0, 2**16),
-)
+@given(**STEP_PROBLEM)
 def test_every_step_is_within_the_cauchy_schwarz_bound(
     shape, beta_1, beta_2, learning_rate, epsilon_mode, seed
 ):
     steps = 12
     gradients = nonzero_gradients(shape, steps, seed)
     theta0 = np.zeros(shape)
-    optimizer = keras_adam.Adam(
-        learning_rate=learning_rate,
-        beta_1=beta_1,
-        beta_2=beta_2,
-        epsilon=0.0,
-        epsilon_mode=epsilon_mode,
-    )
+    optimizer = without_epsilon(beta_1, beta_2, learning_rate, epsilon_mode)
     history = run(optimizer, theta0, gradients, "float64")
     moves = np.abs(np.diff(np.concatenate([theta0[None], history]), axis=0))
     for t in range(1, steps + 1):
