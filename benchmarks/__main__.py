@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> None:
     if measure_memory:
         print("peak memory, one fresh process per system ...")
         for result in results:
-            if result.family != "floor":
+            if result.family not in ("floor", "overhead"):
                 index = [w.name for w in chosen].index(result.workload)
                 result.peak_mb = run.peak_memory_mb(index, result.system, args.quick)
     meta = {

@@ -19,7 +19,8 @@ class System:
 
     Attributes:
         name: Label in the tables.
-        family: "keras_adam", "keras", "torch" or "floor".
+        family: "keras_adam", "keras", "torch", "floor" or "overhead" (the
+            cost of calling a `tf.function` with the gradients, no update).
         setup: Builds the state for a workload and returns the step function.
         dense: Runs on dense workloads.
         sparse: Runs on the embedding workload.
@@ -42,13 +43,7 @@ def _tf_setup(
         import tensorflow as tf
 
         variables = [keras.Variable(np.zeros(shape, "float32")) for shape in workload.shapes]
-        grads = [tf.constant(g) for g in gradients(workload)]
-        if workload.sparse:
-            rows = tf.constant(touched_rows(workload), "int64")
-            table_shape = tf.constant(workload.shapes[0], "int64")
-            grads = [tf.IndexedSlices(grads[0], rows, table_shape)]
-            if densify:
-                grads = [tf.convert_to_tensor(grads[0])]
+        grads = _tf_gradients(workload, densify)
         optimizer = make_optimizer()
         optimizer.build(variables)
 
@@ -64,6 +59,39 @@ def _tf_setup(
         return lambda: compiled(grads)
 
     return setup
+
+
+def _tf_gradients(workload: Workload, densify: bool = False) -> list:
+    """The workload's gradients as TensorFlow tensors (`tf.IndexedSlices` if sparse)."""
+    import tensorflow as tf
+
+    grads = [tf.constant(g) for g in gradients(workload)]
+    if workload.sparse:
+        rows = tf.constant(touched_rows(workload), "int64")
+        table_shape = tf.constant(workload.shapes[0], "int64")
+        grads = [tf.IndexedSlices(grads[0], rows, table_shape)]
+        if densify:
+            grads = [tf.convert_to_tensor(grads[0])]
+    return grads
+
+
+def _call_overhead_setup(workload: Workload) -> Callable[[], None]:
+    """A `tf.function` that takes the gradients and does nothing.
+
+    Every TensorFlow system above pays at least this per step: binding the
+    gradient arguments to the traced function and running it. It is a lower
+    bound for any optimizer called this way (it captures no variables).
+    """
+    import tensorflow as tf
+
+    grads = _tf_gradients(workload)
+
+    @tf.function
+    def call(grads):
+        del grads
+
+    call(grads)
+    return lambda: call(grads)
 
 
 @contextlib.contextmanager
@@ -165,6 +193,7 @@ def systems() -> list[System]:
         System("torch Adam fused", "torch", _torch_setup(fused=True)),
         System("torch SparseAdam", "torch", _torch_setup(sparse=True), dense=False),
         System("floor (Adam's memory traffic)", "floor", _floor_setup),
+        System("tf.function call, gradients in, no update", "overhead", _call_overhead_setup),
     ]
 
 

@@ -32,6 +32,7 @@ def test_every_applicable_system_is_timed_and_reported(tmp_path):
     table = report.markdown(results, TINY, META)
     assert "## tiny dense" in table and "## embedding" in table and "## Targets" in table
     assert "lazy sparse ≥ 10× the dense update of the table" in table
+    assert "(the call alone: " in table  # the stretch rows give the bare call too
     report.write_json(tmp_path / "r.json", results, META)
     assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == len(results)
     report.plot(tmp_path / "r.png", results, TINY)

@@ -121,6 +121,27 @@ void GroupByRow(const Tindex* indices, int64_t n, int64_t rows, std::vector<int6
   starts->push_back(n);
 }
 
+// -- prefetching -------------------------------------------------------------
+
+// The touched rows are scattered over three large tables, so each row of
+// each table is a cache miss and usually a TLB miss too (one 4 KiB page per
+// row). Asking for the rows a few distinct rows ahead overlaps those misses
+// with the arithmetic: on the 1M x 64 float32 benchmark (1% of rows) the op
+// went from about 3.7 to 2.8 ms (distances 2 to 32 measured within noise of
+// each other), and 27% faster with 16-wide rows; rows of 2 KiB or more gain
+// little (the hardware prefetcher streams within a row). Up to 1 KiB of
+// each row is requested, with intent to write.
+constexpr int64_t kPrefetchRows = 8;
+constexpr int64_t kPrefetchBytes = 1024;
+constexpr int64_t kCacheLine = 64;
+
+template <typename T>
+inline void PrefetchRow(const T* row, int64_t row_size) {
+  const char* p = reinterpret_cast<const char*>(row);
+  const int64_t bytes = std::min<int64_t>(row_size * sizeof(T), kPrefetchBytes);
+  for (int64_t b = 0; b < bytes; b += kCacheLine) __builtin_prefetch(p + b, /*rw=*/1, /*locality=*/3);
+}
+
 // -- the op ------------------------------------------------------------------
 
 // Input layout.
@@ -281,6 +302,13 @@ class SparseApplyAdamOp : public OpKernel {
     auto work = [&, maximize, l2, decoupled](int64_t begin, int64_t end) {
       std::vector<T> total(row_size);
       for (int64_t k = begin; k < end; ++k) {
+        if (k + kPrefetchRows < end) {
+          const int64_t ahead =
+              static_cast<int64_t>(index_data[positions[starts[k + kPrefetchRows]]]) * row_size;
+          PrefetchRow(var_data + ahead, row_size);
+          PrefetchRow(m_data + ahead, row_size);
+          PrefetchRow(v_data + ahead, row_size);
+        }
         const int64_t first = starts[k];
         const int64_t last = starts[k + 1];
         const int64_t row = static_cast<int64_t>(index_data[positions[first]]);
