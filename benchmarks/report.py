@@ -182,7 +182,7 @@ Reproduce everything below with
 
 ```bash
 pip install ".[test]"            # torch 2.13.0 (CPU) is the optional peer
-python -m benchmarks --docs docs/performance.md   # about 15 minutes
+python -m benchmarks --docs docs/performance.md   # about 25 minutes
 python -m benchmarks --quick     # smaller workloads, under 3 minutes
 ```
 
@@ -213,16 +213,28 @@ machines are shared and noisy.
   indices are already ordered, a radix sort otherwise), then updates each
   distinct row of the weights and both moments in one pass, rows split over
   the thread pool. Its cost is the scattered access to three tables of
-  256 MB: a plain C loop touching the same rows costs about as much. Under
-  XLA, and with `fused=False`, the same update is gathers, `keras.ops` and
-  scatters.
+  256 MB (each touched row a cache miss in each table), which it hides in
+  part by asking for the rows 8 rows ahead (software prefetch: the op went
+  from about 3.7 to 2.8 ms). Under XLA, and with `fused=False`, the same
+  update is gathers, `keras.ops` and scatters.
 - Most of that scattered access is address translation: each touched row
   sits on its own 4 KiB page of each table. With transparent huge pages the
-  whole lazy step went from 2.8 to 2.0 ms on this machine. Linux gives them
-  to TensorFlow's large buffers when glibc is asked to, before Python
-  starts: `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py` (glibc
+  whole lazy step went from 2.6–3.1 to 2.1–2.4 ms on this machine (three
+  runs each, prefetching on). Linux gives them to TensorFlow's large
+  buffers when glibc is asked to, before Python starts:
+  `GLIBC_TUNABLES=glibc.malloc.hugetlb=1 python train.py` (glibc
   2.35 or later, and `/sys/kernel/mm/transparent_hugepage/enabled` set to
   `madvise` or `always`). The tables above are measured without it.
+- *tf.function call, gradients in, no update* is a `tf.function` that
+  takes the same gradients and does nothing. Every TensorFlow row pays at
+  least that per step, in Python and in TensorFlow's function runtime, so
+  it bounds what any optimizer called this way can reach. On 200 small
+  variables the call alone costs more than torch's whole fused step: there
+  the multi-tensor kernel itself runs in about 1.7–2.1 ms (the floor is
+  1.2–1.35 ms), and the rest of the row is the call (200 gradients in, 600
+  variable handles captured). In `model.fit` the gradients are computed
+  inside the training function, so they are not passed in, but the
+  captured handles are.
 - Timing method: every round runs the systems in a new random order, with
   a 20 ms busy wait after each step. Without it, OpenMP threads left
   spinning by torch and the floor took the cores from whichever system ran

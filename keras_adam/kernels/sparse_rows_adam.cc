@@ -139,7 +139,9 @@ template <typename T>
 inline void PrefetchRow(const T* row, int64_t row_size) {
   const char* p = reinterpret_cast<const char*>(row);
   const int64_t bytes = std::min<int64_t>(row_size * sizeof(T), kPrefetchBytes);
-  for (int64_t b = 0; b < bytes; b += kCacheLine) __builtin_prefetch(p + b, /*rw=*/1, /*locality=*/3);
+  for (int64_t b = 0; b < bytes; b += kCacheLine) {
+    __builtin_prefetch(p + b, /*rw=*/1, /*locality=*/3);
+  }
 }
 
 // -- the op ------------------------------------------------------------------
