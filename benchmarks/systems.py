@@ -12,6 +12,9 @@ import numpy as np
 from benchmarks.floor import Floor
 from benchmarks.workloads import Workload, gradients, touched_rows
 
+#: Suffix of the systems whose `tf.function` closes over the gradients.
+CAPTURED = "gradients captured"
+
 
 @dataclass(frozen=True)
 class System:
@@ -34,9 +37,20 @@ class System:
 
 
 def _tf_setup(
-    make_optimizer: Callable, mode: str, densify: bool = False, kernel: bool = True
+    make_optimizer: Callable,
+    mode: str,
+    densify: bool = False,
+    kernel: bool = True,
+    captured: bool = False,
 ) -> Callable:
-    """`kernel=False` traces with the multi-tensor kernel disabled (KERAS_ADAM_KERNEL=0)."""
+    """A Keras optimizer's step on the workload, eager or in a `tf.function`.
+
+    `kernel=False` traces with the multi-tensor kernel disabled
+    (KERAS_ADAM_KERNEL=0). By default the gradients are the `tf.function`'s
+    arguments; `captured=True` closes over them instead, so the step takes
+    no arguments, as `model.fit`'s training step computes its gradients
+    inside (and as torch's `step()` finds them in `param.grad`).
+    """
 
     def setup(workload: Workload) -> Callable[[], None]:
         import keras
@@ -52,6 +66,8 @@ def _tf_setup(
 
         if mode == "eager":
             return lambda: apply(grads)
+        if captured:
+            return tf.function(lambda: apply(grads), jit_compile=mode == "xla")
         compiled = tf.function(apply, jit_compile=mode == "xla")
         if not kernel:
             with _kernel_disabled():
@@ -157,6 +173,11 @@ def systems() -> list[System]:
             _tf_setup(ours(fused=True), "function"),
         ),
         System(
+            f"keras_adam default, tf.function, {CAPTURED}",
+            "keras_adam",
+            _tf_setup(ours(), "function", captured=True),
+        ),
+        System(
             "keras_adam ResourceApplyAdam per variable, tf.function",
             "keras_adam",
             _tf_setup(ours(), "function", kernel=False),
@@ -188,6 +209,11 @@ def systems() -> list[System]:
         ),
         System("keras Adam, eager", "keras", _tf_setup(keras.optimizers.Adam, "eager")),
         System("keras Adam, tf.function", "keras", _tf_setup(keras.optimizers.Adam, "function")),
+        System(
+            f"keras Adam, tf.function, {CAPTURED}",
+            "keras",
+            _tf_setup(keras.optimizers.Adam, "function", captured=True),
+        ),
         System("keras Adam, XLA", "keras", _tf_setup(keras.optimizers.Adam, "xla")),
         System("torch Adam foreach", "torch", _torch_setup(foreach=True)),
         System("torch Adam fused", "torch", _torch_setup(fused=True)),
