@@ -157,8 +157,16 @@ def plot(path, results: list[Measurement], workloads) -> None:
         "floor": "#7f7f7f",
         "overhead": "#bcbd22",
     }
-    fig, axes = plt.subplots(len(workloads), 1, figsize=(10, 3.2 * len(workloads)))
-    for ax, workload in zip(list(axes), workloads, strict=True):
+    counts = [sum(r.workload == w.name for r in results) for w in workloads]
+    fig, axes = plt.subplots(
+        len(workloads),
+        1,
+        figsize=(10, 0.22 * sum(counts) + 1.2 * len(workloads)),
+        gridspec_kw={"height_ratios": [n + 4 for n in counts]},
+        squeeze=False,
+    )
+    axes = axes[:, 0]
+    for ax, workload in zip(axes, workloads, strict=True):
         rows = [r for r in results if r.workload == workload.name]
         ax.barh(
             [r.system for r in rows],
