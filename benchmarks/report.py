@@ -245,8 +245,9 @@ machines are shared and noisy.
   takes the same gradients and does nothing. Every TensorFlow row pays at
   least that per step, in Python and in TensorFlow's function runtime, so
   it bounds what any optimizer called this way can reach. On 200 small
-  variables the call alone costs more than torch's whole fused step: there
-  the multi-tensor kernel itself runs in about 1.7–2.1 ms (the floor is
+  variables the call alone costs about as much as torch's whole fused step
+  (0.9–1.2× in the last two full runs): there the multi-tensor kernel
+  itself runs in about 1.7–2.1 ms (the floor is
   1.2–1.35 ms), and the rest of the row is the call (200 gradients in, 600
   variable handles captured). In `model.fit` the gradients are computed
   inside the training function, so they are not passed in, but the
