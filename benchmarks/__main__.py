@@ -1,10 +1,18 @@
-"""`python -m benchmarks [--quick] [--output DIR]`: run, print and save."""
+"""`python -m benchmarks [--backend NAME] [--quick] [--output DIR]`: run, print and save.
+
+`--backend tensorflow` (default) runs the full TensorFlow table here;
+`--backend jax` and `--backend torch` run `benchmarks.jax_backend` or
+`benchmarks.torch_backend` in a process of that backend (Keras reads
+`KERAS_BACKEND` once per process) and save its table beside the others.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
 import platform
+import subprocess
+import sys
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -24,7 +32,16 @@ def main(argv: list[str] | None = None) -> None:
         help="also write this docs page (e.g. docs/performance.md)",
     )
     parser.add_argument("--memory-probe", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--backend",
+        choices=("tensorflow", "jax", "torch"),
+        default="tensorflow",
+        help="the Keras backend to measure (default: tensorflow)",
+    )
     args = parser.parse_args(argv)
+    if args.backend != "tensorflow":
+        run_backend(args)
+        return
 
     from benchmarks import report, run
     from benchmarks.floor import Floor
@@ -67,6 +84,24 @@ def main(argv: list[str] | None = None) -> None:
     print(f"wrote {args.output}/results.md, results.json, results.png")
     if args.docs:
         report.write_docs_page(args.docs, table, args.output / "results.png")
+        print(f"wrote {args.docs}")
+
+
+def run_backend(args: argparse.Namespace) -> None:
+    """Run `benchmarks.<backend>_backend` under that backend; save (and document) its table."""
+    from benchmarks import report
+
+    saved = args.output / f"{args.backend}_backend.md"
+    command = [sys.executable, "-m", f"benchmarks.{args.backend}_backend", "--output", str(saved)]
+    command += ["--quick"] if args.quick else []
+    if args.repeats:
+        command += ["--repeats" if args.backend == "torch" else "--rounds", str(args.repeats)]
+    env = {**os.environ, "KERAS_BACKEND": args.backend}
+    subprocess.run(command, env=env, check=True)
+    print(f"wrote {saved}")
+    tensorflow_table = args.output / "results.md"
+    if args.docs and tensorflow_table.is_file():
+        report.write_docs_page(args.docs, tensorflow_table.read_text(), args.output / "results.png")
         print(f"wrote {args.docs}")
 
 

@@ -189,10 +189,13 @@ Adam's step is memory-bound: in float32 it reads the parameter, the gradient
 and both moments and writes back the parameter and the moments, 28 bytes per
 parameter. `keras_adam.Adam` runs dense updates through a multi-tensor kernel
 (one op per step and dtype, one pass per element, on TensorFlow's CPU thread
-pool) inside `tf.function` and eagerly, through TensorFlow's fused
-`ResourceApplyAdam` (one op per variable) under XLA, and sparse `Embedding`
-gradients with `lazy_sparse=True` through a sparse-rows kernel (one op per
-table: sum repeated rows, update only the touched rows).
+pool) inside `tf.function` and eagerly, through the `keras.ops` step under
+XLA (which XLA fuses into the same program as Keras's Adam), and sparse
+`Embedding` gradients with `lazy_sparse=True` through a sparse-rows kernel
+(one op per table: sum repeated rows, update only the touched rows). Both
+kernels take Keras's scalars (1 − β computed in double, rounded once), so
+the default path gives `keras.optimizers.Adam`'s numbers. The other
+backends' tables follow the TensorFlow ones ([Backends](backends.md)).
 
 Reproduce everything below with
 
@@ -219,11 +222,11 @@ machines are shared and noisy.
   Adam on large variables, and uses a fraction of its temporary memory.
   Under XLA, both compile to about the same speed.
 - Many small variables are dominated by per-kernel dispatch: 200 calls of
-  `ResourceApplyAdam` on 10k parameters each cost about 4× one call on all
-  2.1M parameters. Like torch's fused Adam, the default path updates every
-  tensor in one multi-tensor kernel; *keras_adam ResourceApplyAdam per
-  variable* is the same optimizer with that kernel disabled
-  (`KERAS_ADAM_KERNEL=0`).
+  a per-variable fused op on 10k parameters each cost about 4× one call on
+  all 2.1M parameters. Like torch's fused Adam, the default path updates
+  every tensor in one multi-tensor kernel; *keras_adam without our kernels*
+  is the same optimizer with that kernel disabled (`KERAS_ADAM_KERNEL=0`:
+  the `keras.ops` step, one variable at a time).
 - `lazy_sparse=True` costs in proportion to the rows touched, not the table
   size. The sparse-rows kernel groups repeated rows (no sort when the
   indices are already ordered, a radix sort otherwise), then updates each
@@ -264,8 +267,44 @@ machines are shared and noisy.
 """
 
 
+#: The other backends' tables (`python -m benchmarks --backend NAME`), with
+#: the page section each gets: written by `benchmarks.<name>_backend`.
+BACKEND_SECTIONS = {
+    "jax": (
+        "On the JAX backend",
+        "`KERAS_BACKEND=jax`: the step under `jax.jit` (as in `model.fit`), "
+        "against `keras.optimizers.Adam` and `optax.adam` compiled the same way. "
+        "Reproduce with `python -m benchmarks --backend jax`.",
+    ),
+    "torch": (
+        "On the PyTorch backend",
+        "`KERAS_BACKEND=torch`: `optimizer.apply` eagerly (as in `model.fit`), "
+        "against Keras's own torch Adam and `torch.optim.Adam`. "
+        "Reproduce with `python -m benchmarks --backend torch`.",
+    ),
+}
+
+
+def backend_sections(results_dir) -> str:
+    """The Performance page's sections for the other backends' saved tables."""
+    from pathlib import Path
+
+    parts = []
+    for name, (title, intro) in BACKEND_SECTIONS.items():
+        saved = Path(results_dir) / f"{name}_backend.md"
+        if not saved.is_file():
+            continue
+        body = saved.read_text().split("\n", 1)[1]  # the section has its own title
+        body = body.replace("\n## ", "\n### ").replace("\n# ", "\n### ")
+        parts.append(f"\n## {title}\n\n{intro}\n{body}")
+    return "".join(parts)
+
+
 def write_docs_page(path, table: str, png) -> None:
-    """Write the docs' Performance page from a results table and plot."""
+    """Write the docs' Performance page from a results table and plot.
+
+    The other backends' tables saved beside `png` are added as sections.
+    """
     import shutil
     from pathlib import Path
 
@@ -278,4 +317,5 @@ def write_docs_page(path, table: str, png) -> None:
         DOCS_INTRO
         + "## Results\n"
         + body.replace("\n## ", "\n### ").replace("\n### Targets", "\n## Targets")
+        + backend_sections(Path(png).parent)
     )

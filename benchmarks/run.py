@@ -43,8 +43,10 @@ def applicable(system: System, workload: Workload) -> bool:
     return system.sparse if workload.sparse else system.dense
 
 
-def time_workload(workload: Workload, repeats: int, log=print) -> list[Measurement]:
-    """Time every applicable system on `workload`, interleaved.
+def time_workload(
+    workload: Workload, repeats: int, log=print, candidates: list[System] | None = None
+) -> list[Measurement]:
+    """Time every applicable system on `workload` (of `candidates`, default all), interleaved.
 
     Each system is set up and its first call timed; then in each of
     `repeats` rounds every system steps once, in a new random order (seeded)
@@ -58,7 +60,7 @@ def time_workload(workload: Workload, repeats: int, log=print) -> list[Measureme
     tensors 5×, which is not how torch runs.
     """
     steps, first_call = {}, {}
-    chosen = [s for s in systems() if applicable(s, workload)]
+    chosen = [s for s in (candidates or systems()) if applicable(s, workload)]
     for system in chosen:
         step = system.setup(workload)
         start = time.perf_counter()

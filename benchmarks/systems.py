@@ -177,7 +177,7 @@ def systems() -> list[System]:
             _tf_setup(ours(), "function", captured=True),
         ),
         System(
-            "keras_adam ResourceApplyAdam per variable, tf.function",
+            "keras_adam without our kernels (KERAS_ADAM_KERNEL=0), tf.function",
             "keras_adam",
             _tf_setup(ours(), "function", kernel=False),
         ),

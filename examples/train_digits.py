@@ -2,8 +2,9 @@
 keras.optimizers.Adam, from the same initial weights, and compare.
 
 keras_adam.Adam runs twice: on its default path (the fused TensorFlow kernel,
-equal to Keras's math up to round-off) and with fused=False (the keras.ops
-reference path, bit-identical to keras.optimizers.Adam).
+which takes Keras's scalars and gives Keras's numbers) and with fused=False
+(the keras.ops reference path); both are bit-identical to
+keras.optimizers.Adam here.
 
     python examples/train_digits.py            # 40 epochs
     python examples/train_digits.py --epochs 2 # a quick check

@@ -1,40 +1,24 @@
 """`keras_adam.Adam`: a drop-in for `keras.optimizers.Adam`.
 
-The math of a step is in `keras_adam.update_rule`; this file wires it into
-Keras's optimizer plumbing (slot variables, state, serialization).
+The math of a step is in `keras_adam.update_rule`; how a step runs on each
+Keras backend is in `keras_adam.backends`; this file wires them into Keras's
+optimizer plumbing (arguments, slot variables, state, serialization).
 """
 
 from __future__ import annotations
 
 import contextlib
 import re
-import threading
 from typing import Any
 
 import keras
 import numpy as np
 from keras import backend, ops
 
-from keras_adam import kernels, update_rule, validation
+from keras_adam import backends, update_rule, validation
 
 #: Accepted values of `moment_dtype`.
 MOMENT_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
-
-if backend.backend() == "tensorflow":
-    import tensorflow as tf
-    from tensorflow.python.ops import control_flow_util  # is this graph compiled by XLA?
-else:  # pragma: no cover - other backends are not supported yet
-    tf = None
-
-
-class _PerStepCache(threading.local):
-    """Values shared by the variables of one step (not tracked by Keras).
-
-    Thread-local: under MirroredStrategy each replica runs the step in its
-    own thread.
-    """
-
-    values: dict | None = None
 
 
 def _path_pattern(path: str) -> str:
@@ -47,71 +31,6 @@ def _path_pattern(path: str) -> str:
 
 def _compile(patterns: tuple[str, ...]) -> re.Pattern | None:
     return re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None
-
-
-def _tensor(x: Any) -> Any:
-    """The backend tensor or variable behind a `keras.Variable` (anything else as is)."""
-    return x.value if isinstance(x, keras.Variable) else x
-
-
-def _in_xla() -> bool:
-    """Whether the graph being built is compiled by XLA."""
-    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
-
-
-def _kernel_module(*variables: Any) -> Any | None:
-    """The loaded `keras_adam.kernels` library where its ops can update `variables`.
-
-    They can outside XLA (the ops have no XLA kernel), on CPU variables, and
-    where the library is available (`keras_adam.kernels.load`); else None.
-    """
-    if _in_xla():
-        return None
-    for x in variables:
-        if tf.DeviceSpec.from_string(x.device or "").device_type not in (None, "CPU"):
-            return None
-    return kernels.load()
-
-
-def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
-    """Sum the slices of repeated indices of a `tf.IndexedSlices`.
-
-    Outside XLA, `tf.unique` finds the distinct rows in one hashing pass and
-    only those rows are updated. XLA has no kernel for `tf.unique` (its
-    output shape depends on the data), so under XLA the indices are sorted
-    instead and every position carries its row's total: repeated positions
-    then compute and write identical rows, and shapes stay static.
-
-    Returns:
-        `(rows, totals)`: row indices, and for each the sum of all slices
-        with that index.
-    """
-    indices = gradient.indices
-    if not _in_xla():
-        rows, segment = tf.unique(indices)
-        return rows, tf.math.unsorted_segment_sum(gradient.values, segment, tf.shape(rows)[0])
-    order = tf.argsort(indices, stable=True)
-    rows = tf.gather(indices, order)
-    values = tf.gather(gradient.values, order)
-    previous = tf.concat([tf.constant([-1], dtype=rows.dtype), rows[:-1]], axis=0)
-    segment = tf.cumsum(tf.cast(tf.not_equal(rows, previous), tf.int32)) - 1
-    totals = tf.math.unsorted_segment_sum(values, segment, tf.shape(rows)[0])
-    return rows, tf.gather(totals, segment)
-
-
-def _count_nonfinite(grads: list) -> Any:
-    """How many of `grads` hold a NaN or an infinity (a float32 scalar).
-
-    None entries are ignored; a `tf.IndexedSlices` is judged by its values.
-    """
-    counts = []
-    for gradient in grads:
-        if gradient is None:
-            continue
-        sparse = tf is not None and isinstance(gradient, tf.IndexedSlices)
-        values = gradient.values if sparse else gradient
-        counts.append(ops.cast(ops.logical_not(ops.all(ops.isfinite(values))), "float32"))
-    return ops.sum(ops.stack(counts)) if counts else ops.zeros((), "float32")
 
 
 @keras.saving.register_keras_serializable(package="keras_adam")
@@ -219,23 +138,34 @@ class Adam(keras.optimizers.Optimizer):
             (`KerasAdamSparseApplyAdam`) does the whole update at a cost in
             proportion to the rows touched; elsewhere, gathers and scatters
             of `keras.ops`. With False (default), sparse gradients give
-            exactly the dense result.
+            exactly the dense result. Only TensorFlow has sparse gradients:
+            on JAX and PyTorch every gradient is dense, so the option is
+            accepted (a configuration saved on TensorFlow loads anywhere),
+            changes nothing, and `build` warns once, naming the backend.
         moment_dtype: dtype of $m$ and $v$: None (the variable's dtype, as
             Keras), "float32", "float64", "bfloat16" or "float16". With
             "float32", bfloat16/float16 weights keep float32 moments.
-        fused: Which execution path takes dense gradients. None (default):
-            the fused kernel wherever it applies, the `keras.ops` path
-            elsewhere. The fused kernel is a multi-tensor op that updates
-            all float32 (and all float64) variables of a step in one pass
-            per element (`keras_adam.kernels`, compiled at first use;
-            `KERAS_ADAM_KERNEL=0` disables it), or TensorFlow's
-            `ResourceApplyAdam`, once per variable, under XLA and where the
-            multi-tensor op is unavailable. True: demand the fused kernel;
-            raises `ValueError` if the options (`epsilon_mode="paper"`,
-            `amsgrad`, `rectify`) or a variable (not float32/float64, or
-            moments of another dtype) rule it out. False: always the
+        fused: Which execution path takes dense gradients (each backend's
+            engine is in `keras_adam.backends`). None (default): the fused
+            path wherever it applies, the `keras.ops` path elsewhere. On
+            TensorFlow the fused path is a multi-tensor op that updates all
+            float32 (and all float64) variables of a step in one pass per
+            element (`keras_adam.kernels`, compiled at first use;
+            `KERAS_ADAM_KERNEL=0` disables it; it takes 1 − β computed
+            as Keras does, so it gives `keras.optimizers.Adam`'s numbers),
+            and under XLA and where that op is unavailable the `keras.ops`
+            step, which XLA fuses; on PyTorch, torch's fused Adam
+            kernels (`torch._fused_adam_`, `torch._fused_adamw_`), one call
+            per device and dtype; on JAX, XLA: under `jax.jit` the step is
+            part of the caller's program, and an eager `apply` runs as one
+            cached jitted program. True: demand the fused path; raises `ValueError` if the
+            options or a variable rule it out on this backend (on
+            TensorFlow `epsilon_mode="paper"`, `amsgrad`, `rectify`, dtypes
+            other than float32/float64 or moments of another dtype; on
+            PyTorch `rectify` and those dtypes). False: always the
             `keras.ops` path, the reference that is bit-identical to
-            `keras.optimizers.Adam`. All paths agree to round-off.
+            `keras.optimizers.Adam`'s generic step. All paths agree to
+            round-off.
         skip_nonfinite: If True, a step whose gradients hold any NaN or
             infinity is skipped as a whole: weights, moments, the step
             counter `iterations` (so bias correction), gradient accumulators
@@ -243,12 +173,16 @@ class Adam(keras.optimizers.Optimizer):
             counts the skip. The check reads the gradients before
             unscaling and clipping; under tf.distribute it sums the verdicts
             of all replicas (and workers), so every replica skips the same
-            steps. It works inside `tf.function`, under XLA and under
-            tf.distribute. False (default) is Keras's behaviour: no check,
-            and a NaN or infinite gradient propagates into the moments and
-            the weights. With True, `variables` ends with the counter (one
-            more than `keras.optimizers.Adam`'s); this class still loads
-            Keras's state (the counter then starts at 0).
+            steps. It works eagerly and compiled on every backend: on
+            TensorFlow the step runs under `tf.cond` (inside `tf.function`,
+            under XLA and tf.distribute); on JAX every variable selects its
+            new or old value (no branch assigns state, so it compiles under
+            `jax.jit`); on PyTorch the verdict is read on the host. False
+            (default) is Keras's behaviour: no check, and a NaN or infinite
+            gradient propagates into the moments and the weights. With
+            True, `variables` ends with the counter (one more than
+            `keras.optimizers.Adam`'s); this class still loads Keras's
+            state (the counter then starts at 0).
         **kwargs: Passed to `keras.optimizers.Optimizer` (for example the
             deprecated `decay`, which Keras ignores with a warning).
     """
@@ -352,18 +286,19 @@ class Adam(keras.optimizers.Optimizer):
         self.fused = fused
         self.skip_nonfinite = skip_nonfinite
         self._skipped_steps: keras.Variable | None = None
+        # How steps run on this backend (`keras_adam.backends`).
+        self._engine = backends.engine(self)
         if fused:
-            blockers = self._fused_flag_blockers()
+            blockers = self._engine.fused_flag_blockers()
             if blockers:
                 raise ValueError(
-                    "Argument `fused=True` cannot apply: the fused kernels "
-                    f"(ResourceApplyAdam, multi-tensor Adam) do not support {'; '.join(blockers)}. "
+                    f"Argument `fused=True` cannot apply on the {backend.backend()} "
+                    f"backend: its fused path does not support {'; '.join(blockers)}. "
                     "Use fused=None to fall back where it cannot apply."
                 )
         self._constructor_exclusions = exclusions
         self._method_exclusions: tuple[str, ...] = ()
         self._exclusion_regex = _compile(exclusions)
-        self._per_step = _PerStepCache()
         # State loaded before `build`, restored by `build` (a tuple: not tracked).
         self._pending_state: tuple | None = None
 
@@ -396,14 +331,7 @@ class Adam(keras.optimizers.Optimizer):
         """
         if self.built:
             return
-        if self.fused:
-            for variable in var_list:
-                blocker = self._fused_dtype_blocker(variable)
-                if blocker:
-                    raise ValueError(
-                        f"Argument `fused=True` cannot apply to variable "
-                        f"'{getattr(variable, 'path', variable.name)}': {blocker}."
-                    )
+        self._engine.check_build(var_list)
         super().build(var_list)
         self._momentums, self._velocities = self._add_moments(var_list, ["momentum", "velocity"])
         if self.amsgrad:
@@ -412,7 +340,7 @@ class Adam(keras.optimizers.Optimizer):
             # Last, so that the variables before it are laid out as Keras's.
             self._skipped_steps = self.add_variable(
                 shape=(),
-                dtype="int64",
+                dtype="int",
                 initializer="zeros",
                 aggregation="only_first_replica",
                 name="skipped_steps",
@@ -420,7 +348,7 @@ class Adam(keras.optimizers.Optimizer):
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             # `fit` may build inside a traced function: restore eagerly, once.
-            with tf.init_scope() if tf is not None else contextlib.nullcontext():
+            with self._engine.restore_scope():
                 self.load_own_variables({str(i): value for i, value in enumerate(pending)})
 
     def _add_moments(self, var_list: list, names: list[str]) -> tuple[list, ...]:
@@ -441,9 +369,12 @@ class Adam(keras.optimizers.Optimizer):
         # tf.distribute, colocation with the model variable.
         name = f"{reference.path.replace('/', '_')}_{name}"
         strategy = getattr(self, "_distribution_strategy", None)
-        colocate = _tensor(reference)
-        scope = strategy.extended.colocate_vars_with(colocate) if strategy else None
-        with scope or contextlib.nullcontext():
+        scope = (
+            strategy.extended.colocate_vars_with(reference.value)
+            if strategy
+            else contextlib.nullcontext()
+        )
+        with scope:
             return self.add_variable(
                 shape=reference.shape,
                 dtype=self.moment_dtype,
@@ -585,7 +516,10 @@ class Adam(keras.optimizers.Optimizer):
 
     @property
     def skipped_steps(self) -> keras.Variable | None:
-        """How many steps `skip_nonfinite=True` skipped (an int64 variable).
+        """How many steps `skip_nonfinite=True` skipped (an integer variable).
+
+        int64 on TensorFlow, int32 elsewhere (the dtype of Keras's own step
+        counter `iterations` on each backend).
 
         None with `skip_nonfinite=False`, and before the optimizer is built.
         It is saved with the optimizer's state.
@@ -595,9 +529,10 @@ class Adam(keras.optimizers.Optimizer):
     def apply(self, grads: list, trainable_variables: list | None = None) -> None:
         """Apply one step of gradients (see `keras.optimizers.Optimizer.apply`).
 
-        With `skip_nonfinite=True` the whole step runs under a condition
-        that every gradient is finite; otherwise `skipped_steps` grows by
-        one and nothing else changes.
+        With `skip_nonfinite=True` the whole step takes effect only if every
+        gradient is finite; otherwise `skipped_steps` grows by one and
+        nothing else changes (how, is the backend engine's
+        `apply_skipping_nonfinite`).
 
         Args:
             grads: One gradient (or None) per variable.
@@ -606,87 +541,74 @@ class Adam(keras.optimizers.Optimizer):
         """
         apply = super().apply
         if not self.skip_nonfinite:
-            return apply(grads, trainable_variables)
+            return self._engine.apply(apply, grads, trainable_variables)
         grads = list(grads)
         if not grads:
             return None
         if trainable_variables is not None:
             trainable_variables = list(trainable_variables)
             if not self.built:
-                # Variables cannot be created inside a branch of the condition.
+                # Variables cannot be created inside a branch of a condition.
                 with keras.name_scope(self.name, caller=self):
                     self.build(trainable_variables)
         elif not self.built:
             return apply(grads, trainable_variables)  # Keras's error for this case
-        nonfinite = _count_nonfinite(grads)
-
-        def skip() -> None:
-            self._skipped_steps.assign_add(1)
-
-        def step() -> None:
-            apply(grads, trainable_variables)
-
-        def cross_replica(strategy: Any, nonfinite: Any, grads: Any, variables: Any) -> None:
-            # The step calls `merge_call`, which a condition in replica
-            # context cannot contain: decide here, then run every replica on
-            # its own gradients (passed in, so they arrive per replica).
-            count = strategy.experimental_local_results(nonfinite)[0]
-            ops.cond(
-                ops.equal(count, 0),
-                lambda: strategy.extended.call_for_each_replica(apply, args=(grads, variables)),
-                skip,
-            )
-
-        distributed = tf is not None and tf.distribute.has_strategy()
-        if distributed and not tf.distribute.in_cross_replica_context():
-            # One verdict for all replicas and workers: a replica that skipped
-            # alone would desynchronize the collectives of the step.
-            context = tf.distribute.get_replica_context()
-            nonfinite = context.all_reduce(tf.distribute.ReduceOp.SUM, nonfinite)
-            if not tf.__internal__.distribute.strategy_supports_no_merge_call():
-                context.merge_call(cross_replica, args=(nonfinite, grads, trainable_variables))
-                return None
-        ops.cond(ops.equal(nonfinite, 0), step, skip)
+        self._engine.apply_skipping_nonfinite(apply, grads, trainable_variables)
         return None
 
     def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
         """Apply one step to `variable` (the math is `update_rule.adam_step`).
 
+        The backend's engine (`keras_adam.backends`) chooses the path: a
+        fused kernel, lazy sparse rows, or `_reference_update`.
+
         Args:
-            gradient: The (clipped, unscaled) gradient, dense or
-                `tf.IndexedSlices`.
+            gradient: The (clipped, unscaled) gradient, dense or sparse.
             variable: The model variable.
             learning_rate: The current learning rate.
         """
+        slots = self._slots(variable)
+        self._engine.update_variable(
+            gradient, variable, slots, self._hyperparameters(variable, learning_rate)
+        )
+
+    def _slots(self, variable: Any) -> list:
+        """`[m, v]`, and with AMSGrad `[m, v, v_hat]`, of `variable`."""
         index = self._get_variable_index(variable)
         slots = [self._momentums[index], self._velocities[index]]
         if self.amsgrad:
             slots.append(self._velocity_hats[index])
-        dtype = update_rule.compute_dtype(
-            *(backend.standardize_dtype(x.dtype) for x in [variable, *slots])
-        )
+        return slots
+
+    def _hyperparameters(self, variable: Any, learning_rate: Any) -> dict:
+        """The keyword arguments of `update_rule.adam_step` for `variable`."""
         decays = self.weight_decay and self._use_weight_decay(variable)
-        weight_decay = self.weight_decay if decays else 0.0
-        hyper = dict(
+        return dict(
             learning_rate=learning_rate,
             beta_1=self.beta_1,
             beta_2=self.beta_2,
             epsilon=self.epsilon,
-            weight_decay=weight_decay,
+            weight_decay=self.weight_decay if decays else 0.0,
             decoupled_weight_decay=self.decoupled_weight_decay,
             epsilon_mode=self.epsilon_mode,
             rectify=self.rectify,
             maximize=self.maximize,
         )
-        sparse = tf is not None and isinstance(gradient, tf.IndexedSlices)
-        if sparse:
-            if self.lazy_sparse:
-                self._update_rows(gradient, variable, slots, dtype, hyper)
-                return
-            gradient = tf.convert_to_tensor(gradient)
-        if self._fused_applies(variable):
-            self._fused_update(variable, gradient, slots, hyper)
-            return
+
+    def _compute_dtype(self, variable: Any, slots: list) -> str:
+        """The dtype the step of `variable` is computed in (`update_rule.compute_dtype`)."""
+        return update_rule.compute_dtype(
+            *(backend.standardize_dtype(x.dtype) for x in [variable, *slots])
+        )
+
+    def _reference_update(self, gradient: Any, variable: Any, slots: list, hyper: dict) -> None:
+        """The `keras.ops` path: `update_rule.adam_step` on the whole variable.
+
+        Bit-identical to `keras.optimizers.Adam`'s own `keras.ops` step
+        where the options are Keras's; it runs, and compiles, on every
+        backend.
+        """
+        dtype = self._compute_dtype(variable, slots)
 
         def read(x: Any) -> Any:
             return ops.cast(x, dtype)
@@ -703,220 +625,11 @@ class Adam(keras.optimizers.Optimizer):
             self.assign(slot, value)
         self.assign(variable, new.param)
 
-    # -- the fused path ---------------------------------------------------------
-
-    def _fused_flag_blockers(self) -> list[str]:
-        """Why the options rule out the fused kernel (empty if they don't)."""
-        blockers = []
-        if tf is None:
-            blockers.append(f"the {backend.backend()} backend (TensorFlow only)")
-        if self.epsilon_mode != "hat":
-            blockers.append('epsilon_mode="paper" (the kernel adds ε before bias correction)')
-        if self.amsgrad:
-            blockers.append("amsgrad=True (ResourceApplyAdamWithAmsgrad has no XLA kernel)")
-        if self.rectify:
-            blockers.append("rectify=True")
-        return blockers
-
-    def _fused_applies(self, variable: Any) -> bool:
-        """Whether `variable`'s update takes a fused kernel (options and dtypes)."""
-        if self.fused is False or self._fused_flag_blockers():
-            return False
-        return not self._fused_dtype_blocker(variable)
-
-    def _fused_dtype_blocker(self, variable: Any) -> str | None:
-        """Why `variable` cannot take the fused kernel (None if it can)."""
-        dtype = backend.standardize_dtype(variable.dtype)
-        if dtype not in ("float32", "float64"):
-            return (
-                f"its dtype is {dtype}; the kernel computes in the variable's dtype, "
-                "so only float32 and float64 are fused"
-            )
-        if self.moment_dtype not in (None, dtype):
-            return f"moment_dtype={self.moment_dtype!r} differs from its dtype {dtype}"
-        return None
-
-    def _fused_update(self, variable: Any, gradient: Any, slots: list, hyper: dict) -> None:
-        """The same step as `update_rule.adam_step` in one TensorFlow kernel.
-
-        `tf.raw_ops.ResourceApplyAdam` computes Keras's ε̂ form over var, m
-        and v (it has an XLA kernel too). Maximize, L2 and decoupled weight
-        decay are applied around it by the same functions `adam_step` uses.
-
-        Within one step outside XLA, on CPU variables, the kernel call is
-        deferred instead: `_flush_multi_tensor` then updates all variables
-        of a dtype with one multi-tensor op (`keras_adam.kernels`), the same
-        arithmetic in one pass per element. The decay and gradient changes
-        above are already in the graph, ordered before it.
-        """
-        var = _tensor(variable)
-        dtype = var.dtype
-        decay = dict(
-            weight_decay=hyper["weight_decay"], decoupled_weight_decay=self.decoupled_weight_decay
-        )
-        gradient = update_rule.effective_gradient(
-            tf.cast(gradient, dtype), var, maximize=self.maximize, **decay
-        )
-        if decay["weight_decay"] and self.decoupled_weight_decay:
-            lr = tf.cast(hyper["learning_rate"], dtype)
-            var.assign(update_rule.decoupled_decay(var, lr=lr, **decay))
-        scalars = self._fused_scalars(dtype, hyper["learning_rate"])
-        m, v = (_tensor(slot) for slot in slots)
-        group = self._multi_tensor_group(var, m, v)
-        if group is not None:
-            group.append((var, m, v, gradient))
-            return
-        tf.raw_ops.ResourceApplyAdam(
-            var=var.handle,
-            m=m.handle,
-            v=v.handle,
-            **scalars,
-            grad=gradient,
-            use_locking=False,
-            use_nesterov=False,
-        )
-
-    def _fused_scalars(self, dtype: Any, learning_rate: Any) -> dict:
-        """The kernel's scalar inputs, computed once per step and dtype.
-
-        Many small variables would otherwise each pay for reading the step
-        counter and computing β powers: per-variable work is what dominates
-        their update.
-        """
-        cache = self._per_step.values
-        if cache is not None and dtype in cache:
-            return cache[dtype]
-        t = tf.cast(self.iterations + 1, dtype)
-        beta_1 = tf.constant(self.beta_1, dtype)
-        beta_2 = tf.constant(self.beta_2, dtype)
-        scalars = dict(
-            beta1_power=tf.pow(beta_1, t),
-            beta2_power=tf.pow(beta_2, t),
-            lr=tf.cast(learning_rate, dtype),
-            beta1=beta_1,
-            beta2=beta_2,
-            epsilon=tf.constant(self.epsilon, dtype),
-        )
-        if cache is not None:
-            cache[dtype] = scalars
-        return scalars
-
-    def _multi_tensor_group(self, var: Any, m: Any, v: Any) -> list | None:
-        """The list `var`'s multi-tensor update joins, or None to run it now.
-
-        The multi-tensor op applies within a step (`_backend_update_step`),
-        outside XLA (it has no XLA kernel), without a distribution strategy,
-        on CPU variables, and where the kernel is available
-        (`keras_adam.kernels.load`).
-        """
-        cache = self._per_step.values
-        if cache is None or tf.distribute.has_strategy():
-            return None
-        if _kernel_module(var, m, v) is None:
-            return None
-        groups = cache.setdefault("multi_tensor", {})
-        return groups.setdefault((var.dtype, var.device), [])
-
-    def _flush_multi_tensor(self) -> None:
-        """One multi-tensor op per group of deferred fused updates."""
-        groups = (self._per_step.values or {}).pop("multi_tensor", {})
-        module = kernels.load() if groups else None
-        for (dtype, _), group in groups.items():
-            variables, ms, vs, gradients = zip(*group, strict=True)
-            module.keras_adam_multi_tensor_apply_adam(
-                var=[x.handle for x in variables],
-                m=[x.handle for x in ms],
-                v=[x.handle for x in vs],
-                grad=list(gradients),
-                **self._fused_scalars(dtype, None),
-            )
-
     def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any):
-        # One step of all variables: share the fused kernel's scalars, and
-        # update the fused variables together (`_flush_multi_tensor`).
-        self._per_step.values = {}
-        try:
-            super()._backend_update_step(grads, trainable_variables, learning_rate)
-            self._flush_multi_tensor()
-        finally:
-            self._per_step.values = None
-
-    # -- the lazy sparse path ---------------------------------------------------
-
-    def _update_rows(
-        self, gradient: Any, variable: Any, slots: list, dtype: str, hyper: dict
-    ) -> None:
-        """The lazy update: only the rows a `tf.IndexedSlices` gradient touches.
-
-        Repeated indices are summed first (the update is not linear). Where
-        the fused path applies, outside XLA on CPU, one op does it all
-        (`_fused_update_rows`); elsewhere `_coalesce_rows` and `keras.ops`
-        gathers and scatters, which compile under XLA.
-        """
-        if self._fused_update_rows(gradient, variable, slots, hyper):
-            return
-        rows, row_gradients = _coalesce_rows(gradient)
-
-        def read_rows(x: Any) -> Any:
-            x = _tensor(x)
-            return ops.cast(tf.gather(x, rows), dtype)
-
-        new = update_rule.adam_step(
-            read_rows(variable),
-            ops.cast(row_gradients, dtype),
-            *(read_rows(slot) for slot in slots[:2]),
-            v_hat=read_rows(slots[2]) if self.amsgrad else None,
-            step=self.iterations + 1,
-            **hyper,
+        # One step of all variables, grouped as the backend's engine runs them.
+        self._engine.update_all(
+            grads, trainable_variables, learning_rate, super()._backend_update_step
         )
-        # The gradient's own dense shape: reading the variable's shape would read
-        # the variable, and a scatter into a variable whose value is still
-        # referenced copies the whole table.
-        shape = gradient.dense_shape
-        for slot, value in zip(slots, new[1:], strict=False):
-            self.assign(slot, tf.IndexedSlices(value, rows, shape))
-        self.assign(variable, tf.IndexedSlices(new.param, rows, shape))
-
-    def _fused_update_rows(self, gradient: Any, variable: Any, slots: list, hyper: dict) -> bool:
-        """The lazy update in one `KerasAdamSparseApplyAdam` op, where it applies.
-
-        It applies where the fused path would (options and dtypes), outside
-        XLA (the op has no XLA kernel), on CPU variables, and where the
-        kernels are available (`keras_adam.kernels.load`). Under
-        tf.distribute it runs once per component variable. The op sums
-        repeated indices, then updates the touched rows of the variable and
-        its moments in place, with maximize and weight decay, at a cost in
-        proportion to the rows touched. Nothing here reads the table: a read
-        still alive when the op runs would make it copy the whole table.
-
-        Args:
-            gradient: The `tf.IndexedSlices` gradient.
-            variable: The model variable.
-            slots: Its moments `[m, v]`.
-            hyper: The step's hyperparameters (see `update_step`).
-
-        Returns:
-            Whether the update was done; if False, nothing was.
-        """
-        if not self._fused_applies(variable):
-            return False
-        var, m, v = (_tensor(x) for x in (variable, *slots[:2]))
-        module = _kernel_module(var, m, v)
-        if module is None:
-            return False
-        dtype = var.dtype
-        module.keras_adam_sparse_apply_adam(
-            var=var.handle,
-            m=m.handle,
-            v=v.handle,
-            grad=tf.cast(gradient.values, dtype),
-            indices=gradient.indices,
-            weight_decay=tf.constant(hyper["weight_decay"], dtype),
-            decoupled_weight_decay=self.decoupled_weight_decay,
-            maximize=self.maximize,
-            **self._fused_scalars(dtype, hyper["learning_rate"]),
-        )
-        return True
 
     # -- serialization -------------------------------------------------------
 

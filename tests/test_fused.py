@@ -1,5 +1,14 @@
-"""The fused TensorFlow kernel: chosen where it applies, refused where it
-cannot, and equal to the reference keras.ops path to round-off."""
+"""The fused TensorFlow path: chosen where it applies, refused where it
+cannot, and equal to the reference keras.ops path (Keras's arithmetic) to
+1e-6 in float32, bit for bit in practice.
+
+The tolerance was 1e-5 until issue 15, which hid the fused path's 1 - beta
+computed from the float32 beta (1.3e-5 off Keras's in the velocity); the
+kernels now take 1 - beta computed in double, as Keras does, and under XLA
+the keras.ops path runs. tests/test_exact_scalars.py compares the default
+path with keras.optimizers.Adam directly, with Keras's default
+hyperparameters.
+"""
 
 import keras
 import numpy as np
@@ -8,6 +17,7 @@ import tensorflow as tf
 from support import DTYPES, MODES, make_problem, make_step, relative_deviation, trajectory
 
 import keras_adam
+from keras_adam import kernels
 
 ACCEPTED = {
     "plain": {},
@@ -21,7 +31,7 @@ ACCEPTED = {
     "ema+accumulation": {"use_ema": True, "gradient_accumulation_steps": 2},
     "lazy_sparse+moment_dtype": {"lazy_sparse": True, "moment_dtype": "float32"},
 }
-TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -36,7 +46,7 @@ def test_fused_matches_reference_path(option, mode, dtype):
     assert relative_deviation(reference[-1], reference[0]) > 1e-3
     assert relative_deviation(fused, reference) <= TOLERANCE[dtype]
     for a, b in zip(fused_state, reference_state, strict=True):
-        np.testing.assert_allclose(a, b, rtol=TOLERANCE[dtype] * 10, atol=1e-9)
+        assert relative_deviation(a, b) <= TOLERANCE[dtype]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -74,10 +84,13 @@ def traced_ops(optimizer, dtype="float32", sparse=False):
     ],
 )
 def test_default_path_is_fused_where_it_applies(kwargs, dtype, expect_fused):
+    if expect_fused and kernels.load() is None:
+        pytest.skip("the kernels are unavailable: the keras.ops path runs everywhere")
     ops = traced_ops(keras_adam.Adam(**kwargs), dtype)
-    # The fused path is the multi-tensor kernel, or ResourceApplyAdam without it.
-    fused_ops = {"ResourceApplyAdam", "KerasAdamMultiTensorApplyAdam"}
-    assert bool(fused_ops & ops) == expect_fused
+    # Outside XLA the fused path is the multi-tensor kernel; ResourceApplyAdam
+    # (1 - beta from the rounded beta) is never used.
+    assert (kernels.OP_NAME in ops) == expect_fused
+    assert "ResourceApplyAdam" not in ops
 
 
 @pytest.mark.parametrize(

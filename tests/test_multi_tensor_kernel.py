@@ -1,9 +1,18 @@
 """The multi-tensor Adam kernel (keras_adam/kernels): one op per dtype and step.
 
-It must equal the per-variable ResourceApplyAdam path (to the last bit, in
-practice) and the keras.ops reference path to round-off; be used where it
-applies and nowhere else (not under XLA); fall back when disabled or
-unavailable; and reject bad input with an error, never a crash.
+It must give Keras's numbers: the op equals a NumPy transcription of
+keras.optimizers.Adam's step with the same scalars to the bit, and the
+optimizer equals the keras.ops reference path (`fused=False`, Keras's own
+arithmetic) to 1e-6 in float32 (to the bit, in practice). It must be used
+where it applies and nowhere else (not under XLA, where the keras.ops path
+runs); fall back to the keras.ops path when disabled or unavailable; and
+reject bad input with an error, never a crash.
+
+Until issue 15 the op was compared with TensorFlow's ResourceApplyAdam, bit
+for bit. No longer: ResourceApplyAdam computes 1 - beta from the beta
+rounded to float32 (1 - 0.999f is 1.3e-5 relative off Keras's 1 - 0.999),
+while the op takes 1 - beta computed in double and rounded once, as Keras
+does.
 """
 
 import textwrap
@@ -22,8 +31,7 @@ pytestmark = needs_compiler
 
 # Size 0, scalar, odd sizes and sizes that are not multiples of any block.
 SHAPES = [(3, 4), (), (0,), (1001,), (17, 33), (1,), (0, 5), (3, 4, 5), (65537,), (7, 1, 13)]
-TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
-REFERENCE_TOLERANCE = {"float32": 1e-5, "float64": 1e-12}
+REFERENCE_TOLERANCE = {"float32": 1e-6, "float64": 1e-12}
 OPTIONS = {
     "plain": {},
     "weight_decay": {"weight_decay": 0.05},
@@ -90,21 +98,25 @@ def without_kernel(monkeypatch, function, *args):
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("mode", ["eager", "function"])
 @pytest.mark.parametrize("option", sorted(OPTIONS))
-def test_matches_resource_apply_adam_and_reference(option, mode, dtype, monkeypatch):
+def test_matches_the_reference_path(option, mode, dtype, monkeypatch):
     kwargs = OPTIONS[option]
-    ours, our_state, _ = run(keras_adam.Adam(learning_rate=0.01, **kwargs), dtype, mode)
-    fused, fused_state, step = without_kernel(
+    ours, our_state, step = run(keras_adam.Adam(learning_rate=0.01, **kwargs), dtype, mode)
+    disabled, disabled_state, _ = without_kernel(
         monkeypatch, run, keras_adam.Adam(learning_rate=0.01, **kwargs), dtype, mode
     )
     reference, reference_state, _ = run(
         keras_adam.Adam(learning_rate=0.01, fused=False, **kwargs), dtype, mode
     )
+    if mode == "function":
+        assert kernels.OP_NAME in op_types(step, dtype)
     initial = np.concatenate([np.ravel(v.numpy()) for v in make_variables(dtype)])
     assert relative_deviation(reference, initial) > 1e-2
-    assert relative_deviation(ours, fused) <= TOLERANCE[dtype]
-    assert relative_deviation(our_state, fused_state) <= TOLERANCE[dtype] * 10
-    assert relative_deviation(ours, reference) <= REFERENCE_TOLERANCE[dtype]
-    assert relative_deviation(our_state, reference_state) <= REFERENCE_TOLERANCE[dtype] * 10
+    tolerance = REFERENCE_TOLERANCE[dtype]
+    assert relative_deviation(ours, reference) <= tolerance
+    assert relative_deviation(our_state, reference_state) <= tolerance
+    # Without the kernel, the keras.ops path runs: the reference itself.
+    np.testing.assert_array_equal(disabled, reference)
+    np.testing.assert_array_equal(disabled_state, reference_state)
 
 
 def test_one_op_per_dtype_replaces_resource_apply_adam():
@@ -149,11 +161,16 @@ def test_not_used_where_the_fused_path_is_not(kwargs):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
-def test_not_used_under_xla_and_results_match(dtype, monkeypatch):
+def test_not_used_under_xla_and_results_match(dtype):
+    # Under XLA the keras.ops path runs (ResourceApplyAdam, which has an XLA
+    # kernel, computes 1 - beta from the rounded beta): Keras's numbers.
     xla, _, step = run(keras_adam.Adam(learning_rate=0.01), dtype, "xla", steps=20)
     types = op_types(step, dtype)
     assert kernels.OP_NAME not in types
-    assert "ResourceApplyAdam" in types
+    assert "ResourceApplyAdam" not in types
+    keras_xla, _, _ = run(keras.optimizers.Adam(learning_rate=0.01), dtype, "xla", steps=20)
+    if dtype == "float32":  # float64: Keras rounds its beta powers through float32
+        np.testing.assert_array_equal(xla, keras_xla)
     ours, _, _ = run(keras_adam.Adam(learning_rate=0.01), dtype, "function", steps=20)
     assert relative_deviation(xla, ours) <= REFERENCE_TOLERANCE[dtype]
 
@@ -164,7 +181,7 @@ def test_disabled_by_environment_variable(monkeypatch):
     _, _, step = run(keras_adam.Adam(), "float32", "function", steps=1)
     types = op_types(step, "float32")
     assert kernels.OP_NAME not in types
-    assert types.count("ResourceApplyAdam") == len(SHAPES)
+    assert "ResourceApplyAdam" not in types  # the keras.ops path
 
 
 def test_falls_back_when_the_kernel_cannot_be_built(monkeypatch, tmp_path, caplog):
@@ -178,22 +195,35 @@ def test_falls_back_when_the_kernel_cannot_be_built(monkeypatch, tmp_path, caplo
         assert kernels.load() is None
         assert "no C++ compiler" in caplog.text
         weights, _, step = run(keras_adam.Adam(learning_rate=0.01), "float32", "function")
-        assert "ResourceApplyAdam" in op_types(step, "float32")
+        assert kernels.OP_NAME not in op_types(step, "float32")
         reference, _, _ = run(keras_adam.Adam(learning_rate=0.01, fused=False), "float32", "eager")
         assert relative_deviation(weights, reference) <= REFERENCE_TOLERANCE["float32"]
     finally:
         kernels.reset()  # the next load() (unpatched) builds or finds the library
 
 
-def scalars(dtype, step=1):
+def numpy_scalars(dtype, step=1, lr=0.01, beta_1=0.9, beta_2=0.999, epsilon=1e-7):
+    """The op's scalars, computed as Keras computes them, as NumPy scalars of `dtype`."""
+    real = np.dtype(dtype).type
+    one = real(1)
+    beta_1_power, beta_2_power = real(beta_1) ** real(step), real(beta_2) ** real(step)
     return dict(
-        beta1_power=tf.constant(0.9**step, dtype),
-        beta2_power=tf.constant(0.999**step, dtype),
-        lr=tf.constant(0.01, dtype),
-        beta1=tf.constant(0.9, dtype),
-        beta2=tf.constant(0.999, dtype),
-        epsilon=tf.constant(1e-7, dtype),
+        alpha=real(lr) * np.sqrt(one - beta_2_power) / (one - beta_1_power),
+        one_minus_beta1=real(1 - beta_1),  # in double, rounded once (not 1 - real(beta_1))
+        one_minus_beta2=real(1 - beta_2),
+        epsilon=real(epsilon),
     )
+
+
+def scalars(dtype, step=1):
+    return {name: tf.constant(value) for name, value in numpy_scalars(dtype, step).items()}
+
+
+def numpy_adam(var, m, v, g, alpha, one_minus_beta1, one_minus_beta2, epsilon):
+    """keras.optimizers.Adam's elementwise step, in the arrays' dtype; new (var, m, v)."""
+    m = m + (g - m) * one_minus_beta1
+    v = v + (g * g - v) * one_minus_beta2
+    return var - (m * alpha) / (np.sqrt(v) + epsilon), m, v
 
 
 def apply(var, m, v, grad, dtype="float32", **overrides):
@@ -220,7 +250,7 @@ def test_bad_input_raises_instead_of_crashing(eager):
         (([var], [m], [other], [tf.ones((3, 4))]), {}, "shape"),
         (([var], [var], [v], [tf.ones((3, 4))]), {}, "more than once"),
         (([var], [m], [wide], [tf.ones((3, 4))]), {}, "dtype"),
-        (([var], [m], [v], [tf.ones((3, 4))]), {"lr": tf.constant([0.1, 0.2])}, "scalar|rank 0"),
+        (([var], [m], [v], [tf.ones((3, 4))]), {"alpha": tf.constant([0.1, 0.2])}, "scalar|rank 0"),
     ]
     for args, overrides, message in cases:
         call = apply if eager else tf.function(apply)
@@ -232,26 +262,37 @@ def test_bad_input_raises_instead_of_crashing(eager):
 
 def test_copy_on_write_keeps_a_pending_read_intact():
     var, m, v = slots((1000,))
-    twin = slots((1000,))
-    grad = tf.constant(np.linspace(-1, 1, 1000), "float32")
+    grad = np.linspace(-1, 1, 1000).astype("float32")
     held = tf.raw_ops.ReadVariableOp(resource=var.handle, dtype=tf.float32)  # shares the buffer
-    apply([var], [m], [v], [grad])
+    apply([var], [m], [v], [tf.constant(grad)])
     np.testing.assert_array_equal(held.numpy(), 1.0)
-    tf.raw_ops.ResourceApplyAdam(
-        var=twin[0].handle,
-        m=twin[1].handle,
-        v=twin[2].handle,
-        grad=grad,
-        use_locking=False,
-        use_nesterov=False,
-        **scalars("float32"),
-    )
-    for ours, theirs in zip((var, m, v), twin, strict=True):
-        np.testing.assert_array_equal(ours.numpy(), theirs.numpy())
+    ones = np.ones(1000, "float32")
+    expected = numpy_adam(ones, ones, ones, grad, **numpy_scalars("float32"))
+    for ours, theirs in zip((var, m, v), expected, strict=True):
+        np.testing.assert_array_equal(ours.numpy(), theirs)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_op_equals_numpy_transcription_of_keras_to_the_bit(dtype):
+    rng = np.random.default_rng(4)
+    shapes = [(3, 4), (), (0,), (1001,), (17, 33)]
+    state = [[np.abs(rng.normal(size=s)).astype(dtype) for s in shapes] for _ in range(3)]
+    ours = [[tf.Variable(x) for x in row] for row in state]
+    for t in range(1, 6):
+        grads = [rng.normal(size=s).astype(dtype) for s in shapes]
+        apply(*ours, [tf.constant(g) for g in grads], dtype=dtype, **scalars(dtype, t))
+        for i, g in enumerate(grads):
+            new = numpy_adam(state[0][i], state[1][i], state[2][i], g, **numpy_scalars(dtype, t))
+            for r in range(3):
+                state[r][i] = new[r]
+    for our_row, expected_row in zip(ours, state, strict=True):
+        for a, b in zip(our_row, expected_row, strict=True):
+            np.testing.assert_array_equal(a.numpy(), b)
 
 
 # The pytest process uses one intra-op thread (conftest): check the split of
-# all tensors' elements over a real thread pool in a fresh process.
+# all tensors' elements over a real thread pool in a fresh process, against
+# NumPy with the same scalars (Keras's arithmetic), to the bit.
 THREADED = textwrap.dedent(
     """
     import numpy as np, tensorflow as tf
@@ -262,31 +303,34 @@ THREADED = textwrap.dedent(
     rng = np.random.default_rng(0)
     shapes = [(300001,), (), (0,), (1001,), (257, 513), (5,)] * 3
     for dtype in ("float32", "float64"):
-        ours = [[tf.Variable(np.abs(rng.normal(size=s)).astype(dtype)) for s in shapes]
-                for _ in range(3)]
-        theirs = [[tf.Variable(x.numpy()) for x in row] for row in ours]
+        real = np.dtype(dtype).type
+        theirs = [[np.abs(rng.normal(size=s)).astype(dtype) for s in shapes] for _ in range(3)]
+        ours = [[tf.Variable(x) for x in row] for row in theirs]
         for t in range(1, 6):
-            grads = [tf.constant(rng.normal(size=s), dtype) for s in shapes]
-            scalars = dict(beta1_power=tf.constant(0.9**t, dtype),
-                           beta2_power=tf.constant(0.999**t, dtype),
-                           lr=tf.constant(0.01, dtype), beta1=tf.constant(0.9, dtype),
-                           beta2=tf.constant(0.999, dtype), epsilon=tf.constant(1e-7, dtype))
+            grads = [rng.normal(size=s).astype(dtype) for s in shapes]
+            b1p, b2p = real(0.9) ** real(t), real(0.999) ** real(t)
+            alpha = real(0.01) * np.sqrt(real(1) - b2p) / (real(1) - b1p)
+            c1, c2, eps = real(1 - 0.9), real(1 - 0.999), real(1e-7)
             module.keras_adam_multi_tensor_apply_adam(
                 var=[x.handle for x in ours[0]], m=[x.handle for x in ours[1]],
-                v=[x.handle for x in ours[2]], grad=grads, **scalars)
+                v=[x.handle for x in ours[2]], grad=[tf.constant(g) for g in grads],
+                alpha=tf.constant(alpha), one_minus_beta1=tf.constant(c1),
+                one_minus_beta2=tf.constant(c2), epsilon=tf.constant(eps))
             for i, g in enumerate(grads):
-                tf.raw_ops.ResourceApplyAdam(
-                    var=theirs[0][i].handle, m=theirs[1][i].handle, v=theirs[2][i].handle,
-                    grad=g, use_locking=False, use_nesterov=False, **scalars)
+                var, m, v = (theirs[r][i] for r in range(3))
+                m = m + (g - m) * c1
+                v = v + (g * g - v) * c2
+                theirs[0][i], theirs[1][i], theirs[2][i] = (
+                    var - (m * alpha) / (np.sqrt(v) + eps), m, v)
         for a_row, b_row in zip(ours, theirs):
             for a, b in zip(a_row, b_row):
-                np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-6, atol=0)
+                np.testing.assert_array_equal(a.numpy(), b)
     print("ok")
     """
 )
 
 
-def test_threaded_split_matches_resource_apply_adam():
+def test_threaded_split_matches_numpy():
     run_python(THREADED)
 
 

@@ -152,3 +152,33 @@ def test_console_script_and_module_are_the_same_command():
     contract = "--dataset --model --data --tuner --max-trials --epochs --seed --directory"
     for option in (*contract.split(), "--project", "--overwrite", "--lr-range-test"):
         assert option in helps[0]
+
+
+def test_seed_seeds_the_search_and_split_seed_the_split():
+    parse = cli.build_parser().parse_args
+    split = [cli._load_data(parse(["--dataset", "wine", *extra])) for extra in (
+        ["--seed", "1"], ["--seed", "2"], ["--split-seed", "1"],
+    )]  # fmt: skip
+    assert (split[0][0] == split[1][0]).all()  # two search seeds, one split
+    assert not (split[0][0] == split[2][0]).all()
+
+
+def test_python_and_the_command_line_share_the_epochs_default():
+    import inspect
+
+    import tuning
+
+    defaults = inspect.signature(tuning.search).parameters
+    assert defaults["epochs"].default == cli.build_parser().parse_args([]).epochs
+    assert defaults["max_trials"].default == cli.DEFAULT_MAX_TRIALS
+
+
+def test_another_search_in_the_same_project_exits_2_naming_what_changed(tmp_path, capsys):
+    argv = ["--dataset", "wine", "--tuner", "random", "--max-trials", "1",
+            "--directory", str(tmp_path), "--comparison-repeats", "0", "--no-plot"]  # fmt: skip
+    assert run_cli(*argv, "--epochs", "1")[0] == 0
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*argv, "--epochs", "2")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "changed: epochs" in err and "--overwrite" in err and err.count("\n") == 1

@@ -27,14 +27,15 @@ from typing import Any
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from tuning.datasets import DATASET_NAMES  # noqa: E402
+from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS  # noqa: E402, F401 - re-exported
 
 #: `--tuner` choices: `tuning.tuners.TUNERS`, spelled out so that parsing
 #: arguments does not import TensorFlow (a test keeps the two equal).
 TUNER_CHOICES = ("random", "bayesian", "hyperband", "grid")
 
-#: Trials and epochs of the default search: about 3 minutes on 2 cores for digits.
-DEFAULT_MAX_TRIALS = 20
-DEFAULT_EPOCHS = 15
+#: The bundled datasets' train/test split: fixed, so that searches with different
+#: `--seed`s are compared on the same split.
+DEFAULT_SPLIT_SEED = 0
 
 
 class UsageError(Exception):
@@ -100,7 +101,20 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--tuner", choices=TUNER_CHOICES, default="bayesian")
     budget.add_argument("--max-trials", type=positive_int, default=None, metavar="N")
     budget.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, metavar="N")
-    budget.add_argument("--seed", type=non_negative_int, default=0, metavar="N")
+    budget.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="seed of the search and its initial weights (not of the data split)",
+    )
+    source.add_argument(
+        "--split-seed",
+        type=non_negative_int,
+        default=DEFAULT_SPLIT_SEED,
+        metavar="N",
+        help=f"seed of --dataset's train/test split (default {DEFAULT_SPLIT_SEED})",
+    )
     budget.add_argument("--batch-size", type=positive_int, default=32, metavar="N")
     budget.add_argument(
         "--objective", default="val_loss", help="metric to optimize (default: val_loss)"
@@ -180,7 +194,7 @@ def _load_data(args: argparse.Namespace) -> tuple:
     from tuning.datasets import Dataset, load_dataset
 
     if args.data is None:
-        data = load_dataset(args.dataset or "digits", seed=args.seed)
+        data = load_dataset(args.dataset or "digits", seed=args.split_seed)
         return data.x_train, data.y_train, data.x_test, data.y_test, data.num_classes
     loaded = _load_reference("--data", args.data)()
     if isinstance(loaded, Dataset):
@@ -254,11 +268,12 @@ def run(argv: Sequence[str] | None = None, stream: Any = None) -> int:
     if args.dataset and args.data:
         parser.error("argument --data: not allowed with argument --dataset")
     from tuning.distributed import WorkerTimeoutError
+    from tuning.fingerprint import SearchMismatchError
 
     try:
         return _run(args, stream)
-    except UsageError as error:
-        parser.error(str(error))
+    except (UsageError, SearchMismatchError) as error:
+        parser.error(" ".join(str(error).split()))
     except Exception as error:
         import grpc
 
@@ -280,15 +295,11 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
         raise UsageError("argument --model: required when --data gives non-integer labels")
     else:
         build_model = default_model(x_train.shape[1], num_classes)
-    import keras
-
     import tuning
     from tuning import distributed
     from tuning.searching import objective_direction
     from tuning.space import AdamSearchSpace
 
-    loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    metrics = ["accuracy"] if num_classes is not None else None
     max_trials = args.max_trials
     if max_trials is None and args.tuner != "hyperband":
         max_trials = DEFAULT_MAX_TRIALS
@@ -297,9 +308,9 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
     )
     learning_rate = None
     if args.lr_range_test:
-        learning_rate = _range_test(build_model, x_train, y_train, loss, args, stream)
+        learning_rate = _range_test(build_model, x_train, y_train, args, stream)
     space = _space(args, learning_rate)
-    if args.objective and "acc" in args.objective and metrics is None:
+    if args.objective and "acc" in args.objective and num_classes is None:
         raise UsageError(f"argument --objective: {args.objective} needs classification labels")
     try:
         objective_direction(args.objective)
@@ -318,14 +329,13 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
         file=stream,
         flush=True,
     )
-    result = tuning.search(
+    result = _search(
+        tuning.search,
         build_model,
         x_train,
         y_train,
         validation_split=0.2,
         test_data=(x_test, y_test),
-        loss=loss,
-        metrics=metrics,
         objective=args.objective,
         tuner=args.tuner,
         max_trials=max_trials,
@@ -350,11 +360,22 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
     return 0
 
 
-def _range_test(build_model: Callable, x: Any, y: Any, loss: Any, args: Any, stream: Any) -> tuple:
+def _search(search: Callable, *args: Any, **kwargs: Any) -> Any:
+    """`tuning.search`, with a loss it cannot infer reported as a usage error."""
+    try:
+        return search(*args, **kwargs)
+    except ValueError as error:
+        if str(error).startswith("Argument `loss`"):
+            raise UsageError(f"argument --model: {error}") from None
+        raise
+
+
+def _range_test(build_model: Callable, x: Any, y: Any, args: Any, stream: Any) -> tuple:
     import keras
 
     import keras_adam
     from tuning.hypermodel import _takes_hp
+    from tuning.inference import infer_loss
     from tuning.lr_range_test import lr_range_test
 
     keras.utils.set_random_seed(args.seed)
@@ -364,6 +385,10 @@ def _range_test(build_model: Callable, x: Any, y: Any, loss: Any, args: Any, str
         model = build_model(keras_tuner.HyperParameters())
     else:
         model = build_model()
+    try:
+        loss = infer_loss(model, y)[0]
+    except ValueError as error:
+        raise UsageError(f"argument --lr-range-test: {error}") from None
     model.compile(optimizer=keras_adam.Adam(), loss=loss)
     low, high = args.learning_rate or (1e-7, 10.0)
     try:
@@ -394,6 +419,8 @@ def _print_result(result: Any, paths: dict, role: str, stream: Any) -> None:
     if result.comparison is not None:
         print("\nAgainst default Adam (keras_adam.Adam()):", file=stream)
         print(result.comparison.summary(), file=stream)
+        if not result.comparison.tuned_is_better:
+            print("Use keras_adam.Adam() with its defaults for this problem.", file=stream)
     print("\nWrote " + ", ".join(paths.values()), file=stream, flush=True)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -11,6 +12,7 @@ import keras
 import keras_tuner
 
 import keras_adam
+from tuning.inference import check_loss
 from tuning.space import NAMES, AdamSearchSpace
 
 
@@ -74,7 +76,9 @@ class AdamHyperModel(keras_tuner.HyperModel):
             `keras_tuner.HyperParameters` argument and tune the model too.
         space: The Adam search space; its `tuned` names decide what is
             searched (see `AdamSearchSpace.for_budget`).
-        loss: The loss, as for `Model.compile`.
+        loss: The loss, as for `Model.compile` (required when building; a
+            cross-entropy whose `from_logits` contradicts the model's last
+            layer is refused, see `tuning.inference`).
         metrics: Metrics, as for `Model.compile`.
         compile_options: Other `Model.compile` arguments (e.g. `jit_compile`).
         optimizer_options: `keras_adam.Adam` arguments held fixed in every
@@ -91,7 +95,7 @@ class AdamHyperModel(keras_tuner.HyperModel):
         build_model: Callable[..., keras.Model],
         *,
         space: AdamSearchSpace | None = None,
-        loss: Any = "sparse_categorical_crossentropy",
+        loss: Any = None,
         metrics: Any = None,
         compile_options: Mapping[str, Any] | None = None,
         optimizer_options: Mapping[str, Any] | None = None,
@@ -126,6 +130,7 @@ class AdamHyperModel(keras_tuner.HyperModel):
                 )
         self.optimizer_options = options
         self.seed = seed
+        self.fit_seconds: float | None = None
 
     def optimizer(self, values: Mapping[str, Any]) -> keras_adam.Adam:
         """A `keras_adam.Adam` from the five hyperparameters and the fixed options."""
@@ -160,6 +165,12 @@ class AdamHyperModel(keras_tuner.HyperModel):
                 "Argument `build_model` must return a keras.Model. "
                 f"Received: {type(model).__name__} from build_model={self.build_model!r}"
             )
+        if self.loss is None:
+            raise ValueError(
+                "Argument `loss` is required: pass the loss to AdamHyperModel (tuning.search "
+                "infers it from the model and targets)."
+            )
+        check_loss(model, self.loss)
         model.compile(
             optimizer=self.optimizer(sampled if values is None else values),
             loss=self.loss,
@@ -181,7 +192,9 @@ class AdamHyperModel(keras_tuner.HyperModel):
         """
         guard = DivergenceGuard()
         kwargs["callbacks"] = [*kwargs.get("callbacks", []), guard]
+        started = time.perf_counter()
         history = model.fit(*args, **kwargs)
+        self.fit_seconds = time.perf_counter() - started
         if guard.reason is not None:
             raise keras_tuner.errors.FailedTrialError(guard.reason)
         return history

@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import sys
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -494,9 +495,8 @@ class RangeTestResult:
 
 def _fit_arguments(x: Any, batch_size: int | None, steps: int) -> dict:
     """The `fit` arguments (besides `y`) that make at least `steps` batches."""
-    import tensorflow as tf
-
-    if isinstance(x, tf.data.Dataset):
+    tf = sys.modules.get("tensorflow")  # a tf.data.Dataset implies it is imported
+    if tf is not None and isinstance(x, tf.data.Dataset):
         # Repeated, any dataset (finite, infinite, or of unknown size) gives
         # `steps` batches in one epoch, without Keras's "ran out of data".
         return dict(x=x.repeat(), epochs=1, steps_per_epoch=steps, shuffle=False)

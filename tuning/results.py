@@ -4,8 +4,9 @@ Files written by `SearchResult.write` into the project directory:
 
 - `best.json`: the best hyperparameters, a `keras_adam.Adam` config
   (`keras_adam.Adam.from_config(best["optimizer"])` rebuilds it), the
-  objective and its score, the number of trials, and default Adam's score
-  measured the same way (`baseline`);
+  objective and its score, the number of trials, default Adam's held-out
+  score (`baseline`), the comparison of both on held-out data, and the
+  `verdict` ("use": "tuned" or "default", and a sentence);
 - `trials.csv`: one row per trial in trial order: `trial_id, status,
   learning_rate, beta_1, beta_2`, the other searched hyperparameters,
   `score, seconds`, and `reason` (why a trial failed, else empty);
@@ -50,28 +51,51 @@ class TrialRecord:
     reason: str | None = None
 
 
+#: How `Comparison.held_out` names the data the two optimizers are judged on.
+HELD_OUT = {
+    "test_data": "the test data",
+    "holdout": "data held out of the search",
+    "validation": "the validation data that chose the winner (optimistic: pass test_data)",
+}
+
+#: The verdict when tuning did not beat default Adam by more than the spread.
+NOT_BETTER = "default Adam was as good or better on held-out data"
+
+
 @dataclass(frozen=True)
 class Comparison:
-    """The tuned optimizer against default Adam, trained and scored the same way.
+    """The tuned optimizer against default Adam, judged on data that took no part in selection.
 
-    Both train the same model from the same initial weights for each repeat
-    (seeds `seed`, `seed + 1`, ...), with the search's data, epochs and
-    callbacks; each run is scored like a trial (the objective's best epoch).
+    Each side trains `repeats` times from initial weights the search never
+    saw (seeds `seed + 1`, `seed + 2`, ...; repeat r of both sides shares
+    its weights), with the search's data, epochs and callbacks. Each run
+    keeps its weights from the epoch the validation objective was best (as
+    trials are scored), and is then scored on the held-out data: the test
+    data when given, else a part of the training data held out of the
+    search (`held_out` says which).
+
+    Tuned wins only if its mean beats default Adam's by more than the
+    run-to-run spread (the larger of the two sides' standard deviations):
+    otherwise the verdict is that default Adam was as good or better.
 
     Attributes:
-        objective: The objective's name, e.g. "val_loss".
+        objective: The search's objective, e.g. "val_loss".
+        metric: What is compared on the held-out data, e.g. "loss".
         direction: "min" or "max".
-        tuned_scores: One score per repeat for the tuned optimizer.
-        default_scores: One score per repeat for `keras_adam.Adam()` with
-            Keras's defaults (η=1e-3, β1=0.9, β2=0.999, ε̂=1e-7) and the
-            search's fixed options.
-        tuned_metrics: Mean of every other metric of the tuned runs
-            (validation at the last epoch, and `test_*` on test data).
+        held_out: "test_data", "holdout" or "validation" (see `HELD_OUT`).
+        tuned_scores: The held-out `metric` of each tuned run.
+        default_scores: The same for `keras_adam.Adam()` with Keras's
+            defaults (η=1e-3, β1=0.9, β2=0.999, ε̂=1e-7) and the search's
+            fixed options.
+        tuned_metrics: Mean of the tuned runs' other metrics: validation
+            (`val_*`) at the kept epoch, and `test_*` on the held-out data.
         default_metrics: The same for default Adam.
     """
 
     objective: str
+    metric: str
     direction: str
+    held_out: str
     tuned_scores: tuple[float, ...]
     default_scores: tuple[float, ...]
     tuned_metrics: dict
@@ -79,52 +103,108 @@ class Comparison:
 
     @property
     def tuned_score(self) -> float:
-        """Mean score of the tuned optimizer."""
+        """Mean held-out score of the tuned optimizer (NaN if a run diverged)."""
         return _mean(self.tuned_scores)
 
     @property
     def default_score(self) -> float:
-        """Mean score of default Adam."""
+        """Mean held-out score of default Adam."""
         return _mean(self.default_scores)
 
     @property
+    def tuned_spread(self) -> float:
+        """Standard deviation of the tuned runs' scores (0 for one run)."""
+        return _std(self.tuned_scores)
+
+    @property
+    def default_spread(self) -> float:
+        """Standard deviation of default Adam's scores (0 for one run)."""
+        return _std(self.default_scores)
+
+    @property
+    def spread(self) -> float:
+        """The run-to-run spread a difference must exceed: the larger standard deviation."""
+        return max(self.tuned_spread, self.default_spread)
+
+    @property
+    def gain(self) -> float:
+        """How much better the tuned mean is (positive: tuned better), in `metric` units."""
+        gain = self.default_score - self.tuned_score
+        return gain if self.direction == "min" else -gain
+
+    @property
     def tuned_is_better(self) -> bool:
-        """Whether the tuned optimizer's mean score beats default Adam's."""
+        """Whether tuned beats default Adam on held-out data by more than the spread."""
+        if math.isnan(self.tuned_score):
+            return False
         if math.isnan(self.default_score):
-            return not math.isnan(self.tuned_score)
-        if self.direction == "min":
-            return self.tuned_score < self.default_score
-        return self.tuned_score > self.default_score
+            return True
+        return self.gain > self.spread
+
+    @property
+    def verdict(self) -> str:
+        """One plain sentence: which optimizer to use, and why."""
+        n = len(self.tuned_scores)
+        where = HELD_OUT.get(self.held_out, self.held_out)
+        numbers = (
+            f"{self.metric} {self.tuned_score:.4g} ± {self.tuned_spread:.2g} (tuned) against "
+            f"{self.default_score:.4g} ± {self.default_spread:.2g} (default), "
+            f"{n} run{'s' if n != 1 else ''} each on {where}"
+        )
+        if self.tuned_is_better:
+            return f"tuned Adam was better on held-out data, by more than the spread: {numbers}"
+        if self.gain > 0:
+            return (
+                f"{NOT_BETTER}: tuned's lead ({self.gain:.2g}) is within the run-to-run spread "
+                f"({self.spread:.2g}): {numbers}"
+            )
+        return f"{NOT_BETTER}: {numbers}"
 
     def summary(self) -> str:
-        """A few lines comparing the two, for a terminal."""
-        n = len(self.tuned_scores)
-        lines = [f"{'':9} {self.objective:>12}  " + "  ".join(f"{k:>14}" for k in self._keys())]
-        for label, score, metrics in (
-            ("tuned", self.tuned_score, self.tuned_metrics),
-            ("default", self.default_score, self.default_metrics),
+        """A few lines comparing the two, ending with the verdict, for a terminal."""
+        keys = self._keys()
+        width = max(12, len(self.metric) + 5)
+        header = f"{'':9} {('held-out ' + self.metric):>{width + 10}}  "
+        lines = [header + "  ".join(f"{k:>14}" for k in keys)]
+        for label, score, spread, metrics in (
+            ("tuned", self.tuned_score, self.tuned_spread, self.tuned_metrics),
+            ("default", self.default_score, self.default_spread, self.default_metrics),
         ):
-            cells = "  ".join(f"{metrics.get(k, float('nan')):>14.4f}" for k in self._keys())
-            lines.append(f"{label:9} {score:>12.4f}  {cells}")
-        verdict = "better" if self.tuned_is_better else "not better"
+            cells = "  ".join(f"{metrics.get(k, float('nan')):>14.4f}" for k in keys)
+            value = f"{score:.4f} ± {spread:.4f}"
+            lines.append(f"{label:9} {value:>{width + 10}}  {cells}")
+        n = len(self.tuned_scores)
+        where = {"holdout": "held out of the search", "test_data": "the test data"}
         lines.append(
-            f"(means of {n} run{'s' if n != 1 else ''} each, same initial weights; "
-            f"tuned is {verdict} on {self.objective}, {self.direction}imized)"
+            f"(mean ± standard deviation of {n} run{'s' if n != 1 else ''} each from initial "
+            f"weights the search never saw, scored on "
+            f"{where.get(self.held_out, HELD_OUT[self.held_out])})"
         )
+        lines.append(f"Verdict: {self.verdict}")
         return "\n".join(lines)
 
     def _keys(self) -> list[str]:
-        return sorted(k for k in self.tuned_metrics if k != self.objective)
+        return sorted(k for k in self.tuned_metrics if k != f"test_{self.metric}")
 
     def to_json(self) -> dict:
         """A JSON-ready dict."""
+
+        def side(scores: tuple, mean: float, spread: float, metrics: dict) -> dict:
+            return {"score": mean, "spread": spread, "scores": list(scores), "metrics": metrics}
+
         return {
             "objective": self.objective,
+            "metric": self.metric,
             "direction": self.direction,
-            "tuned": {"score": self.tuned_score, "scores": list(self.tuned_scores)}
-            | {"metrics": self.tuned_metrics},
-            "default": {"score": self.default_score, "scores": list(self.default_scores)}
-            | {"metrics": self.default_metrics},
+            "held_out": self.held_out,
+            "tuned": side(
+                self.tuned_scores, self.tuned_score, self.tuned_spread, self.tuned_metrics
+            ),
+            "default": side(
+                self.default_scores, self.default_score, self.default_spread, self.default_metrics
+            ),
+            "tuned_is_better": self.tuned_is_better,
+            "verdict": self.verdict,
         }
 
 
@@ -135,22 +215,22 @@ class SearchResult:
     Attributes:
         best_hyperparameters: Adam's five hyperparameters of the best trial,
             as `keras_adam.Adam` arguments (searched and fixed).
-        optimizer: A new `keras_adam.Adam` built from them and the fixed
-            options, ready for `model.compile`.
+        optimizer_config: The `keras_adam.Adam` config of the best trial
+            (with the fixed options).
         objective: The objective's name.
         direction: "min" or "max".
         score: The best trial's score.
         trials: Every trial, in trial order.
         tuned: The names that were searched.
         tuner: The search algorithm's name.
-        comparison: The tuned optimizer against default Adam, or None if
-            the search was run with `comparison_repeats=0`.
+        comparison: The tuned optimizer against default Adam on held-out
+            data, or None if the search was run with `comparison_repeats=0`.
         project_dir: Where KerasTuner keeps the search (and where `write`
             writes by default).
     """
 
     best_hyperparameters: dict
-    optimizer: keras_adam.Adam
+    optimizer_config: dict
     objective: str
     direction: str
     score: float
@@ -160,23 +240,41 @@ class SearchResult:
     comparison: Comparison | None
     project_dir: str
 
+    @property
+    def optimizer(self) -> keras_adam.Adam:
+        """A new, unbuilt `keras_adam.Adam` with the best hyperparameters, each time it is read.
+
+        An optimizer holds the state of the one model it trains, so every
+        `model.compile(optimizer=result.optimizer)` gets its own.
+        """
+        return keras_adam.Adam.from_config(dict(self.optimizer_config))
+
     def table(self) -> str:
         """The trials as a fixed-width table, for a terminal."""
         return format_trials(self.trials, self.tuned, self.objective)
 
     def to_json(self) -> dict:
         """The content of `best.json`."""
-        baseline = None
+        baseline = verdict = None
         if self.comparison is not None:
+            c = self.comparison
             baseline = {
-                "optimizer": keras_adam.Adam().get_config(),
-                "score": self.comparison.default_score,
-                "scores": list(self.comparison.default_scores),
-                "metrics": self.comparison.default_metrics,
+                "optimizer": _jsonable(keras_adam.Adam().get_config()),
+                "score": c.default_score,
+                "spread": c.default_spread,
+                "scores": list(c.default_scores),
+                "metrics": c.default_metrics,
+            }
+            verdict = {
+                "tuned_is_better": c.tuned_is_better,
+                "use": "tuned" if c.tuned_is_better else "default",
+                "message": c.verdict,
+                "metric": c.metric,
+                "held_out": c.held_out,
             }
         return {
             "hyperparameters": self.best_hyperparameters,
-            "optimizer": _jsonable(self.optimizer.get_config()),
+            "optimizer": _jsonable(self.optimizer_config),
             "objective": self.objective,
             "direction": self.direction,
             "score": self.score,
@@ -184,6 +282,7 @@ class SearchResult:
             "completed": sum(t.status == "COMPLETED" for t in self.trials),
             "tuned": list(self.tuned),
             "tuner": self.tuner,
+            "verdict": verdict,
             "baseline": baseline,
             "comparison": None if self.comparison is None else self.comparison.to_json(),
         }
@@ -216,6 +315,13 @@ def _mean(values: Sequence[float]) -> float:
     if len(finite) != len(values) or not finite:
         return float("nan")
     return sum(finite) / len(finite)
+
+
+def _std(values: Sequence[float]) -> float:
+    mean = _mean(values)
+    if math.isnan(mean) or len(values) < 2:
+        return 0.0 if not math.isnan(mean) else float("nan")
+    return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _finite(value: Any) -> Any:

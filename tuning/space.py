@@ -54,6 +54,10 @@ DEFAULTS = {
 #: Where a search starts (GridSearch's first point, the prior's centre).
 _STARTS = {"learning_rate": 1e-3, "beta_1": 0.9, "beta_2": 0.999, "epsilon": 1e-7}
 
+#: The default budget of `tuning.search` and `keras-adam-tune`: trials, and epochs per trial.
+DEFAULT_MAX_TRIALS = 20
+DEFAULT_EPOCHS = 15
+
 #: Trial budgets at which `tuned_names` adds parameters.
 BUDGET_STEPS = ((10, 2), (25, len(NAMES)))
 
@@ -239,6 +243,13 @@ class AdamSearchSpace:
             sampled = hp.Float(hp_name(name), low, high, sampling="log", default=start)
             values[name] = 1.0 - sampled if _is_beta(name) else sampled
         return values
+
+    def to_json(self) -> dict:
+        """The space as JSON-ready values (ranges as lists), for fingerprints and files."""
+        values = {
+            n: list(v) if isinstance(v, tuple) else v for n in NAMES for v in [getattr(self, n)]
+        }
+        return {**values, "tuned": list(self.tuned_names())}
 
     def values_from(self, hp_values: Mapping[str, Any]) -> dict:
         """`keras_adam.Adam` arguments from a trial's `hp.values`."""

@@ -6,23 +6,38 @@
   (`Adam(lazy_sparse=True)`) of one variable, on the rows a `tf.IndexedSlices`
   gradient touches only, repeated indices summed first.
 
-Both include `adam_step.h`, the elementwise step they share. The two sources
-are compiled with the machine's C++ compiler into one shared library the
-first time a step needs either op, into a per-user cache directory
-(`$KERAS_ADAM_CACHE_DIR`, else `$XDG_CACHE_HOME/keras_adam`, else
-`~/.cache/keras_adam`). The library's name is a hash of everything that makes
-it differ: the sources and the header, the TensorFlow version and build
-flags, the compiler and its version, and the flags. Concurrent processes
+Both include `adam_step.h`, the elementwise step they share: Keras's
+arithmetic, with the scalars (1 − β1, 1 − β2 and the bias-corrected step
+size) passed in, computed as Keras computes them.
+
+The two sources are compiled with the machine's C++ compiler into one
+shared library the first time a step needs either op (about 15 s, once:
+a WARNING says so when it starts and how long it took when it ends), into
+a per-user cache directory (`$KERAS_ADAM_CACHE_DIR`, else
+`$XDG_CACHE_HOME/keras_adam`, else `~/.cache/keras_adam`). To build it
+ahead, in a Docker image or a CI step:
+
+    python -m keras_adam.kernels build    # or: keras-adam-kernels build
+
+prints the library's path (exit status 0), or one line saying why it
+cannot build (exit status 1).
+
+The library's name is a hash of what changes the binary: the sources and
+the header, the TensorFlow version and its compile and link flags (ABI
+included) with its install path left out, our flags, the machine, and the
+compiler's version. Virtual environments with the same TensorFlow share one
+library. Where no compiler is found, a library built ahead for the same
+sources and TensorFlow is loaded (whichever compiler built it): an image
+can build in one stage and run without a compiler. Concurrent processes
 (pytest-xdist workers) take a file lock, so one compiles and the others wait
 and load; the library is written under a temporary name and renamed into
 place.
 
-Anything that fails (no compiler, a compile error, a library TensorFlow
-refuses to load, a library without both ops) is logged once and `load()`
-returns None: callers then use `tf.raw_ops.ResourceApplyAdam` per variable
-for dense gradients and `keras.ops` gathers and scatters for lazy sparse
-rows, so correctness never depends on these kernels. `KERAS_ADAM_KERNEL=0`
-disables both.
+Anything that fails (no compiler and no library built ahead, a compile
+error, a library TensorFlow refuses to load, a library without both ops) is
+logged once and `load()` returns None: callers then use the `keras.ops`
+step (Keras's own arithmetic, which XLA fuses), so correctness never
+depends on these kernels. `KERAS_ADAM_KERNEL=0` disables both.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +74,14 @@ _WRAPPERS = {
 }
 # No -march: the library may be cached on a shared home directory. The
 # elementwise loop is cloned for AVX-512/AVX2/baseline and picked at load time.
-FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-ffp-contract=off", "-w")
+FLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-w")
 COMPILE_TIMEOUT = 600
+#: What the compile usually takes (g++ 12, one core of a 2-core x86-64 VM), for the log.
+EXPECTED_COMPILE_SECONDS = 15
 
 _logger = logging.getLogger("keras_adam")
 _lock = threading.Lock()
-_state: dict[str, Any] = {}  # "module" once tried; "error" if it failed
+_state: dict[str, Any] = {}  # "module" once tried; "library" if loaded; "error" if failed
 
 
 def enabled() -> bool:
@@ -84,13 +102,12 @@ def load() -> Any | None:
         if "module" not in _state:
             _state["module"] = None
             try:
-                _state["module"] = _build_and_load()
+                _state["module"], _state["library"] = _build_and_load()
             except Exception as error:  # noqa: BLE001 - any failure means: fall back
                 _state["error"] = error
                 _logger.warning(
-                    "keras_adam: the Adam kernels are unavailable (%s); using "
-                    "ResourceApplyAdam per variable and keras.ops for lazy sparse rows. "
-                    "Set %s=0 to silence this.",
+                    "keras_adam: the Adam kernels are unavailable (%s); using the "
+                    "keras.ops step instead (Keras's speed). Set %s=0 to silence this.",
                     error,
                     ENV_SWITCH,
                 )
@@ -118,89 +135,192 @@ def _compiler() -> str:
     raise RuntimeError("no C++ compiler found (set CXX)")
 
 
-def _command(compiler: str, output: str) -> list[str]:
+def _tensorflow_flags() -> list[str]:
+    """TensorFlow's compile and link flags (include and library directories, ABI)."""
     import tensorflow as tf
 
+    return [*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags()]
+
+
+def _commands(compiler: str, objects: list[str], output: str) -> list[list[str]]:
+    """One compile command per source (into `objects`), then the link into `output`."""
+    import tensorflow as tf
+
+    compile_flags = tf.sysconfig.get_compile_flags()
     return [
-        compiler,
-        *FLAGS,
-        *(str(source) for source in SOURCES),
-        "-o",
-        output,
-        *tf.sysconfig.get_compile_flags(),
-        *tf.sysconfig.get_link_flags(),
+        *(
+            [compiler, *FLAGS, "-c", str(source), "-o", target, *compile_flags]
+            for source, target in zip(SOURCES, objects, strict=True)
+        ),
+        [compiler, *FLAGS, "-shared", *objects, "-o", output, *tf.sysconfig.get_link_flags()],
     ]
 
 
-def _library_path(compiler: str) -> Path:
+def _binary_key() -> str:
+    """A hash of what makes the library differ, the compiler aside.
+
+    The sources and the header, the TensorFlow version, our flags and
+    TensorFlow's flags with TensorFlow's install directory replaced by a
+    placeholder (`-I<tensorflow>/include`, `-L<tensorflow>`: the library
+    finds `libtensorflow_framework` already loaded by TensorFlow, so it does
+    not depend on where TensorFlow is installed), and the machine. Paths of
+    the sources and the compiler are left out too.
+    """
     import tensorflow as tf
 
-    version = subprocess.run(
-        [compiler, "--version"], capture_output=True, text=True, check=False, timeout=60
-    ).stdout
+    install = tf.sysconfig.get_lib()
+    flags = [flag.replace(install, "<tensorflow>") for flag in _tensorflow_flags()]
     key = hashlib.sha256()
     for part in (
         *(path.read_bytes() for path in SOURCES + HEADERS),
         tf.__version__,
         getattr(tf, "__git_version__", ""),
-        tf.sysconfig.get_lib(),
-        " ".join(_command(compiler, "")),
-        version,
+        " ".join(FLAGS),
+        " ".join(flags),
         platform.machine(),
         platform.system(),
     ):
         key.update(part if isinstance(part, bytes) else part.encode())
         key.update(b"\0")
-    return cache_dir() / f"keras_adam_kernels-{key.hexdigest()[:20]}.so"
+    return key.hexdigest()[:20]
+
+
+def _compiler_key(compiler: str) -> str:
+    """A hash of the compiler's identity: its `--version` output, not its path."""
+    version = subprocess.run(
+        [compiler, "--version"], capture_output=True, text=True, check=False, timeout=60
+    ).stdout
+    return hashlib.sha256(version.encode()).hexdigest()[:8]
+
+
+def _library_path(compiler: str) -> Path:
+    """The cached library `compiler` builds for these sources and this TensorFlow."""
+    return cache_dir() / f"keras_adam_kernels-{_binary_key()}-{_compiler_key(compiler)}.so"
+
+
+def _prebuilt_library() -> Path | None:
+    """A library built ahead for these sources and this TensorFlow, by any compiler."""
+    candidates = sorted(
+        cache_dir().glob(f"keras_adam_kernels-{_binary_key()}-*.so"),
+        key=lambda path: path.stat().st_mtime,
+    )
+    return candidates[-1] if candidates else None
 
 
 @contextlib.contextmanager
-def _file_lock(path: Path):
+def _file_lock(path: Path, library: Path):
     import fcntl
 
     with open(path, "a+") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            _logger.warning(
+                "keras_adam: waiting for another process to compile the Adam kernels into %s",
+                library,
+            )
+            fcntl.flock(handle, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _compile(compiler: str, library: Path) -> None:
-    descriptor, temporary = tempfile.mkstemp(
-        prefix=library.stem + ".", suffix=".tmp", dir=library.parent
-    )
-    os.close(descriptor)
+def _run_all(commands: list[list[str]]) -> None:
+    """Run `commands` at the same time; raise if any fails or overruns COMPILE_TIMEOUT."""
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    deadline = time.monotonic() + COMPILE_TIMEOUT
     try:
-        _logger.info("keras_adam: compiling the Adam kernels into %s", library)
-        result = subprocess.run(
-            _command(compiler, temporary),
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=COMPILE_TIMEOUT,
-        )
-        if result.returncode != 0:
-            names = ", ".join(source.name for source in SOURCES)
-            raise RuntimeError(f"compiling {names} failed: {result.stderr.strip()[-2000:]}")
-        os.replace(temporary, library)
+        for command, process in zip(commands, processes, strict=True):
+            _, stderr = process.communicate(timeout=max(deadline - time.monotonic(), 0.1))
+            if process.returncode != 0:
+                name = " ".join(Path(part).name for part in command if part.endswith(".cc"))
+                what = name or "the library"
+                raise RuntimeError(f"compiling {what} failed: {stderr.strip()[-2000:]}")
     finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
 
 
-def _build_and_load() -> Any:
-    import tensorflow as tf
+def _compile(compiler: str, library: Path) -> None:
+    """Compile the sources (each its own process: they parse TensorFlow's headers) and link."""
+    _logger.warning(
+        "keras_adam: compiling the Adam kernels once for this TensorFlow, about %d s, "
+        "into %s (`python -m keras_adam.kernels build` does it ahead of time)",
+        EXPECTED_COMPILE_SECONDS,
+        library,
+    )
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=library.stem + ".", dir=library.parent) as work:
+        objects = [os.path.join(work, f"{source.stem}.o") for source in SOURCES]
+        temporary = os.path.join(work, library.name)
+        *compile_commands, link = _commands(compiler, objects, temporary)
+        _run_all(compile_commands)
+        _run_all([link])
+        os.replace(temporary, library)
+    _logger.warning("keras_adam: compiled the Adam kernels in %.1f s", time.perf_counter() - start)
 
-    compiler = _compiler()
+
+def _find_or_compile() -> Path:
+    """The library's path, compiled first unless the cache holds it."""
+    try:
+        compiler = _compiler()
+    except RuntimeError as error:
+        library = _prebuilt_library()
+        if library is None:
+            raise RuntimeError(
+                f"{error}, and {cache_dir()} holds no library built ahead for this "
+                "TensorFlow (`python -m keras_adam.kernels build`)"
+            ) from None
+        return library
     library = _library_path(compiler)
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
-        with _file_lock(library.with_suffix(".lock")):
+        with _file_lock(library.with_suffix(".lock"), library):
             if not library.exists():
                 _compile(compiler, library)
+    return library
+
+
+def _build_and_load() -> tuple[Any, Path]:
+    import tensorflow as tf
+
+    library = _find_or_compile()
     module = tf.load_op_library(str(library))
     missing = [op for op, wrapper in _WRAPPERS.items() if not hasattr(module, wrapper)]
     if missing:
         raise RuntimeError(f"{library} does not define {', '.join(missing)}")
-    return module
+    return module, library
+
+
+def build() -> Path:
+    """Build the library now unless the cache holds it; load it; return its path.
+
+    What `python -m keras_adam.kernels build` runs: for Docker images and CI,
+    so that the first training step does not wait for the compiler. It
+    builds even where `KERAS_ADAM_KERNEL=0` disables the kernels' use.
+
+    Returns:
+        The path of the library in `cache_dir()`.
+
+    Raises:
+        RuntimeError: If it cannot be built or loaded (no compiler and no
+            library built ahead, a compile error, a library without both
+            ops).
+    """
+    with _lock:
+        if _state.get("module") is None:
+            _state["module"], _state["library"] = _build_and_load()
+            _state.pop("error", None)
+        return _state["library"]
+
+
+def library_path() -> Path | None:
+    """The path of the library `load()` loaded, or None if it loaded none."""
+    with _lock:
+        return _state.get("library") if _state.get("module") is not None else None

@@ -1,15 +1,22 @@
 // The elementwise Adam step shared by the kernels of this directory
 // (multi_tensor_adam.cc, sparse_rows_adam.cc).
 //
-// ResourceApplyAdam's arithmetic (Keras's "hat" epsilon, see
-// keras_adam/update_rule.py), in the same operation order as its CPU
-// functor, so that the kernels agree with it to the last bit as long as the
-// compiler does not contract to FMA (they are built with -ffp-contract=off):
+// keras.optimizers.Adam's arithmetic (its update_step; Keras's "hat"
+// epsilon, see keras_adam/update_rule.py), operation for operation, so that
+// the kernels give Keras's numbers to the last bit as long as the compiler
+// does not contract to FMA (they are built with -ffp-contract=off):
 //
-//   alpha = lr * sqrt(1 - beta2_power) / (1 - beta1_power)
-//   m   <- m + (g - m) * (1 - beta1)
-//   v   <- v + (g * g - v) * (1 - beta2)
+//   m   <- m + (g - m) * one_minus_beta1
+//   v   <- v + (g * g - v) * one_minus_beta2
 //   var <- var - (m * alpha) / (sqrt(v) + epsilon)
+//
+// The scalars are inputs of the ops, computed by the caller as Keras
+// computes them (keras_adam/backends/tensorflow.py): 1 - beta1 and
+// 1 - beta2 in double from the Python floats, rounded once to T, and
+// alpha = lr * sqrt(1 - beta2^t) / (1 - beta1^t) with TensorFlow ops in T.
+// Computing 1 - beta here from a float beta, as ResourceApplyAdam does,
+// is off by up to one rounding of beta: 1 - 0.999f = 0.00099998713, 1.3e-5
+// relative away from Keras's float(1 - 0.999) = 0.001.
 
 #ifndef KERAS_ADAM_KERNELS_ADAM_STEP_H_
 #define KERAS_ADAM_KERNELS_ADAM_STEP_H_
@@ -19,22 +26,11 @@
 
 namespace keras_adam {
 
+// The step's scalars, as the ops receive them.
 template <typename T>
 struct Scalars {
   T alpha, one_minus_beta1, one_minus_beta2, epsilon;
 };
-
-// The step's scalars, computed in T as ResourceApplyAdam computes them.
-template <typename T>
-inline Scalars<T> MakeScalars(T lr, T beta1_power, T beta2_power, T beta1, T beta2,
-                              T epsilon) {
-  Scalars<T> s;
-  s.alpha = lr * std::sqrt(T(1) - beta2_power) / (T(1) - beta1_power);
-  s.one_minus_beta1 = T(1) - beta1;
-  s.one_minus_beta2 = T(1) - beta2;
-  s.epsilon = epsilon;
-  return s;
-}
 
 // In place: the common case. Pointers do not alias each other.
 template <typename T>

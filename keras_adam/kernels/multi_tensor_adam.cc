@@ -1,18 +1,20 @@
 // A multi-tensor Adam for TensorFlow on CPU: one op call updates the
 // variables, first and second moments of all N variables of a step.
 //
-// The math is ResourceApplyAdam's (Keras's "hat" epsilon, see
+// The math is keras.optimizers.Adam's (Keras's "hat" epsilon, see
 // keras_adam/update_rule.py), written as one pass over each element
 // (adam_step.h):
 //
-//   lr_t = lr * sqrt(1 - beta2_power) / (1 - beta1_power)
-//   m   <- m + (g - m) * (1 - beta1)
-//   v   <- v + (g * g - v) * (1 - beta2)
-//   var <- var - (m * lr_t) / (sqrt(v) + epsilon)
+//   m   <- m + (g - m) * one_minus_beta1
+//   v   <- v + (g * g - v) * one_minus_beta2
+//   var <- var - (m * alpha) / (sqrt(v) + epsilon)
 //
-// with the same operation order as ResourceApplyAdam's CPU functor, so the
-// two agree to the last bit unless the compiler contracts to FMA (it is
-// built with -ffp-contract=off).
+// in Keras's operation order, with the scalars computed by the caller as
+// Keras computes them (1 - beta in double, rounded once to T; alpha =
+// lr * sqrt(1 - beta2^t) / (1 - beta1^t) in T), so the result is Keras's
+// to the last bit unless the compiler contracts to FMA (it is built with
+// -ffp-contract=off). ResourceApplyAdam's update has the same form but
+// computes 1 - beta from the rounded beta (adam_step.h).
 //
 // Resource-variable semantics are those of TensorFlow's training ops
 // (tensorflow/core/kernels/training_op_helpers.h): every variable's mutex is
@@ -73,7 +75,7 @@ struct Segment {
 // -- the op ------------------------------------------------------------------
 
 // Input layout: var[0..N), m[0..N), v[0..N), grad[0..N), then the scalars.
-enum ScalarInput { kBeta1Power = 0, kBeta2Power, kLr, kBeta1, kBeta2, kEpsilon, kNumScalars };
+enum ScalarInput { kAlpha = 0, kOneMinusBeta1, kOneMinusBeta2, kEpsilon, kNumScalars };
 
 template <typename T>
 class MultiTensorApplyAdamOp : public OpKernel {
@@ -88,8 +90,8 @@ class MultiTensorApplyAdamOp : public OpKernel {
 
     // Scalars.
     T scalar[kNumScalars];
-    static const char* const kScalarNames[kNumScalars] = {
-        "beta1_power", "beta2_power", "lr", "beta1", "beta2", "epsilon"};
+    static const char* const kScalarNames[kNumScalars] = {"alpha", "one_minus_beta1",
+                                                          "one_minus_beta2", "epsilon"};
     for (int k = 0; k < kNumScalars; ++k) {
       const Tensor& t = context->input(4 * n + k);
       OP_REQUIRES(context, tensorflow::TensorShapeUtils::IsScalar(t.shape()),
@@ -97,8 +99,11 @@ class MultiTensorApplyAdamOp : public OpKernel {
                                           t.shape().DebugString()));
       scalar[k] = t.scalar<T>()();
     }
-    const Scalars<T> s = MakeScalars<T>(scalar[kLr], scalar[kBeta1Power], scalar[kBeta2Power],
-                                        scalar[kBeta1], scalar[kBeta2], scalar[kEpsilon]);
+    Scalars<T> s;
+    s.alpha = scalar[kAlpha];
+    s.one_minus_beta1 = scalar[kOneMinusBeta1];
+    s.one_minus_beta2 = scalar[kOneMinusBeta2];
+    s.epsilon = scalar[kEpsilon];
 
     // Look up the 3N variables; each may appear once only.
     std::vector<tensorflow::core::RefCountPtr<Var>> vars(3 * n);
@@ -227,11 +232,9 @@ REGISTER_OP("KerasAdamMultiTensorApplyAdam")
     .Input("m: N * resource")
     .Input("v: N * resource")
     .Input("grad: N * T")
-    .Input("beta1_power: T")
-    .Input("beta2_power: T")
-    .Input("lr: T")
-    .Input("beta1: T")
-    .Input("beta2: T")
+    .Input("alpha: T")
+    .Input("one_minus_beta1: T")
+    .Input("one_minus_beta2: T")
     .Input("epsilon: T")
     .Attr("N: int >= 1")
     .Attr("T: {float, double}")
@@ -240,15 +243,17 @@ REGISTER_OP("KerasAdamMultiTensorApplyAdam")
       int n;
       TF_RETURN_IF_ERROR(c->GetAttr("N", &n));
       shape_inference::ShapeHandle unused;
-      for (int k = 0; k < 6; ++k) {
+      for (int k = 0; k < 4; ++k) {
         TF_RETURN_IF_ERROR(c->WithRank(c->input(4 * n + k), 0, &unused));
       }
       return absl::OkStatus();
     })
     .Doc(R"doc(
-Adam (ResourceApplyAdam's update) on N variables at once, in one pass per
-element, on the CPU thread pool. var, m and v are resource variables; grad
-has one dense tensor per variable, of the variable's shape.
+Adam (keras.optimizers.Adam's update) on N variables at once, in one pass
+per element, on the CPU thread pool. var, m and v are resource variables;
+grad has one dense tensor per variable, of the variable's shape. The step
+size alpha is lr * sqrt(1 - beta2^t) / (1 - beta1^t); one_minus_beta1 and
+one_minus_beta2 are 1 - beta1 and 1 - beta2, each rounded once to T.
 )doc");
 
 #define KERAS_ADAM_REGISTER(T)                                         \

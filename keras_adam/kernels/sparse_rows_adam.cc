@@ -13,11 +13,14 @@
 //   g = -g                                      if maximize
 //   g = g + var[r] * weight_decay               if L2 decay (not decoupled)
 //   var[r] = var[r] - var[r] * weight_decay * lr  if decoupled decay
-//   then ResourceApplyAdam's step on var[r], m[r], v[r] (adam_step.h)
+//   then Keras's Adam step on var[r], m[r], v[r] (adam_step.h)
 //
-// (weight_decay == 0 skips both decays.) The operation order is that of
-// the dense fused path, so where every row is touched once the result is
-// that of KerasAdamMultiTensorApplyAdam and ResourceApplyAdam to the bit.
+// (weight_decay == 0 skips both decays.) The scalars are inputs, computed
+// by the caller as Keras computes them: alpha = lr * sqrt(1 - beta2^t) /
+// (1 - beta1^t), and 1 - beta1, 1 - beta2 each rounded once to T. The
+// operation order is that of the dense fused path, so where every row is
+// touched once the result is that of KerasAdamMultiTensorApplyAdam to the
+// bit.
 //
 // Cost: O(N log N) at worst to group the positions by row (none when the
 // indices are already sorted), then one pass over the N slices and the
@@ -154,10 +157,9 @@ enum Input {
   kGrad,
   kIndices,
   kLr,
-  kBeta1Power,
-  kBeta2Power,
-  kBeta1,
-  kBeta2,
+  kAlpha,
+  kOneMinusBeta1,
+  kOneMinusBeta2,
   kEpsilon,
   kWeightDecay,
   kNumInputs
@@ -175,9 +177,8 @@ class SparseApplyAdamOp : public OpKernel {
     const DataType dtype = DataTypeToEnum<T>::v();
 
     // Scalars.
-    static const char* const kScalarNames[] = {"lr",    "beta1_power", "beta2_power",
-                                               "beta1", "beta2",       "epsilon",
-                                               "weight_decay"};
+    static const char* const kScalarNames[] = {
+        "lr", "alpha", "one_minus_beta1", "one_minus_beta2", "epsilon", "weight_decay"};
     T scalar[kNumInputs];
     for (int k = kLr; k < kNumInputs; ++k) {
       const Tensor& t = context->input(k);
@@ -186,8 +187,11 @@ class SparseApplyAdamOp : public OpKernel {
                                           t.shape().DebugString()));
       scalar[k] = t.scalar<T>()();
     }
-    const Scalars<T> s = MakeScalars<T>(scalar[kLr], scalar[kBeta1Power], scalar[kBeta2Power],
-                                        scalar[kBeta1], scalar[kBeta2], scalar[kEpsilon]);
+    Scalars<T> s;
+    s.alpha = scalar[kAlpha];
+    s.one_minus_beta1 = scalar[kOneMinusBeta1];
+    s.one_minus_beta2 = scalar[kOneMinusBeta2];
+    s.epsilon = scalar[kEpsilon];
     const T lr = scalar[kLr];
     const T weight_decay = scalar[kWeightDecay];
 
@@ -366,10 +370,9 @@ REGISTER_OP("KerasAdamSparseApplyAdam")
     .Input("grad: T")
     .Input("indices: Tindices")
     .Input("lr: T")
-    .Input("beta1_power: T")
-    .Input("beta2_power: T")
-    .Input("beta1: T")
-    .Input("beta2: T")
+    .Input("alpha: T")
+    .Input("one_minus_beta1: T")
+    .Input("one_minus_beta2: T")
     .Input("epsilon: T")
     .Input("weight_decay: T")
     .Attr("T: {float, double}")
@@ -379,7 +382,7 @@ REGISTER_OP("KerasAdamSparseApplyAdam")
     .SetIsStateful()
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       shape_inference::ShapeHandle unused, grad, indices;
-      for (int k = 5; k < 12; ++k) {
+      for (int k = 5; k < 11; ++k) {
         TF_RETURN_IF_ERROR(c->WithRank(c->input(k), 0, &unused));
       }
       TF_RETURN_IF_ERROR(c->WithRankAtLeast(c->input(3), 1, &grad));
@@ -389,11 +392,14 @@ REGISTER_OP("KerasAdamSparseApplyAdam")
       return absl::OkStatus();
     })
     .Doc(R"doc(
-Lazy sparse Adam (ResourceApplyAdam's update) on the rows of var, m and v
-that indices names: repeated indices are summed first, then each distinct
+Lazy sparse Adam (keras.optimizers.Adam's update) on the rows of var, m and
+v that indices names: repeated indices are summed first, then each distinct
 row takes one step, with optional maximize and L2 or decoupled weight decay.
 Other rows are not touched. Indices out of range are an InvalidArgument
-error, raised before anything is written.
+error, raised before anything is written. The step size alpha is
+lr * sqrt(1 - beta2^t) / (1 - beta1^t) (the learning rate itself is for the
+decoupled decay); one_minus_beta1 and one_minus_beta2 are 1 - beta1 and
+1 - beta2, each rounded once to T.
 )doc");
 
 #define KERAS_ADAM_REGISTER(T, Tindex)                                     \

@@ -5,7 +5,6 @@ import math
 
 import keras
 import numpy as np
-import tensorflow as tf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -46,7 +45,7 @@ def check_works(optimizer):
     """One step on a small problem: finite, and the step counter moved."""
     variable = keras.Variable(np.linspace(-1.0, 1.0, 6).reshape(2, 3), dtype="float32")
     before = variable.numpy().copy()
-    gradient = tf.constant(np.arange(1.0, 7.0).reshape(2, 3), "float32")
+    gradient = keras.ops.convert_to_tensor(np.arange(1.0, 7.0).reshape(2, 3), "float32")
     optimizer.apply_gradients([(gradient, variable)])
     assert np.all(np.isfinite(variable.numpy()))
     accumulating = (optimizer.gradient_accumulation_steps or 1) > 1

@@ -6,6 +6,7 @@ import pytest
 from digits import LOSS, mlp, split
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from neutral import JIT_COMPILE
 
 import keras_adam
 
@@ -102,7 +103,7 @@ def compiled(jit_compile):
     return model
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_saved_model_loads_and_resumes_exactly(tmp_path, jit_compile):
     """fit 2 epochs, save, load (no custom_objects), fit 2 more == fit 4."""
     (x, y), _ = split()

@@ -60,9 +60,11 @@ def test_search_returns_and_writes_what_people_act_on(data, tmp_path):
     assert math.isclose(
         float(result.optimizer.learning_rate), best.hyperparameters["learning_rate"], rel_tol=1e-6
     )
-    # Repeat 0 of the comparison reproduces the best trial: same weights, data, seed.
-    assert result.comparison.tuned_scores[0] == pytest.approx(result.score, rel=1e-5)
+    # The comparison is judged on the test data, from initial weights the search never saw.
+    assert result.comparison.held_out == "test_data"
+    assert result.comparison.metric == "loss"
     assert "test_accuracy" in result.comparison.tuned_metrics
+    assert result.comparison.tuned_scores[0] == result.comparison.tuned_metrics["test_loss"]
 
     paths = result.write()
     with open(paths["best.json"]) as f:
@@ -76,6 +78,7 @@ def test_search_returns_and_writes_what_people_act_on(data, tmp_path):
         float(rebuilt.learning_rate), best.hyperparameters["learning_rate"], rel_tol=1e-6
     )
     assert best_json["baseline"]["score"] == pytest.approx(result.comparison.default_score)
+    assert best_json["verdict"]["use"] in ("tuned", "default")
     with open(paths["trials.csv"]) as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:5] == ["trial_id", "status", "learning_rate", "beta_1", "beta_2"]
@@ -273,3 +276,138 @@ def test_keras_tuner_hyperband_drops_keras_adams_state_but_not_ours(tmp_path):
         fresh.optimizer.build(fresh.trainable_variables)
         results[name] = int(fresh.optimizer.iterations)
     assert results == {"keras": 0, "ours": 2}
+
+
+# --- The footguns of issue 14: each of these failed before it was fixed. ---
+
+
+def test_default_adam_winning_on_held_out_data_is_reported_as_such(data, tmp_path):
+    """Selection on validation data that misleads: the tuned optimizer wins there, loses on test."""
+    x, y, x_test, y_test = data
+    # Validation labels shifted by one class: any learning makes the validation loss worse, so
+    # the search picks the slowest η; default Adam, which learns, wins on the held-out test data.
+    misleading = (x[480:], (y[480:] + 1) % 10)
+    result = run(
+        data,
+        tmp_path,
+        max_trials=2,
+        epochs=3,
+        validation_data=misleading,
+        space=AdamSearchSpace(learning_rate=(1e-6, 1e-3)),
+        comparison_repeats=2,
+    )
+    comparison = result.comparison
+    assert result.best_hyperparameters["learning_rate"] < 1e-3
+    assert comparison.held_out == "test_data"
+    assert comparison.default_score < comparison.tuned_score  # test loss
+    assert not comparison.tuned_is_better
+    assert "default Adam was as good or better on held-out data" in comparison.summary()
+    assert "±" in comparison.summary()
+    best_json = json.load(open(result.write(plot=False)["best.json"]))
+    assert best_json["verdict"]["tuned_is_better"] is False
+    assert "default Adam was as good or better" in best_json["verdict"]["message"]
+    assert best_json["baseline"]["score"] == pytest.approx(comparison.default_score)
+    assert len(best_json["comparison"]["tuned"]["scores"]) == 2
+
+
+def test_comparison_runs_start_from_unseen_weights_on_an_automatic_holdout(data, tmp_path):
+    x, y, _, _ = data
+    result = tuning.search(
+        build,
+        x,
+        y,
+        tuner="random",
+        max_trials=1,
+        epochs=1,
+        directory=str(tmp_path),
+        comparison_repeats=1,
+    )
+    comparison = result.comparison
+    assert comparison.held_out.startswith("holdout")
+    assert "held out" in comparison.summary()
+    # The search's only trial and the comparison's tuned run do not share initial weights:
+    # the tuned run's validation score differs from the trial's.
+    assert comparison.tuned_metrics["val_loss"] != pytest.approx(result.score, rel=1e-6)
+
+
+def test_a_probability_loss_on_logits_is_refused(data, tmp_path):
+    with pytest.raises(ValueError, match=r"Argument `loss`.*logits.*from_logits=True"):
+        run(data, tmp_path, loss="sparse_categorical_crossentropy")
+
+
+def test_loss_and_metrics_are_inferred_from_the_model_and_targets(data, tmp_path):
+    inferred = run(data, tmp_path, loss=None, metrics=None, max_trials=1, epochs=1, project="a")
+    explicit = run(data, tmp_path, max_trials=1, epochs=1, comparison_repeats=0, project="b")
+    assert inferred.score == pytest.approx(explicit.score)  # logits scored as logits
+    assert "test_accuracy" in inferred.comparison.tuned_metrics
+
+    x, y = regression()
+    result = tuning.search(
+        lambda: keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)]),
+        x / 10,
+        y / 10,
+        tuner="random",
+        max_trials=1,
+        epochs=1,
+        directory=str(tmp_path),
+        comparison_repeats=1,
+    )
+    assert result.comparison.metric == "loss"
+    assert not any("accuracy" in k for k in result.comparison.tuned_metrics)
+
+
+def test_a_loss_that_cannot_be_inferred_must_be_given(data, tmp_path):
+    def odd_output():
+        return keras.Sequential(
+            [keras.Input((64,)), keras.layers.Dense(10), keras.layers.Lambda(lambda t: t * 2)]
+        )
+
+    x, y, _, _ = data
+    with pytest.raises(ValueError, match=r"Argument `loss` is required"):
+        tuning.search(odd_output, x, y, max_trials=1, epochs=1, directory=str(tmp_path))
+
+
+def test_another_problem_in_the_same_project_is_refused_with_what_changed(data, tmp_path):
+    run(data, tmp_path, max_trials=1, epochs=1, comparison_repeats=0)
+    with pytest.raises(ValueError, match=r"^Argument `project`.*changed: epochs.*overwrite=True"):
+        run(data, tmp_path, max_trials=1, epochs=2, comparison_repeats=0)
+    x, y, x_test, y_test = data
+    with pytest.raises(ValueError, match=r"changed: data"):
+        run((x[:500], y[:500], x_test, y_test), tmp_path, max_trials=1, epochs=1)
+    again = run(data, tmp_path, max_trials=1, epochs=2, comparison_repeats=0, overwrite=True)
+    assert len(again.trials) == 1
+
+
+def test_the_default_project_is_named_after_the_search(data, tmp_path):
+    a = run(data, tmp_path, project=None, max_trials=1, epochs=1, comparison_repeats=0)
+    b = run(data, tmp_path, project=None, max_trials=1, epochs=2, comparison_repeats=0)
+    assert os.path.basename(a.project_dir) != "adam"
+    assert a.project_dir != b.project_dir
+
+
+def test_result_optimizer_compiles_two_models(data, tmp_path):
+    x, y, _, _ = data
+    result = run(data, tmp_path, max_trials=1, epochs=1, comparison_repeats=0)
+    assert result.optimizer is not result.optimizer
+    for _ in range(2):
+        model = build()
+        model.compile(optimizer=result.optimizer, loss=LOSS)
+        model.fit(x[:64], y[:64], epochs=1, verbose=0)
+        assert int(model.optimizer.iterations) == 2
+
+
+@pytest.mark.parametrize("tuner", ["random", "bayesian", "hyperband"])
+def test_the_first_trial_is_default_adam(data, tmp_path, tuner):
+    result = run(
+        data,
+        tmp_path,
+        tuner=tuner,
+        max_trials=1 if tuner != "hyperband" else 2,
+        epochs=2 if tuner == "hyperband" else 1,
+        comparison_repeats=0,
+        space=AdamSearchSpace(tuned=("learning_rate", "beta_1", "beta_2")),
+    )
+    first = result.trials[0].hyperparameters
+    assert first["learning_rate"] == pytest.approx(1e-3)
+    assert first["beta_1"] == pytest.approx(0.9)
+    assert first["beta_2"] == pytest.approx(0.999)

@@ -2,11 +2,12 @@
 
 import pytest
 from digits import LOSS, mlp, split
+from neutral import JIT_COMPILE
 
 import keras_adam
 
 
-@pytest.mark.parametrize("jit_compile", [False, True])
+@pytest.mark.parametrize("jit_compile", JIT_COMPILE)
 def test_fit_on_digits_reaches_90_percent_held_out(jit_compile):
     (x_train, y_train), (x_test, y_test) = split()
     model = mlp()

@@ -1,0 +1,268 @@
+"""`python -m benchmarks.tuning_search`: how well and how fast the default search spends its budget.
+
+On the bundled datasets (digits, breast_cancer, wine) and a synthetic
+`make_classification` problem, for each search seed, three systems search
+η and β1 (log η, log(1 − β1), the default ranges) with the same budget,
+data split, model and initial weights:
+
+- `ours`: `tuning.search(tuner="bayesian")` as shipped;
+- `previous`: the previous default, KerasTuner's `BayesianOptimizationOracle`
+  (UCB, β=2.6) with its per-trial checkpoints, random first trial;
+- `optuna`: Optuna's TPE sampler on the same space (`pip install ".[benchmarks]"`).
+
+Reported per problem and system (means over seeds):
+
+- `edge`: share of model-guided trials (after the initial random ones)
+  with η or β1 on a range edge (within 0.1% of the log range);
+- `overhead`: share of the search's wall time spent outside the trials'
+  own `Model.fit` (proposal, model building, bookkeeping);
+- `test_loss`: the winner retrained `--repeats` times from initial weights
+  no search saw, scored on the test split (mean over runs), next to
+  default Adam's;
+- `verdict` (ours only): what `Comparison` concluded.
+
+Timings on a shared machine are noisy: read ratios, not seconds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np  # noqa: E402
+
+PROBLEMS = ("digits", "breast_cancer", "wine", "synthetic")
+SYSTEMS = ("ours", "previous", "optuna")
+EDGE = 1e-3
+
+
+def load(name: str):
+    """`(x_train, y_train, x_test, y_test, classes)` for a problem, split with seed 0."""
+    from tuning.datasets import load_dataset
+
+    if name != "synthetic":
+        d = load_dataset(name)
+        return d.x_train, d.y_train, d.x_test, d.y_test, d.num_classes
+    from sklearn.datasets import make_classification
+
+    x, y = make_classification(
+        n_samples=1500, n_features=20, n_informative=8, n_classes=3, random_state=0
+    )
+    x = ((x - x.mean(0)) / x.std(0)).astype("float32")
+    return x[300:], y[300:], x[:300], y[:300], 3
+
+
+def builder(features: int, classes: int):
+    """The CLI's default model: a two-hidden-layer perceptron ending in logits."""
+    from tuning.cli import default_model
+
+    return default_model(features, classes)
+
+
+def on_edge(values: dict) -> bool:
+    """Whether η or β1 lies on an edge of the default ranges (log scale)."""
+    ranges = {"learning_rate": (1e-5, 1e-1), "one_minus_beta_1": (0.01, 0.5)}
+    point = {"learning_rate": values["learning_rate"], "one_minus_beta_1": 1 - values["beta_1"]}
+    for name, (low, high) in ranges.items():
+        u = (math.log(point[name]) - math.log(low)) / (math.log(high) - math.log(low))
+        if u < EDGE or u > 1 - EDGE:
+            return True
+    return False
+
+
+def retrain(data, values: dict, seeds: list[int], epochs: int, batch_size: int) -> list[float]:
+    """Test loss of `values` trained from each seed, keeping the best validation epoch."""
+    import keras
+
+    import keras_adam
+    from tuning.searching import _KeepBestEpoch
+
+    x, y, x_test, y_test, classes = data
+    import keras_tuner
+
+    objective = keras_tuner.Objective("val_loss", "min")
+    losses = []
+    for seed in seeds:
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(seed)
+        model = builder(x.shape[1], classes)()
+        model.compile(
+            optimizer=keras_adam.Adam(**{k: v for k, v in values.items() if v is not None}),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        keep = _KeepBestEpoch(objective)
+        model.fit(
+            x, y, epochs=epochs, batch_size=batch_size, validation_split=0.2, verbose=0,
+            callbacks=[keep],
+        )  # fmt: skip
+        value = model.evaluate(x_test, y_test, verbose=0)
+        losses.append(float(value[0] if isinstance(value, list) else value))
+    return losses
+
+
+def run_tuning(system: str, data, seed: int, trials: int, epochs: int, batch_size: int, directory):
+    """One search with `tuning.search` ("ours" or "previous"): trials, wall and fit seconds."""
+    import keras_tuner
+
+    import tuning
+    from tuning import tuners
+
+    x, y, x_test, y_test, classes = data
+    saved = tuners.BayesianOracle, tuners.AdamTuner.checkpoints
+    if system == "previous":
+        tuners.BayesianOracle = keras_tuner.oracles.BayesianOptimizationOracle
+        tuners.AdamTuner.checkpoints = True
+    try:
+        started = time.perf_counter()
+        result = tuning.search(
+            builder(x.shape[1], classes), x, y, test_data=(x_test, y_test),
+            tuner="bayesian", max_trials=trials, epochs=epochs, batch_size=batch_size,
+            seed=seed, directory=directory, overwrite=True, comparison_repeats=0,
+        )  # fmt: skip
+        wall = time.perf_counter() - started
+    finally:
+        tuners.BayesianOracle, tuners.AdamTuner.checkpoints = saved
+    import tuning.tuners as t
+
+    kt_dir = result.project_dir
+    fit = 0.0
+    for record in result.trials:
+        path = os.path.join(kt_dir, f"trial_{record.trial_id}", t.SECONDS_FILE)
+        with open(path) as f:
+            fit += json.load(f).get("fit_seconds") or 0.0
+    points = [r.hyperparameters for r in result.trials]
+    return points, result.best_hyperparameters, wall, fit
+
+
+def run_optuna(data, seed: int, trials: int, epochs: int, batch_size: int):
+    """The same search with Optuna's TPE: trials, wall and fit seconds."""
+    import keras
+    import optuna
+
+    import keras_adam
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    x, y, _, _, classes = data
+    fit = [0.0]
+
+    def objective(trial):
+        eta = trial.suggest_float("learning_rate", 1e-5, 1e-1, log=True)
+        one_minus = trial.suggest_float("one_minus_beta_1", 0.01, 0.5, log=True)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(seed)
+        model = builder(x.shape[1], classes)()
+        model.compile(
+            optimizer=keras_adam.Adam(learning_rate=eta, beta_1=1 - one_minus),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        started = time.perf_counter()
+        history = model.fit(
+            x, y, epochs=epochs, batch_size=batch_size, validation_split=0.2, verbose=0
+        )
+        fit[0] += time.perf_counter() - started
+        losses = [v for v in history.history["val_loss"] if math.isfinite(v)]
+        return min(losses) if losses else float("inf")
+
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
+    started = time.perf_counter()
+    study.optimize(objective, n_trials=trials)
+    wall = time.perf_counter() - started
+    points = [
+        {"learning_rate": t.params["learning_rate"], "beta_1": 1 - t.params["one_minus_beta_1"]}
+        for t in study.trials
+    ]
+    best = dict(points[study.best_trial.number], beta_2=0.999, epsilon=1e-7)
+    return points, best, wall, fit[0]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run the benchmark and write `benchmarks/results/tuning_search.json`."""
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tuning_search")
+    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
+    parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
+    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="retrainings of each winner")
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+
+    from tuning.space import NAMES  # noqa: F401 - imports TensorFlow once, before timing
+
+    rows = []
+    initial = 6  # 3 × 2 dimensions, the first (default or random) trials of both GP oracles
+    for problem in args.problems:
+        data = load(problem)
+        unseen = [1000 + r for r in range(args.repeats)]
+        default_loss = float(
+            np.mean(retrain(data, {"learning_rate": 1e-3}, unseen, args.epochs, args.batch_size))
+        )
+        for system in args.systems:
+            for seed in range(args.seeds):
+                with tempfile.TemporaryDirectory() as directory:
+                    if system == "optuna":
+                        out = run_optuna(data, seed, args.trials, args.epochs, args.batch_size)
+                        guided_from = 10  # TPE's default n_startup_trials
+                    else:
+                        out = run_tuning(
+                            system, data, seed, args.trials, args.epochs, args.batch_size,
+                            directory,
+                        )  # fmt: skip
+                        guided_from = initial
+                points, best, wall, fit = out
+                guided = points[guided_from:]
+                losses = retrain(data, best, unseen, args.epochs, args.batch_size)
+                spread = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
+                row = {
+                    "problem": problem,
+                    "system": system,
+                    "seed": seed,
+                    "edge": sum(map(on_edge, guided)) / max(1, len(guided)),
+                    "guided": len(guided),
+                    "overhead": (wall - fit) / wall,
+                    "wall": wall,
+                    "test_loss": float(np.mean(losses)),
+                    "test_spread": spread,
+                    "default_test_loss": default_loss,
+                    "best": {k: best[k] for k in ("learning_rate", "beta_1")},
+                }
+                rows.append(row)
+                print(json.dumps(row), flush=True)
+    args.output.mkdir(parents=True, exist_ok=True)
+    path = args.output / "tuning_search.json"
+    path.write_text(
+        json.dumps({"args": vars(args) | {"output": str(args.output)}, "rows": rows}, indent=1)
+    )
+    print(summary(rows))
+
+
+def summary(rows: list[dict]) -> str:
+    """A table of means over seeds, by problem and system."""
+    lines = [f"{'problem':14} {'system':9} {'edge':>6} {'overhead':>9} {'wall s':>7} "
+             f"{'test loss':>10} {'default':>8}"]  # fmt: skip
+    keys = sorted(
+        {(r["problem"], r["system"]) for r in rows}, key=lambda k: (k[0], SYSTEMS.index(k[1]))
+    )
+    for problem, system in keys:
+        group = [r for r in rows if r["problem"] == problem and r["system"] == system]
+        mean = {
+            k: float(np.mean([r[k] for r in group]))
+            for k in ("edge", "overhead", "wall", "test_loss")
+        }
+        lines.append(
+            f"{problem:14} {system:9} {mean['edge']:>6.0%} {mean['overhead']:>9.0%} "
+            f"{mean['wall']:>7.1f} {mean['test_loss']:>10.4f} {group[0]['default_test_loss']:>8.4f}"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
