@@ -43,6 +43,24 @@ JIT_COMPILE = (False,) if BACKEND == "torch" else (False, True)
 # compared with Keras (which rounds them through float32) exactly.
 BINARY = dict(learning_rate=2.0**-6, beta_1=0.875, beta_2=1 - 2.0**-7, epsilon=2.0**-20)
 
+#: Every base option of `keras.optimizers.Adam` that changes a step.
+KERAS_OPTIONS = {
+    "plain": {},
+    "schedule": {
+        "learning_rate": keras.optimizers.schedules.ExponentialDecay(
+            2.0**-5, decay_steps=8, decay_rate=0.5
+        )
+    },
+    "clipnorm": {"clipnorm": 0.25},
+    "clipvalue": {"clipvalue": 0.03125},
+    "global_clipnorm": {"global_clipnorm": 0.25},
+    "ema": {"use_ema": True, "ema_momentum": 0.75, "ema_overwrite_frequency": 7},
+    "gradient_accumulation": {"gradient_accumulation_steps": 3},
+    "amsgrad": {"amsgrad": True},
+    "weight_decay": {"weight_decay": 0.25},
+    "loss_scale_factor": {"loss_scale_factor": 128.0},
+}
+
 _RNG = np.random.default_rng(7)
 N = 6
 _Q = _RNG.normal(size=(N, N))

@@ -8,6 +8,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from neutral import (  # noqa: F401  (the vector problem, shared with test_any_*)
+    CENTERS,
+    STEPS,
+    THETA0,
+    A,
+    numpy_gradient,
+    relative_deviation,
+)
 
 from keras_adam import kernels
 
@@ -74,30 +82,6 @@ def trajectory(optimizer, dtype, mode, steps=40, seed=0):
     final_vars = np.concatenate([np.ravel(v.numpy()) for v in variables])
     state = [np.asarray(v.numpy(), dtype=np.float64) for v in optimizer.variables]
     return np.array(history, dtype=np.float64), final_vars, state
-
-
-def relative_deviation(actual, expected):
-    """max |actual - expected| / max |expected|, over all steps and elements."""
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    scale = max(np.max(np.abs(expected)), 1e-30)
-    return float(np.max(np.abs(actual - expected)) / scale)
-
-
-# A second problem, shared with NumPy and torch oracles: a vector θ whose
-# gradient A(θ - c_t) + θ³/2 is written out in each framework.
-_RNG = np.random.default_rng(7)
-N = 6
-_Q = _RNG.normal(size=(N, N))
-A = _Q @ _Q.T / N + np.eye(N) * 0.1  # symmetric positive definite
-CENTERS = _RNG.normal(size=(3, N))
-THETA0 = _RNG.normal(size=N)
-STEPS = 50
-
-
-def numpy_gradient(theta, t):
-    """Gradient of a non-quadratic objective; g_t depends on θ and on t."""
-    return A @ (theta - CENTERS[t % 3]) + 0.5 * theta**3
 
 
 def keras_trajectory(optimizer, dtype, mode, steps=STEPS):

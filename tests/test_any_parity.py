@@ -14,6 +14,7 @@ from neutral import (
     BACKEND,
     BINARY,
     DTYPES,
+    KERAS_OPTIONS,
     MODES,
     STEPS,
     THETA0,
@@ -23,23 +24,6 @@ from neutral import (
 )
 
 import keras_adam
-
-KERAS_OPTIONS = {
-    "plain": {},
-    "schedule": {
-        "learning_rate": keras.optimizers.schedules.ExponentialDecay(
-            2.0**-5, decay_steps=8, decay_rate=0.5
-        )
-    },
-    "clipnorm": {"clipnorm": 0.25},
-    "clipvalue": {"clipvalue": 0.03125},
-    "global_clipnorm": {"global_clipnorm": 0.25},
-    "ema": {"use_ema": True, "ema_momentum": 0.75, "ema_overwrite_frequency": 7},
-    "gradient_accumulation": {"gradient_accumulation_steps": 3},
-    "amsgrad": {"amsgrad": True},
-    "weight_decay": {"weight_decay": 0.25},
-    "loss_scale_factor": {"loss_scale_factor": 128.0},
-}
 
 # keras.optimizers.Adam on torch is Keras's `torch._foreach_` Adam, which
 # rounds m·β1 + g·(1−β1) where Keras's generic step (and ours) rounds

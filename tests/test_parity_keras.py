@@ -14,26 +14,13 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from neutral import KERAS_OPTIONS
 from support import BINARY, DTYPES, MODES, relative_deviation, trajectory
 
 import keras_adam
 
-OPTIONS = {
-    "plain": {},
-    "schedule": {
-        "learning_rate": keras.optimizers.schedules.ExponentialDecay(
-            2.0**-5, decay_steps=8, decay_rate=0.5
-        )
-    },
-    "clipnorm": {"clipnorm": 0.25},
-    "clipvalue": {"clipvalue": 0.03125},
-    "global_clipnorm": {"global_clipnorm": 0.25},
-    "ema": {"use_ema": True, "ema_momentum": 0.75, "ema_overwrite_frequency": 7},
-    "gradient_accumulation": {"gradient_accumulation_steps": 3},
-    "amsgrad": {"amsgrad": True},
-    "weight_decay": {"weight_decay": 0.25},
-    "loss_scale_factor": {"loss_scale_factor": 128.0},
-}
+OPTIONS = KERAS_OPTIONS
+
 
 TOLERANCE = {"float32": 1e-6, "float64": 1e-10}
 
