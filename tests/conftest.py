@@ -66,6 +66,12 @@ def pytest_ignore_collect(collection_path, config):
     return BACKEND != "tensorflow" or None
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Start the other backends' runs first: each takes one core for minutes,
+    so the pytest-xdist workers share the rest of the suite around them."""
+    items.sort(key=lambda item: item.path.name != "test_other_backends.py")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     """Each test starts with the default float policy and a clean name scope."""

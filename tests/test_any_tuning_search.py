@@ -286,6 +286,8 @@ def test_default_adam_winning_on_held_out_data_is_reported_as_such(data, tmp_pat
     x, y, x_test, y_test = data
     # Validation labels shifted by one class: any learning makes the validation loss worse, so
     # the search picks the slowest η; default Adam, which learns, wins on the held-out test data.
+    # The range excludes Keras's η = 1e-3, so the first trial (the range's centre, not default
+    # Adam) cannot end up the winner on every backend's random draw.
     misleading = (x[480:], (y[480:] + 1) % 10)
     result = run(
         data,
@@ -293,11 +295,11 @@ def test_default_adam_winning_on_held_out_data_is_reported_as_such(data, tmp_pat
         max_trials=2,
         epochs=3,
         validation_data=misleading,
-        space=AdamSearchSpace(learning_rate=(1e-6, 1e-3)),
+        space=AdamSearchSpace(learning_rate=(1e-6, 1e-4)),
         comparison_repeats=2,
     )
     comparison = result.comparison
-    assert result.best_hyperparameters["learning_rate"] < 1e-3
+    assert result.best_hyperparameters["learning_rate"] <= 1e-4
     assert comparison.held_out == "test_data"
     assert comparison.default_score < comparison.tuned_score  # test loss
     assert not comparison.tuned_is_better
