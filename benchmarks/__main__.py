@@ -1,9 +1,12 @@
-"""`python -m benchmarks [--backend NAME] [--quick] [--output DIR]`: run, print and save.
+"""`python -m benchmarks [--fit] [--backend NAME] [--quick] [--output DIR]`: run, print and save.
 
 `--backend tensorflow` (default) runs the full TensorFlow table here;
 `--backend jax` and `--backend torch` run `benchmarks.jax_backend` or
 `benchmarks.torch_backend` in a process of that backend (Keras reads
 `KERAS_BACKEND` once per process) and save its table beside the others.
+`--fit` times `model.fit` on four real models instead
+(`benchmarks.end_to_end`), on the chosen backend, and saves
+`fit_<backend>.md`.
 """
 
 from __future__ import annotations
@@ -38,7 +41,13 @@ def main(argv: list[str] | None = None) -> None:
         default="tensorflow",
         help="the Keras backend to measure (default: tensorflow)",
     )
+    parser.add_argument(
+        "--fit", action="store_true", help="time model.fit on four real models (end_to_end)"
+    )
     args = parser.parse_args(argv)
+    if args.fit:
+        run_fit(args)
+        return
     if args.backend != "tensorflow":
         run_backend(args)
         return
@@ -89,8 +98,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_backend(args: argparse.Namespace) -> None:
     """Run `benchmarks.<backend>_backend` under that backend; save (and document) its table."""
-    from benchmarks import report
-
     saved = args.output / f"{args.backend}_backend.md"
     command = [sys.executable, "-m", f"benchmarks.{args.backend}_backend", "--output", str(saved)]
     command += ["--quick"] if args.quick else []
@@ -99,6 +106,25 @@ def run_backend(args: argparse.Namespace) -> None:
     env = {**os.environ, "KERAS_BACKEND": args.backend}
     subprocess.run(command, env=env, check=True)
     print(f"wrote {saved}")
+    rewrite_docs(args)
+
+
+def run_fit(args: argparse.Namespace) -> None:
+    """Run `benchmarks.end_to_end` under the chosen backend; save (and document) its table."""
+    saved = args.output / f"fit_{args.backend}.md"
+    command = [sys.executable, "-m", "benchmarks.end_to_end", "--output", str(saved)]
+    command += ["--quick"] if args.quick else []
+    command += ["--rounds", str(args.repeats)] if args.repeats else []
+    env = {**os.environ, "KERAS_BACKEND": args.backend}
+    subprocess.run(command, env=env, check=True)
+    print(f"wrote {saved}")
+    rewrite_docs(args)
+
+
+def rewrite_docs(args: argparse.Namespace) -> None:
+    """With `--docs`, rewrite the page from the saved TensorFlow table and every saved section."""
+    from benchmarks import report
+
     tensorflow_table = args.output / "results.md"
     if args.docs and tensorflow_table.is_file():
         report.write_docs_page(args.docs, tensorflow_table.read_text(), args.output / "results.png")

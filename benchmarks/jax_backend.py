@@ -287,11 +287,9 @@ def main(argv: list[str] | None = None) -> None:
                 f"| {verdict} |"
             )
     table = "\n".join(lines) + "\n"
-    print()
-    print(table)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table)
+    from benchmarks import report
+
+    report.show_and_save(table, args.output)
 
 
 if __name__ == "__main__":

@@ -285,11 +285,51 @@ BACKEND_SECTIONS = {
 }
 
 
-def backend_sections(results_dir) -> str:
-    """The Performance page's sections for the other backends' saved tables."""
+#: The `model.fit` section (`python -m benchmarks --fit`): its introduction.
+FIT_INTRO = """The tables above time the optimizer's step alone. In `model.fit` the step
+is one part of the training step, beside the forward and backward passes, so
+the speedup shows only where the optimizer's share is large: models whose
+parameters are many and cheap to use, as in collaborative filtering (large
+embedding tables, a dot product). Elsewhere (convolutions, attention,
+recurrences), epoch times are the same as with Keras's Adam, within noise.
+Four keras-io example models on synthetic data of the right shapes
+(`benchmarks/models.py`), trained from the same weights in the same order.
+Reproduce with `python -m benchmarks --fit` (add `--backend jax` or
+`--backend torch` for the other backends).
+
+The *loss diff* column is the largest relative difference of an epoch's
+mean loss from Keras's Adam's. Models with an `Embedding` differ by design:
+Keras's Adam squares each slice of a repeated row before summing, ours
+squares the row's summed gradient (the correct Adam step; see
+[the migration guide](migrating.md#my-embedding-model-trains-differently-from-kerasoptimizersadam)).
+`lazy_sparse=True` differs more, as it should: untouched rows keep their
+moments. In the recommender, the user and movie tables carry an L2
+regularizer, whose gradient is dense, so there only the bias tables'
+gradients are sparse rows.
+"""
+
+
+def fit_sections(results_dir) -> str:
+    """The Performance page's `model.fit` section, from the saved `fit_<backend>.md` tables."""
     from pathlib import Path
 
+    titles = {"tensorflow": "TensorFlow", "jax": "JAX", "torch": "PyTorch"}
     parts = []
+    for name, title in titles.items():
+        saved = Path(results_dir) / f"fit_{name}.md"
+        if saved.is_file():
+            body = saved.read_text().split("\n", 1)[1].replace("\n## ", "\n#### ")
+            parts.append(f"\n### On {title}\n{body}")
+    if not parts:
+        return ""
+    return "\n## Training real models (`model.fit`)\n\n" + FIT_INTRO + "".join(parts)
+
+
+def backend_sections(results_dir) -> str:
+    """The Performance page's sections for `model.fit` and the other backends' saved tables."""
+    from pathlib import Path
+
+    parts = [fit_sections(results_dir)]
     for name, (title, intro) in BACKEND_SECTIONS.items():
         saved = Path(results_dir) / f"{name}_backend.md"
         if not saved.is_file():
@@ -298,6 +338,15 @@ def backend_sections(results_dir) -> str:
         body = body.replace("\n## ", "\n### ").replace("\n# ", "\n### ")
         parts.append(f"\n## {title}\n\n{intro}\n{body}")
     return "".join(parts)
+
+
+def show_and_save(table: str, output) -> None:
+    """Print a backend's table, and write it to `output` (a path, or None)."""
+    print()
+    print(table)
+    if output:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(table)
 
 
 def write_docs_page(path, table: str, png) -> None:

@@ -160,11 +160,9 @@ def main(argv: list[str] | None = None) -> str:
         "repeats": args.repeats,
     }
     table = markdown(results, chosen, meta)
-    print()
-    print(table)
-    if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(table)
+    from benchmarks import report
+
+    report.show_and_save(table, args.output)
     return table
 
 

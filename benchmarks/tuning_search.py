@@ -19,7 +19,8 @@ Reported per problem and system (means over seeds):
 - `test_loss`: the winner retrained `--repeats` times from initial weights
   no search saw, scored on the test split (mean over runs), next to
   default Adam's;
-- `verdict` (ours only): what `Comparison` concluded.
+- `verdict` (ours only): what `Comparison` concluded on the test split,
+  per seed ("tuned" or "default").
 
 Timings on a shared machine are noisy: read ratios, not seconds.
 """
@@ -27,11 +28,13 @@ Timings on a shared machine are noisy: read ratios, not seconds.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -66,15 +69,25 @@ def builder(features: int, classes: int):
     return default_model(features, classes)
 
 
+RANGES = {"learning_rate": (1e-5, 1e-1), "one_minus_beta_1": (0.01, 0.5)}
+
+
+def edges(values: dict) -> list[str]:
+    """Range edges (log scale) that η and 1 − β1 lie on, e.g. ["learning_rate=max"]."""
+    point = {"learning_rate": values["learning_rate"], "one_minus_beta_1": 1 - values["beta_1"]}
+    found = []
+    for name, (low, high) in RANGES.items():
+        u = (math.log(point[name]) - math.log(low)) / (math.log(high) - math.log(low))
+        if u < EDGE:
+            found.append(f"{name}=min")
+        elif u > 1 - EDGE:
+            found.append(f"{name}=max")
+    return found
+
+
 def on_edge(values: dict) -> bool:
     """Whether η or β1 lies on an edge of the default ranges (log scale)."""
-    ranges = {"learning_rate": (1e-5, 1e-1), "one_minus_beta_1": (0.01, 0.5)}
-    point = {"learning_rate": values["learning_rate"], "one_minus_beta_1": 1 - values["beta_1"]}
-    for name, (low, high) in ranges.items():
-        u = (math.log(point[name]) - math.log(low)) / (math.log(high) - math.log(low))
-        if u < EDGE or u > 1 - EDGE:
-            return True
-    return False
+    return bool(edges(values))
 
 
 def retrain(data, values: dict, seeds: list[int], epochs: int, batch_size: int) -> list[float]:
@@ -107,28 +120,46 @@ def retrain(data, values: dict, seeds: list[int], epochs: int, batch_size: int) 
     return losses
 
 
-def run_tuning(system: str, data, seed: int, trials: int, epochs: int, batch_size: int, directory):
-    """One search with `tuning.search` ("ours" or "previous"): trials, wall and fit seconds."""
+def run_tuning(
+    system: str, data, seed: int, trials: int, epochs: int, batch_size: int, directory,
+    repeats: int,
+):  # fmt: skip
+    """One search with `tuning.search` ("ours" or "previous").
+
+    Returns the trials' points, the best point, the wall and `fit` seconds,
+    and (ours) the verdict.
+
+    The wall time runs from the call to the end of the last trial, so it
+    leaves out the comparison that follows the search ("ours" only, with
+    `repeats` runs a side).
+    """
     import keras_tuner
 
     import tuning
     from tuning import tuners
 
     x, y, x_test, y_test, classes = data
-    saved = tuners.BayesianOracle, tuners.AdamTuner.checkpoints
+    saved = tuners.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap
     if system == "previous":
         tuners.BayesianOracle = keras_tuner.oracles.BayesianOptimizationOracle
         tuners.AdamTuner.checkpoints = True
+        tuners.frozen_heap = contextlib.nullcontext
+    ended = [0.0]
+
+    def trial_ended(record) -> None:
+        ended[0] = time.perf_counter()
+
     try:
         started = time.perf_counter()
         result = tuning.search(
             builder(x.shape[1], classes), x, y, test_data=(x_test, y_test),
             tuner="bayesian", max_trials=trials, epochs=epochs, batch_size=batch_size,
-            seed=seed, directory=directory, overwrite=True, comparison_repeats=0,
+            seed=seed, directory=directory, overwrite=True, on_trial_end=trial_ended,
+            comparison_repeats=repeats if system == "ours" else 0,
         )  # fmt: skip
-        wall = time.perf_counter() - started
+        wall = ended[0] - started
     finally:
-        tuners.BayesianOracle, tuners.AdamTuner.checkpoints = saved
+        tuners.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap = saved
     import tuning.tuners as t
 
     kt_dir = result.project_dir
@@ -138,7 +169,17 @@ def run_tuning(system: str, data, seed: int, trials: int, epochs: int, batch_siz
         with open(path) as f:
             fit += json.load(f).get("fit_seconds") or 0.0
     points = [r.hyperparameters for r in result.trials]
-    return points, result.best_hyperparameters, wall, fit
+    comparison = result.comparison
+    verdict = None
+    if comparison is not None:
+        verdict = {
+            "use": "tuned" if comparison.tuned_is_better else "default",
+            "tuned": comparison.tuned_score,
+            "tuned_spread": comparison.tuned_spread,
+            "default": comparison.default_score,
+            "default_spread": comparison.default_spread,
+        }
+    return points, result.best_hyperparameters, wall, fit, verdict
 
 
 def run_optuna(data, seed: int, trials: int, epochs: int, batch_size: int):
@@ -179,7 +220,7 @@ def run_optuna(data, seed: int, trials: int, epochs: int, batch_size: int):
         for t in study.trials
     ]
     best = dict(points[study.best_trial.number], beta_2=0.999, epsilon=1e-7)
-    return points, best, wall, fit[0]
+    return points, best, wall, fit[0], None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -214,10 +255,10 @@ def main(argv: list[str] | None = None) -> None:
                     else:
                         out = run_tuning(
                             system, data, seed, args.trials, args.epochs, args.batch_size,
-                            directory,
+                            directory, args.repeats,
                         )  # fmt: skip
                         guided_from = initial
-                points, best, wall, fit = out
+                points, best, wall, fit, verdict = out
                 guided = points[guided_from:]
                 losses = retrain(data, best, unseen, args.epochs, args.batch_size)
                 spread = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
@@ -233,6 +274,9 @@ def main(argv: list[str] | None = None) -> None:
                     "test_spread": spread,
                     "default_test_loss": default_loss,
                     "best": {k: best[k] for k in ("learning_rate", "beta_1")},
+                    "verdict": verdict,
+                    "edges": dict(Counter(e for p in guided for e in edges(p))),
+                    "points": [[p["learning_rate"], p["beta_1"]] for p in points],
                 }
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -247,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
 def summary(rows: list[dict]) -> str:
     """A table of means over seeds, by problem and system."""
     lines = [f"{'problem':14} {'system':9} {'edge':>6} {'overhead':>9} {'wall s':>7} "
-             f"{'test loss':>10} {'default':>8}"]  # fmt: skip
+             f"{'test loss':>10} {'default':>8}  verdict"]  # fmt: skip
     keys = sorted(
         {(r["problem"], r["system"]) for r in rows}, key=lambda k: (k[0], SYSTEMS.index(k[1]))
     )
@@ -257,9 +301,11 @@ def summary(rows: list[dict]) -> str:
             k: float(np.mean([r[k] for r in group]))
             for k in ("edge", "overhead", "wall", "test_loss")
         }
+        verdicts = ", ".join(r["verdict"]["use"] for r in group if r["verdict"])
         lines.append(
             f"{problem:14} {system:9} {mean['edge']:>6.0%} {mean['overhead']:>9.0%} "
             f"{mean['wall']:>7.1f} {mean['test_loss']:>10.4f} {group[0]['default_test_loss']:>8.4f}"
+            f"  {verdicts}".rstrip()
         )
     return "\n".join(lines)
 

@@ -61,3 +61,53 @@ def test_memory_probe_reports_a_peak():
     # m and v for 2.1M float32 parameters are 16 MB: the peak is at least that
     # (weights and gradients are subtracted).
     assert peak is not None and peak >= 16
+
+
+def test_fit_mode_trains_each_system_and_reports_the_loss_agreement(tmp_path):
+    from benchmarks import end_to_end
+
+    output = tmp_path / "fit.md"
+    end_to_end.main(
+        ["--quick", "--epochs", "2", "--rounds", "1", "--models", "lstm", "--output", str(output)]
+    )
+    table = output.read_text()
+    for mode in ('jit_compile="auto"', "jit_compile=True (XLA)"):
+        assert mode in table
+    rows = [line for line in table.splitlines() if line.startswith("| lstm |")]
+    assert [row.split(" | ")[1] for row in rows] == ["keras Adam", "keras_adam"] * 2
+    # Same weights, same data order, no embedding: the loss curves agree to round-off.
+    for row in rows[1::2]:
+        assert float(row.split(" | ")[5]) < 1e-5
+
+
+def test_fit_mode_models_build_and_take_their_data():
+    import keras
+
+    from benchmarks.models import cases
+
+    for case in cases(quick=True):
+        keras.utils.set_random_seed(0)
+        model = case.build()
+        x, y = case.data()
+        prediction = model.predict(x[:4], verbose=0)
+        assert prediction.shape[0] == 4 and len(y) == len(x)
+        layers = model._flatten_layers(include_self=False)
+        has_embedding = any(isinstance(layer, keras.layers.Embedding) for layer in layers)
+        assert has_embedding == case.embeddings
+
+
+def test_tuning_search_benchmark_reports_edges_overhead_and_verdict(tmp_path):
+    from benchmarks import tuning_search
+
+    tuning_search.main(
+        ["--problems", "wine", "--systems", "ours", "previous", "--seeds", "1",
+         "--trials", "8", "--epochs", "2", "--repeats", "2", "--output", str(tmp_path)]
+    )  # fmt: skip
+    rows = json.loads((tmp_path / "tuning_search.json").read_text())["rows"]
+    assert [r["system"] for r in rows] == ["ours", "previous"]
+    for row in rows:
+        assert 0 <= row["edge"] <= 1 and 0 < row["overhead"] < 1
+        assert len(row["points"]) == 8 and row["guided"] == 2
+        assert np.isfinite(row["test_loss"])
+    assert rows[0]["verdict"]["use"] in ("tuned", "default")
+    assert rows[1]["verdict"] is None

@@ -41,7 +41,7 @@ from tuning.hypermodel import AdamHyperModel, DivergenceGuard, _takes_hp
 from tuning.inference import check_loss, infer_loss
 from tuning.results import HELD_OUT, Comparison, SearchResult, TrialRecord
 from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS, DEFAULTS, AdamSearchSpace
-from tuning.tuners import TUNERS, AdamTuner, make_tuner
+from tuning.tuners import TUNERS, AdamTuner, frozen_heap, make_tuner
 
 _MINIMIZED = ("loss", "error", "mse", "mae", "crossentropy")
 _MAXIMIZED = ("acc", "auc", "precision", "recall", "f1")
@@ -533,8 +533,13 @@ def compare(
     args, kwargs = fit_kwargs
     scores: dict = {"tuned": [], "default": []}
     metrics: dict = {"tuned": [], "default": []}
-    for repeat in range(repeats):
-        for label, values in (("tuned", dict(tuned)), ("default", dict(DEFAULTS))):
+    runs = [
+        (repeat, label, values)
+        for repeat in range(repeats)
+        for label, values in (("tuned", dict(tuned)), ("default", dict(DEFAULTS)))
+    ]
+    with frozen_heap():
+        for repeat, label, values in runs:
             keras.backend.clear_session()
             model = hypermodel.build_compiled(hp.copy(), seed=seed + 1 + repeat, values=values)
             guard, keep = DivergenceGuard(), _KeepBestEpoch(objective)

@@ -83,8 +83,9 @@ def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
     Outside XLA, `tf.unique` finds the distinct rows in one hashing pass and
     only those rows are updated. XLA has no kernel for `tf.unique` (its
     output shape depends on the data), so under XLA the indices are sorted
-    instead and every position carries its row's total: repeated positions
-    then compute and write identical rows, and shapes stay static.
+    instead (`_sorted_positions`) and every position carries its row's
+    total: repeated positions then compute and write identical rows, and
+    shapes stay static.
 
     Returns:
         `(rows, totals)`: row indices, and for each the sum of all slices
@@ -94,13 +95,31 @@ def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
     if not _in_xla():
         rows, segment = tf.unique(indices)
         return rows, tf.math.unsorted_segment_sum(gradient.values, segment, tf.shape(rows)[0])
-    order = tf.argsort(indices, stable=True)
-    rows = tf.gather(indices, order)
+    rows, order = _sorted_positions(indices)
     values = tf.gather(gradient.values, order)
     previous = tf.concat([tf.constant([-1], dtype=rows.dtype), rows[:-1]], axis=0)
     segment = tf.cumsum(tf.cast(tf.not_equal(rows, previous), tf.int32)) - 1
     totals = tf.math.unsorted_segment_sum(values, segment, tf.shape(rows)[0])
     return rows, tf.gather(totals, segment)
+
+
+def _sorted_positions(indices: Any) -> tuple[Any, Any]:
+    """`(sorted indices, their positions)` under XLA, a stable sort with static shapes.
+
+    Not `tf.argsort`: it calls `top_k` with `k` a tensor, which XLA lowers
+    with `set-dimension-size`, a dynamic shape. One dynamic shape makes XLA's
+    dynamic padder inline every called computation of the program, and
+    among them the Philox generator of each `Dropout`, which is then fused
+    into every consumer and recomputed element by element: a transformer
+    classifier's step took 5.7x as long as with dense gradients. `XlaSort`
+    of one int64 key per position, `index * n + position`, sorts with
+    static shapes, and the keys are distinct, so the order is the stable one.
+    """
+    from tensorflow.compiler.tf2xla.python import xla
+
+    n = tf.shape(indices, out_type=tf.int64)[0]
+    keys = xla.sort(tf.cast(indices, tf.int64) * n + tf.range(n, dtype=tf.int64))
+    return tf.cast(keys // n, indices.dtype), tf.cast(keys % n, tf.int32)
 
 
 class TensorFlowEngine(Engine):
