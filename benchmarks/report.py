@@ -290,20 +290,15 @@ FIT_INTRO = """The tables above time the optimizer's step alone. In `model.fit` 
 is one part of the training step, beside the forward and backward passes, so
 the speedup shows only where the optimizer's share is large: models whose
 parameters are many and cheap to use, as in collaborative filtering (large
-embedding tables, a dot product: 1.47x here). Elsewhere (convolutions,
-attention, recurrences) the optimizer is a small part of the step, and
-differences are within the noise of two rounds on two shared cores: the
-convnet's 1.40x comes from one slow epoch of Keras's Adam (4.90 s, then
-2.55 s; its optimizer updates 35k parameters), and under XLA, where the
-dense step of both optimizers is `keras.ops` code compiled into the same
-program, a rerun of the transformer alone gave 4.81 s an epoch for
-`keras_adam.Adam()` against 4.79 s for Keras's Adam (4.19 s with
-`lazy_sparse=True`), not the 0.70x of the table.
+embedding tables, a dot product). Elsewhere (convolutions, attention,
+recurrences) the optimizer is a small part of the step, and a few rounds on
+shared cores swing epoch times by tens of percent: a ratio far from 1 there
+is noise unless it holds over more rounds (`--repeats`). Under XLA the dense step of
+both optimizers is `keras.ops` code compiled into the same program.
 Four keras-io example models on synthetic data of the right shapes
 (`benchmarks/models.py`), trained from the same weights in the same order.
 Reproduce with `python -m benchmarks --fit` (add `--backend jax` or
-`--backend torch` for the other backends); more `--rounds` give steadier
-medians.
+`--backend torch` for the other backends).
 
 The *loss diff* column is the largest relative difference of an epoch's
 mean loss from Keras's Adam's. Models with an `Embedding` differ by design:
