@@ -191,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a quarter of the data")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument("--models", nargs="+", default=None)
+    from benchmarks.models import cases
+
+    names = [case.name for case in cases()]
+    parser.add_argument("--models", nargs="+", default=None, choices=names)
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.epochs < 2:

@@ -312,6 +312,12 @@ gradients are sparse rows.
 """
 
 
+def _saved_section(path, level: str) -> str:
+    """A saved table's text without its title line, its headings demoted to `level`."""
+    body = path.read_text().split("\n", 1)[1]  # the page gives the section its own title
+    return body.replace("\n## ", f"\n{level} ").replace("\n# ", f"\n{level} ")
+
+
 def fit_sections(results_dir) -> str:
     """The Performance page's `model.fit` section, from the saved `fit_<backend>.md` tables."""
     from pathlib import Path
@@ -321,8 +327,7 @@ def fit_sections(results_dir) -> str:
     for name, title in titles.items():
         saved = Path(results_dir) / f"fit_{name}.md"
         if saved.is_file():
-            body = saved.read_text().split("\n", 1)[1].replace("\n## ", "\n#### ")
-            parts.append(f"\n### On {title}\n{body}")
+            parts.append(f"\n### On {title}\n{_saved_section(saved, '####')}")
     if not parts:
         return ""
     return "\n## Training real models (`model.fit`)\n\n" + FIT_INTRO + "".join(parts)
@@ -335,11 +340,8 @@ def backend_sections(results_dir) -> str:
     parts = [fit_sections(results_dir)]
     for name, (title, intro) in BACKEND_SECTIONS.items():
         saved = Path(results_dir) / f"{name}_backend.md"
-        if not saved.is_file():
-            continue
-        body = saved.read_text().split("\n", 1)[1]  # the section has its own title
-        body = body.replace("\n## ", "\n### ").replace("\n# ", "\n### ")
-        parts.append(f"\n## {title}\n\n{intro}\n{body}")
+        if saved.is_file():
+            parts.append(f"\n## {title}\n\n{intro}\n{_saved_section(saved, '###')}")
     return "".join(parts)
 
 

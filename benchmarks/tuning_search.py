@@ -22,6 +22,11 @@ Reported per problem and system (means over seeds):
 - `verdict` (ours only): what `Comparison` concluded on the test split,
   per seed ("tuned" or "default").
 
+More seeds can be added later: `--first-seed 2 --seeds 3 --merge` runs
+seeds 2-4 and keeps the saved rows of the others. The summary gives each
+system's mean test loss ± its spread over seeds, and its paired gap to
+ours (same seeds) ± the gap's standard error.
+
 Timings on a shared machine are noisy: read ratios, not seconds.
 """
 
@@ -160,14 +165,7 @@ def run_tuning(
         wall = ended[0] - started
     finally:
         tuners.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap = saved
-    import tuning.tuners as t
-
-    kt_dir = result.project_dir
-    fit = 0.0
-    for record in result.trials:
-        path = os.path.join(kt_dir, f"trial_{record.trial_id}", t.SECONDS_FILE)
-        with open(path) as f:
-            fit += json.load(f).get("fit_seconds") or 0.0
+    fit = sum(record.fit_seconds or 0.0 for record in result.trials)
     points = [r.hyperparameters for r in result.trials]
     comparison = result.comparison
     verdict = None
@@ -228,7 +226,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tuning_search")
     parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--seeds", type=int, default=2, help="search seeds per problem")
+    parser.add_argument("--first-seed", type=int, default=0, help="the first search seed")
+    parser.add_argument(
+        "--merge", action="store_true",
+        help="keep the rows of an existing tuning_search.json that this run does not redo",
+    )  # fmt: skip
     parser.add_argument("--trials", type=int, default=20)
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> None:
             np.mean(retrain(data, {"learning_rate": 1e-3}, unseen, args.epochs, args.batch_size))
         )
         for system in args.systems:
-            for seed in range(args.seeds):
+            for seed in range(args.first_seed, args.first_seed + args.seeds):
                 with tempfile.TemporaryDirectory() as directory:
                     if system == "optuna":
                         out = run_optuna(data, seed, args.trials, args.epochs, args.batch_size)
@@ -282,16 +285,38 @@ def main(argv: list[str] | None = None) -> None:
                 print(json.dumps(row), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
     path = args.output / "tuning_search.json"
-    path.write_text(
-        json.dumps({"args": vars(args) | {"output": str(args.output)}, "rows": rows}, indent=1)
-    )
-    print(summary(rows))
+    saved = {"args": vars(args) | {"output": str(args.output)}, "rows": rows}
+    if args.merge and path.exists():
+        saved = merged(json.loads(path.read_text()), saved)
+    path.write_text(json.dumps(saved, indent=1))
+    print(summary(saved["rows"]))
+
+
+def merged(old: dict, new: dict) -> dict:
+    """`new` with the rows (and extra keys) of `old` that it does not redo.
+
+    A row is identified by its problem, system and seed; `args` records
+    every run's arguments, in order, under `runs`.
+    """
+    key = lambda r: (r["problem"], r["system"], r["seed"])  # noqa: E731
+    redone = {key(r) for r in new["rows"]}
+    kept = [r for r in old["rows"] if key(r) not in redone]
+    runs = old.get("runs", [old["args"]]) + [new["args"]]
+    return old | {"args": new["args"], "runs": runs, "rows": kept + new["rows"]}
 
 
 def summary(rows: list[dict]) -> str:
-    """A table of means over seeds, by problem and system."""
-    lines = [f"{'problem':14} {'system':9} {'edge':>6} {'overhead':>9} {'wall s':>7} "
-             f"{'test loss':>10} {'default':>8}  verdict"]  # fmt: skip
+    """A table by problem and system: means over seeds, and the paired gap to ours.
+
+    `test loss` is the mean ± standard deviation over seeds of each seed's
+    retrained winner; `minus ours` is the mean over the seeds both systems
+    ran of (this system's test loss − ours) ± its standard error, so a gap
+    within about two standard errors is not a difference.
+    """
+    lines = [
+        f"{'problem':14} {'system':9} {'seeds':>5} {'edge':>5} {'overhead':>8} {'wall s':>7} "
+        f"{'test loss':>15} {'default':>7} {'minus ours':>16}  verdicts"
+    ]
     keys = sorted(
         {(r["problem"], r["system"]) for r in rows}, key=lambda k: (k[0], SYSTEMS.index(k[1]))
     )
@@ -301,11 +326,21 @@ def summary(rows: list[dict]) -> str:
             k: float(np.mean([r[k] for r in group]))
             for k in ("edge", "overhead", "wall", "test_loss")
         }
-        verdicts = ", ".join(r["verdict"]["use"] for r in group if r["verdict"])
+        losses = [r["test_loss"] for r in group]
+        spread = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
+        ours = {r["seed"]: r["test_loss"] for r in rows if r["problem"] == problem
+                and r["system"] == "ours"}  # fmt: skip
+        gaps = [r["test_loss"] - ours[r["seed"]] for r in group if r["seed"] in ours]
+        gap = ""
+        if system != "ours" and len(gaps) > 1:
+            error = float(np.std(gaps, ddof=1)) / math.sqrt(len(gaps))
+            gap = f"{np.mean(gaps):+.4f} ± {error:.4f}"
+        verdicts = Counter(r["verdict"]["use"] for r in group if r["verdict"])
         lines.append(
-            f"{problem:14} {system:9} {mean['edge']:>6.0%} {mean['overhead']:>9.0%} "
-            f"{mean['wall']:>7.1f} {mean['test_loss']:>10.4f} {group[0]['default_test_loss']:>8.4f}"
-            f"  {verdicts}".rstrip()
+            f"{problem:14} {system:9} {len(group):>5} {mean['edge']:>5.0%} "
+            f"{mean['overhead']:>8.0%} {mean['wall']:>7.1f} "
+            f"{mean['test_loss']:>7.4f} ± {spread:.4f} {group[0]['default_test_loss']:>7.4f} "
+            f"{gap:>16}  {', '.join(f'{k} {n}' for k, n in verdicts.items())}".rstrip()
         )
     return "\n".join(lines)
 

@@ -631,6 +631,12 @@ class Adam(keras.optimizers.Optimizer):
             grads, trainable_variables, learning_rate, super()._backend_update_step
         )
 
+    def _all_reduce_sum_gradients(self, grads_and_vars: list) -> list:
+        # Called by the TensorFlow backend's `_backend_update_step` only.
+        return self._engine.all_reduce_sum_gradients(
+            grads_and_vars, super()._all_reduce_sum_gradients
+        )
+
     # -- serialization -------------------------------------------------------
 
     def get_config(self) -> dict:

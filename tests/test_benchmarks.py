@@ -111,3 +111,23 @@ def test_tuning_search_benchmark_reports_edges_overhead_and_verdict(tmp_path):
         assert np.isfinite(row["test_loss"])
     assert rows[0]["verdict"]["use"] in ("tuned", "default")
     assert rows[1]["verdict"] is None
+
+
+def test_tuning_search_merge_keeps_the_rows_a_run_does_not_redo():
+    from benchmarks.tuning_search import merged
+
+    def row(system, seed, loss):
+        return {"problem": "wine", "system": system, "seed": seed, "test_loss": loss}
+
+    old = {
+        "args": {"seeds": 2},
+        "rows": [row("ours", 0, 1.0), row("ours", 1, 2.0), row("optuna", 0, 3.0)],
+        "ours_expected_improvement": [row("ours_ei", 0, 4.0)],
+    }
+    new = {"args": {"first_seed": 1}, "rows": [row("ours", 1, 5.0), row("ours", 2, 6.0)]}
+    out = merged(old, new)
+    assert [(r["system"], r["seed"], r["test_loss"]) for r in out["rows"]] == [
+        ("ours", 0, 1.0), ("optuna", 0, 3.0), ("ours", 1, 5.0), ("ours", 2, 6.0)
+    ]  # fmt: skip
+    assert out["runs"] == [old["args"], new["args"]] and out["args"] == new["args"]
+    assert out["ours_expected_improvement"] == old["ours_expected_improvement"]

@@ -41,6 +41,9 @@ class TrialRecord:
         seconds: Wall time of the trial, or None if unknown.
         reason: Why the trial failed (e.g. "diverged: loss=nan at epoch 2,
             batch 5"), else None.
+        fit_seconds: The part of `seconds` spent in `Model.fit` (the rest
+            builds and compiles the model and keeps KerasTuner's records),
+            or None if unknown.
     """
 
     trial_id: str
@@ -49,6 +52,7 @@ class TrialRecord:
     score: float | None
     seconds: float | None
     reason: str | None = None
+    fit_seconds: float | None = None
 
 
 #: How `Comparison.held_out` names the data the two optimizers are judged on.

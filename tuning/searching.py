@@ -87,6 +87,7 @@ def trial_record(tuner: AdamTuner, trial: Any, space: AdamSearchSpace) -> TrialR
         score=score if status == "COMPLETED" else None,
         seconds=tuner.trial_seconds(trial.trial_id),
         reason=_reason(trial.message) if status != "COMPLETED" else None,
+        fit_seconds=tuner.trial_seconds(trial.trial_id, key="fit_seconds"),
     )
 
 

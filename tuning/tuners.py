@@ -25,6 +25,7 @@ import gc
 import json
 import os
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -32,6 +33,7 @@ import keras
 import keras_tuner
 import numpy as np
 from keras_tuner.src.engine import tuner_utils
+from sklearn.exceptions import ConvergenceWarning
 
 from tuning.results import atomic_open
 
@@ -246,7 +248,10 @@ class BayesianOracle(BaselineFirst, keras_tuner.oracles.BayesianOptimizationOrac
         if len(finished) < initial or not completed or dimensions == 0:
             return self._random_populate_space()
         x, y = self._observations()
-        self.gpr.fit(x, y)
+        with warnings.catch_warnings():
+            # A length scale at its lower bound (0.1) is by design, not news.
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            self.gpr.fit(x, y)
         points = self._candidates(x, y)
         draw = self._posterior_draw(points)
         values = self._vector_to_values(points[int(np.argmin(draw))])

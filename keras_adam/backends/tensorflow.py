@@ -166,6 +166,22 @@ class TensorFlowEngine(Engine):
         """Whether `gradient` is a `tf.IndexedSlices`."""
         return isinstance(gradient, tf.IndexedSlices)
 
+    def all_reduce_sum_gradients(self, grads_and_vars: list, all_reduce: Callable) -> list:
+        """Keras's sum of the gradients over replicas, skipped when there is one.
+
+        Outside a `tf.distribute` strategy the sum is the identity, but
+        TensorFlow's all-reduce, traced in a `tf.function`, registers a new
+        custom gradient in a process-wide registry that is never emptied:
+        each traced train step (about 7 000 Python objects, a whole
+        `FuncGraph`) would stay alive until the process ends, and every
+        `gc.collect` would walk it (TensorFlow issue #97697). A loop that
+        builds and fits many models (a hyperparameter search) grew by one
+        such graph a model.
+        """
+        if not tf.distribute.has_strategy():
+            return list(grads_and_vars)
+        return all_reduce(grads_and_vars)
+
     # -- skipping non-finite steps ---------------------------------------------
 
     def apply_skipping_nonfinite(
