@@ -98,7 +98,7 @@ def torch_sparse_trajectory():
         rows = torch.tensor(sparse_rows(t))
         with torch.no_grad():
             values = torch.sin(table[rows] * t) + 0.25
-        table.grad = torch.sparse_coo_tensor(rows[None], values, table.shape)
+        table.grad = torch.sparse_coo_tensor(rows[None], values, table.shape, check_invariants=True)
         optimizer.step()
         history.append(table.detach().numpy().copy())
     return np.array(history)
