@@ -45,15 +45,38 @@ def run(data, tmp_path, **kwargs):
     return tuning.search(build, x, y, **options)
 
 
+class RecordValLoss(keras.callbacks.Callback):
+    """Appends each training run's per-epoch val_loss to `runs` (shared by KerasTuner's copies)."""
+
+    def __init__(self, runs):
+        super().__init__()
+        self.runs = runs
+
+    def __deepcopy__(self, memo):
+        return RecordValLoss(self.runs)
+
+    def on_train_begin(self, logs=None):
+        self.runs.append([])
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.runs[-1].append(float(logs["val_loss"]))
+
+
 def test_search_returns_and_writes_what_people_act_on(data, tmp_path):
-    ended = []
-    result = run(data, tmp_path, on_trial_end=ended.append)
+    ended, curves = [], []
+    result = run(
+        data, tmp_path, epochs=7, on_trial_end=ended.append, callbacks=[RecordValLoss(curves)]
+    )
     assert [r.trial_id for r in result.trials] == ["0", "1", "2"]
     assert [r.trial_id for r in ended] == ["0", "1", "2"]
     assert all(r.status == "COMPLETED" and r.seconds > 0 for r in result.trials)
     assert result.tuned == ("learning_rate",)
-    best = min(result.trials, key=lambda r: r.score)
-    assert result.score == best.score
+    # Each trial: its best epoch, and the mean of its last 5 epochs, which picks the winner.
+    for record, curve in zip(result.trials, curves[:3], strict=True):
+        assert record.score == pytest.approx(min(curve), rel=1e-6)
+        assert record.settled == pytest.approx(np.mean(curve[-5:]), rel=1e-6)
+    best = min(result.trials, key=lambda r: r.settled)
+    assert result.score == best.score and result.settled == best.settled
     assert result.best_hyperparameters == best.hyperparameters
     # The ready optimizer is built from the best values.
     assert isinstance(result.optimizer, keras_adam.Adam)
@@ -71,6 +94,7 @@ def test_search_returns_and_writes_what_people_act_on(data, tmp_path):
         best_json = json.load(f)
     assert best_json["objective"] == "val_loss"
     assert best_json["score"] == pytest.approx(result.score)
+    assert best_json["settled"] == pytest.approx(result.settled)
     assert best_json["trials"] == 3
     assert set(best_json["hyperparameters"]) >= {"learning_rate", "beta_1", "beta_2"}
     rebuilt = keras_adam.Adam.from_config(best_json["optimizer"])
@@ -82,9 +106,10 @@ def test_search_returns_and_writes_what_people_act_on(data, tmp_path):
     with open(paths["trials.csv"]) as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:5] == ["trial_id", "status", "learning_rate", "beta_1", "beta_2"]
-    assert list(rows[0])[-3:] == ["score", "seconds", "reason"]
+    assert list(rows[0])[-4:] == ["score", "settled", "seconds", "reason"]
     assert [r["trial_id"] for r in rows] == ["0", "1", "2"]
     assert float(rows[1]["score"]) == result.trials[1].score
+    assert float(rows[1]["settled"]) == result.trials[1].settled
     assert float(rows[0]["beta_1"]) == 0.9  # not searched with 3 trials: Keras's default
     assert os.path.getsize(paths["trials.png"]) > 10_000
 

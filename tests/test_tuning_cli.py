@@ -40,6 +40,9 @@ def test_search_on_a_tabular_dataset_writes_the_contract_files(tmp_path):
     for n in (1, 2, 3):
         assert f"trial {n}/3  learning_rate=" in out
     assert "Best optimizer (val_loss = " in out and "keras_adam.Adam(learning_rate=" in out
+    # The winner is chosen by its last epochs' mean, which every trial line and the result show.
+    assert out.count("(last 5: ") == 3 and "over the last 5 epochs" in out
+    assert best["settled"] == min(float(r["settled"]) for r in rows)
     assert "Against default Adam" in out and "default" in out
 
     # Resume: a larger budget runs only the missing trial.

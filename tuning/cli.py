@@ -408,14 +408,16 @@ def _range_test(build_model: Callable, x: Any, y: Any, args: Any, stream: Any) -
 
 
 def _print_result(result: Any, paths: dict, role: str, stream: Any) -> None:
+    from tuning.results import SETTLED_EPOCHS
+
     print("\n" + result.table(), file=stream)
     values = ", ".join(
         f"{k}={v!r}" for k, v in result.best_hyperparameters.items() if v is not None
     )
-    print(
-        f"\nBest optimizer ({result.objective} = {result.score:.4f}):\n  keras_adam.Adam({values})",
-        file=stream,
-    )
+    scores = f"{result.objective} = {result.score:.4f}"
+    if result.settled is not None:
+        scores += f", {result.settled:.4f} over the last {SETTLED_EPOCHS} epochs"
+    print(f"\nBest optimizer ({scores}):\n  keras_adam.Adam({values})", file=stream)
     if result.comparison is not None:
         print("\nAgainst default Adam (keras_adam.Adam()):", file=stream)
         print(result.comparison.summary(), file=stream)

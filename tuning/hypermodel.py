@@ -10,6 +10,7 @@ from typing import Any
 
 import keras
 import keras_tuner
+import numpy as np
 
 import keras_adam
 from tuning.inference import check_loss
@@ -131,6 +132,8 @@ class AdamHyperModel(keras_tuner.HyperModel):
         self.optimizer_options = options
         self.seed = seed
         self.fit_seconds: float | None = None
+        #: The last `fit`'s per-epoch logs (`History.history`), for the trial's records.
+        self.history: dict | None = None
 
     def optimizer(self, values: Mapping[str, Any]) -> keras_adam.Adam:
         """A `keras_adam.Adam` from the five hyperparameters and the fixed options."""
@@ -195,6 +198,11 @@ class AdamHyperModel(keras_tuner.HyperModel):
         started = time.perf_counter()
         history = model.fit(*args, **kwargs)
         self.fit_seconds = time.perf_counter() - started
+        self.history = {
+            key: [float(v) for v in values]
+            for key, values in history.history.items()
+            if all(np.ndim(v) == 0 for v in values)  # scalars (not, say, per-class F1)
+        }
         if guard.reason is not None:
             raise keras_tuner.errors.FailedTrialError(guard.reason)
         return history

@@ -39,7 +39,14 @@ from tuning import distributed
 from tuning import fingerprint as fingerprints
 from tuning.hypermodel import AdamHyperModel, DivergenceGuard, _takes_hp
 from tuning.inference import check_loss, infer_loss
-from tuning.results import HELD_OUT, Comparison, SearchResult, TrialRecord
+from tuning.results import (
+    HELD_OUT,
+    Comparison,
+    SearchResult,
+    TrialRecord,
+    best_trial,
+    settled_score,
+)
 from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS, DEFAULTS, AdamSearchSpace
 from tuning.tuners import TUNERS, AdamTuner, frozen_heap, make_tuner
 
@@ -80,6 +87,8 @@ def trial_record(tuner: AdamTuner, trial: Any, space: AdamSearchSpace) -> TrialR
     score = trial.score
     score = None if score is None or not math.isfinite(float(score)) else float(score)
     status = str(trial.status)
+    history = tuner.trial_history(trial.trial_id) or {}
+    objective = getattr(tuner.oracle.objective, "name", None)
     return TrialRecord(
         trial_id=str(trial.trial_id),
         status=status,
@@ -88,6 +97,7 @@ def trial_record(tuner: AdamTuner, trial: Any, space: AdamSearchSpace) -> TrialR
         seconds=tuner.trial_seconds(trial.trial_id),
         reason=_reason(trial.message) if status != "COMPLETED" else None,
         fit_seconds=tuner.trial_seconds(trial.trial_id, key="fit_seconds"),
+        settled=settled_score(history.get(objective)) if status == "COMPLETED" else None,
     )
 
 
@@ -127,7 +137,10 @@ def search(
     with a `keras_adam.Adam` sampled from `space`, trains it for `epochs` on
     `(x, y)` and is scored by the objective's best epoch on the validation
     data. The first trial is default Adam (or the fixed values), so the
-    table shows where the search started. A trial whose loss turns NaN or
+    table shows where the search started. The winner is the trial whose
+    objective settled best: its mean over the last 5 epochs
+    (see `tuning.results.best_trial`: a best epoch alone favours noisy
+    curves). A trial whose loss turns NaN or
     infinite is recorded as FAILED with its reason and the search goes on.
 
     The winner is then judged against default Adam on data that took no
@@ -331,18 +344,16 @@ def search(
         trial_record(kt, trial, space)
         for trial in sorted(kt.oracle.trials.values(), key=lambda t: _order(t.trial_id))
     )
-    completed = [r for r in records if r.status == "COMPLETED" and r.score is not None]
-    if not completed:
+    best = best_trial(records, objective.direction)
+    if best is None:
         reasons = "; ".join(f"trial {r.trial_id}: {r.reason}" for r in records if r.reason)
         raise RuntimeError(f"No trial completed. {reasons}")
-    pick = min if objective.direction == "min" else max
-    best = pick(completed, key=lambda r: r.score)
-    best_trial = kt.oracle.get_trial(best.trial_id)
+    winner = kt.oracle.get_trial(best.trial_id)
     comparison = None
     if comparison_repeats:
         comparison = compare(
             hypermodel,
-            best_trial.hyperparameters,
+            winner.hyperparameters,
             best.hyperparameters,
             fit_kwargs,
             objective=objective,
@@ -357,6 +368,7 @@ def search(
         objective=objective.name,
         direction=objective.direction,
         score=best.score,
+        settled=best.settled,
         trials=records,
         tuned=space.tuned_names(),
         tuner=tuner,

@@ -41,6 +41,8 @@ from tuning.results import atomic_open
 TUNERS = ("random", "bayesian", "hyperband", "grid")
 
 SECONDS_FILE = "seconds.json"
+#: Each trial's per-epoch logs (`History.history`), beside KerasTuner's `trial.json`.
+HISTORY_FILE = "history.json"
 
 
 class AdamTuner(keras_tuner.Tuner):
@@ -74,6 +76,10 @@ class AdamTuner(keras_tuner.Tuner):
     def on_trial_begin(self, trial: Any) -> None:
         """Start the trial's clock."""
         super().on_trial_begin(trial)
+        # Nothing of the previous trial is recorded for this one if it fails before `fit`.
+        for name in ("fit_seconds", "history"):
+            if hasattr(self.hypermodel, name):
+                setattr(self.hypermodel, name, None)
         self._started = time.perf_counter()
         if self._report_begin is not None:
             self._report_begin(self, trial)
@@ -102,12 +108,16 @@ class AdamTuner(keras_tuner.Tuner):
         return [self._build_and_fit_model(trial, *args, **copy.copy(kwargs), callbacks=callbacks)]
 
     def on_trial_end(self, trial: Any) -> None:
-        """Record the trial's seconds, let the oracle score it, then report it."""
+        """Record the trial's seconds and epochs, let the oracle score it, then report it."""
         seconds = time.perf_counter() - self._started
-        path = os.path.join(self.get_trial_dir(trial.trial_id), SECONDS_FILE)
+        directory = self.get_trial_dir(trial.trial_id)
         fit_seconds = getattr(self.hypermodel, "fit_seconds", None)
-        with atomic_open(path) as f:
+        with atomic_open(os.path.join(directory, SECONDS_FILE)) as f:
             json.dump({"seconds": seconds, "fit_seconds": fit_seconds}, f)
+        history = getattr(self.hypermodel, "history", None)
+        if history is not None:
+            with atomic_open(os.path.join(directory, HISTORY_FILE)) as f:
+                json.dump(history, f, allow_nan=True)
         super().on_trial_end(trial)
         if self._report_end is not None:
             self._report_end(self, trial.trial_id, seconds)
@@ -120,6 +130,16 @@ class AdamTuner(keras_tuner.Tuner):
                 return float(json.load(f)[key])
         except (OSError, ValueError, KeyError, TypeError):
             return None
+
+    def trial_history(self, trial_id: str) -> dict | None:
+        """The trial's per-epoch logs, e.g. `{"val_loss": [...]}`, or None if unknown."""
+        path = os.path.join(self.project_dir, f"trial_{trial_id}", HISTORY_FILE)
+        try:
+            with open(path) as f:
+                history = json.load(f)
+        except (OSError, ValueError):
+            return None
+        return history if isinstance(history, dict) else None
 
 
 class AdamHyperband(AdamTuner):
