@@ -138,10 +138,10 @@ def search(
     `(x, y)` and is scored by the objective's best epoch on the validation
     data. The first trial is default Adam (or the fixed values), so the
     table shows where the search started. The winner is the trial whose
-    objective settled best: its mean over the last 5 epochs
-    (see `tuning.results.best_trial`: a best epoch alone favours noisy
-    curves). A trial whose loss turns NaN or
-    infinite is recorded as FAILED with its reason and the search goes on.
+    objective settled best: its mean over the last 5 epochs (see
+    `tuning.results.best_trial`: a best epoch alone favours noisy curves).
+    A trial whose loss turns NaN or infinite is recorded as FAILED with its
+    reason and the search goes on.
 
     The winner is then judged against default Adam on data that took no
     part in selection (see `tuning.Comparison`): `test_data` when given;

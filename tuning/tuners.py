@@ -124,22 +124,24 @@ class AdamTuner(keras_tuner.Tuner):
 
     def trial_seconds(self, trial_id: str, key: str = "seconds") -> float | None:
         """Seconds the trial took (`key="fit_seconds"`: in `fit`), or None if unknown."""
-        path = os.path.join(self.project_dir, f"trial_{trial_id}", SECONDS_FILE)
+        seconds = self._trial_file(trial_id, SECONDS_FILE)
         try:
-            with open(path) as f:
-                return float(json.load(f)[key])
-        except (OSError, ValueError, KeyError, TypeError):
+            return float(seconds[key])
+        except (KeyError, TypeError, ValueError):
             return None
 
     def trial_history(self, trial_id: str) -> dict | None:
         """The trial's per-epoch logs, e.g. `{"val_loss": [...]}`, or None if unknown."""
-        path = os.path.join(self.project_dir, f"trial_{trial_id}", HISTORY_FILE)
+        history = self._trial_file(trial_id, HISTORY_FILE)
+        return history if isinstance(history, dict) else None
+
+    def _trial_file(self, trial_id: str, name: str) -> Any:
+        """The JSON content of a file in the trial's folder, or None if missing or unreadable."""
         try:
-            with open(path) as f:
-                history = json.load(f)
+            with open(os.path.join(self.project_dir, f"trial_{trial_id}", name)) as f:
+                return json.load(f)
         except (OSError, ValueError):
             return None
-        return history if isinstance(history, dict) else None
 
 
 class AdamHyperband(AdamTuner):
