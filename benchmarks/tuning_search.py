@@ -100,7 +100,7 @@ def retrain(data, values: dict, seeds: list[int], epochs: int, batch_size: int) 
     import keras
 
     import keras_adam
-    from tuning.searching import _KeepBestEpoch
+    from tuning.comparison import _KeepBestEpoch
 
     x, y, x_test, y_test, classes = data
     import keras_tuner
@@ -141,12 +141,12 @@ def run_tuning(
     import keras_tuner
 
     import tuning
-    from tuning import tuners
+    from tuning import oracles, tuners
 
     x, y, x_test, y_test, classes = data
-    saved = tuners.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap
+    saved = oracles.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap
     if system == "previous":
-        tuners.BayesianOracle = keras_tuner.oracles.BayesianOptimizationOracle
+        oracles.BayesianOracle = keras_tuner.oracles.BayesianOptimizationOracle
         tuners.AdamTuner.checkpoints = True
         tuners.frozen_heap = contextlib.nullcontext
     ended = [0.0]
@@ -164,7 +164,7 @@ def run_tuning(
         )  # fmt: skip
         wall = ended[0] - started
     finally:
-        tuners.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap = saved
+        oracles.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap = saved
     fit = sum(record.fit_seconds or 0.0 for record in result.trials)
     points = [r.hyperparameters for r in result.trials]
     comparison = result.comparison

@@ -1,8 +1,9 @@
 """`keras_adam.Adam`: a drop-in for `keras.optimizers.Adam`.
 
-The math of a step is in `keras_adam.update_rule`; how a step runs on each
-Keras backend is in `keras_adam.backends`; this file wires them into Keras's
-optimizer plumbing (arguments, slot variables, state, serialization).
+This file is Keras's plumbing only: arguments, moments (slot variables),
+state loading, configuration. Each step is handed, as data, to the
+backend's engine (`keras_adam.backends`), which runs the math of
+`keras_adam.update_rule`.
 """
 
 from __future__ import annotations
@@ -13,12 +14,16 @@ from typing import Any
 
 import keras
 import numpy as np
-from keras import backend, ops
+from keras import ops
 
 from keras_adam import backends, update_rule, validation
+from keras_adam.backends.engine import KerasApply, Options, Update
 
 #: Accepted values of `moment_dtype`.
 MOMENT_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
+
+#: Types of the optimizer attributes that a compiled step bakes in.
+_STATIC_TYPES = (bool, int, float, str, type(None), re.Pattern)
 
 
 def _path_pattern(path: str) -> str:
@@ -37,43 +42,24 @@ def _compile(patterns: tuple[str, ...]) -> re.Pattern | None:
 class Adam(keras.optimizers.Optimizer):
     r"""Adam (Kingma & Ba, 2014), a drop-in for `keras.optimizers.Adam`.
 
-    With the same arguments it follows the same trajectory as
-    `keras.optimizers.Adam`, and its state (the slot variables `momentum`,
-    `velocity` and, with AMSGrad, `velocity_hat`, created in the same order)
-    moves between the two through `save_own_variables`/`load_own_variables`,
-    `.keras` files and `tf.train.Checkpoint`.
-
-    Each step computes, for gradient $g_t$ at step $t$:
+    With Keras's arguments it follows `keras.optimizers.Adam`'s trajectory,
+    and its state (`momentum`, `velocity` and, with AMSGrad,
+    `velocity_hat`, created in the same order) moves between the two. Each
+    step is
 
     $$
-    \begin{aligned}
-    m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
-    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-    \theta_t &= \theta_{t-1} - \eta\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
+    m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \quad
+    v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \quad
+    \theta_t = \theta_{t-1} - \eta\,\frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}
         \cdot \frac{m_t}{\sqrt{v_t} + \hat\epsilon}
-    \end{aligned}
     $$
 
-    `epsilon` is the paper's $\hat\epsilon$ (added before bias correction),
-    as in Keras. PyTorch and Optax add $\epsilon$ after bias correction;
-    the two agree when $\hat\epsilon = \epsilon\sqrt{1-\beta_2^t}$. The
-    update rule itself lives in `keras_adam.update_rule`.
-
-    Where it differs from `keras.optimizers.Adam`, it is to be more exact:
-
-    - β powers and bias corrections are computed in float32 at least (float64
-      for float64 variables), and the elementwise step of bfloat16/float16
-      variables is done in float32. Keras computes in the variable's dtype,
-      where `beta_2=0.999` rounds to 1.0 in bfloat16 and bf16 weights never
-      move.
-    - Hyperparameters reach float64 variables without a detour through
-      float32. The learning-rate *variable* has dtype
-      `keras.config.floatx()`, as in Keras (set floatx to "float64" for a
-      float64 learning rate).
-    - Loading optimizer state whose variable count or shapes do not fit
-      raises `ValueError`; Keras warns and silently skips it.
-    - Arguments are validated: a bad value raises `ValueError` naming the
-      argument and the value.
+    with Keras's $\hat\epsilon$ (`epsilon_mode="paper"` for PyTorch's and
+    Optax's ε). The math and the variants are on the
+    [algorithm page](../algorithm.md); what runs on each backend on the
+    [backends page](../backends.md); where this class is more exact than
+    Keras's (bfloat16 steps in float32, float64 hyperparameters, state
+    that never loads silently wrong) on the [migrating page](../migrating.md).
 
     Example:
         >>> import keras, keras_adam
@@ -81,110 +67,54 @@ class Adam(keras.optimizers.Optimizer):
         >>> model.compile(optimizer=keras_adam.Adam(learning_rate=1e-3), loss="mse")
 
     Args:
-        learning_rate: A float > 0, a
+        learning_rate: $\eta$: a float > 0, a
             `keras.optimizers.schedules.LearningRateSchedule`, or a callable
-            that takes no arguments and returns the learning rate $\eta$.
-            Defaults to 0.001.
-        beta_1: Decay rate $\beta_1 \in [0, 1)$ of the first-moment
-            estimate. Defaults to 0.9.
-        beta_2: Decay rate $\beta_2 \in [0, 1)$ of the second-moment
-            estimate. Defaults to 0.999.
-        epsilon: $\hat\epsilon \ge 0$, added to $\sqrt{v_t}$ before bias
-            correction (Keras's placement). Defaults to 1e-7.
-        amsgrad: Whether to use AMSGrad (Reddi et al., 2018): the
-            denominator uses the running maximum of $v_t$. Defaults to False.
-        weight_decay: Weight decay $\lambda \ge 0$, decoupled or L2 by
+            returning it. Defaults to 0.001.
+        beta_1: Decay rate $\beta_1 \in [0, 1)$ of the first moment.
+        beta_2: Decay rate $\beta_2 \in [0, 1)$ of the second moment.
+        epsilon: $\hat\epsilon \ge 0$ (or $\epsilon$, see `epsilon_mode`).
+            Defaults to 1e-7.
+        amsgrad: AMSGrad (Reddi et al., 2018): the denominator uses the
+            running maximum of $v_t$.
+        weight_decay: $\lambda \ge 0$, decoupled or L2 by
             `decoupled_weight_decay`. Defaults to None (no decay).
-        clipnorm: If set, clip each gradient to this L2 norm.
-        clipvalue: If set, clip each gradient elementwise to
-            [-clipvalue, clipvalue].
-        global_clipnorm: If set, clip all gradients together to this global
-            L2 norm. At most one of the three clippings may be set.
-        use_ema: Whether to keep an exponential moving average of the weights.
+        clipnorm: Clip each gradient to this L2 norm.
+        clipvalue: Clip each gradient elementwise to [-clipvalue, clipvalue].
+        global_clipnorm: Clip all gradients together to this global L2
+            norm. At most one of the three clippings may be set.
+        use_ema: Keep an exponential moving average of the weights.
         ema_momentum: Momentum of that average, in [0, 1].
-        ema_overwrite_frequency: If set, overwrite the weights with their
-            average every this many steps.
-        loss_scale_factor: If set, the loss is multiplied by it and the
-            gradients divided by it.
-        gradient_accumulation_steps: If set (an integer >= 2), average the
-            gradients over this many calls before one update.
-        name: Name of the optimizer, used as the name scope of its variables.
-        epsilon_mode: "hat" (default): `epsilon` is Keras's $\hat\epsilon$,
-            added to $\sqrt{v_t}$ before bias correction. "paper": `epsilon`
-            is Algorithm 1's $\epsilon$, added to $\sqrt{\hat v_t}$, as in
-            PyTorch and Optax. They agree when
-            $\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}$.
-        decoupled_weight_decay: True (default): AdamW's
-            $\theta \leftarrow \theta - \eta\lambda\theta$ (Keras,
-            `torch.optim.AdamW`). False: L2, $g \leftarrow g + \lambda\theta$
+        ema_overwrite_frequency: Overwrite the weights with their average
+            every this many steps.
+        loss_scale_factor: Multiply the loss by it and divide the gradients
+            by it.
+        gradient_accumulation_steps: Average the gradients over this many
+            calls (an integer >= 2) before one update.
+        name: Name of the optimizer (the name scope of its variables).
+        epsilon_mode: "hat" (Keras's placement, before bias correction) or
+            "paper" (Algorithm 1's, as PyTorch and Optax).
+        decoupled_weight_decay: True: AdamW's decay (Keras,
+            `torch.optim.AdamW`); False: L2 added to the gradient
             (`torch.optim.Adam(weight_decay=λ)`).
-        exclude_from_weight_decay: Regular expressions; a variable whose name
-            or path (e.g. "model/dense/bias") matches any of them gets no
-            weight decay. Keras drops the model's name from paths when it
-            reloads a model, so anchor on layer names: `"(^|/)dense/"`.
-            Kept in `get_config` and `.keras` files, together with what is
-            passed to the `exclude_from_weight_decay()` method.
-        rectify: RAdam (Liu et al., 2019), as `torch.optim.RAdam`: plain
-            momentum SGD while the variance estimate is intractable
-            ($\rho_t \le 5$), then a rectified adaptive step. Not with
+        exclude_from_weight_decay: Regular expressions; a variable whose
+            name or path matches one gets no decay. Kept in `get_config`.
+        rectify: RAdam (Liu et al., 2019), as `torch.optim.RAdam`. Not with
             `amsgrad`.
-        maximize: Climb the objective instead of descending it ($g \to -g$).
-        lazy_sparse: For `tf.IndexedSlices` gradients (Embedding layers),
-            update only the rows the gradient touches: their moments, their
-            weights and, lazily, their weight decay. Untouched rows stay
-            bit-identical, as in `torch.optim.SparseAdam` and TFA's
-            `LazyAdam`. Repeated indices are summed first. Where the fused
-            path applies (see `fused`), outside XLA on CPU, one op
-            (`KerasAdamSparseApplyAdam`) does the whole update at a cost in
-            proportion to the rows touched; elsewhere, gathers and scatters
-            of `keras.ops`. With False (default), sparse gradients give
-            exactly the dense result. Only TensorFlow has sparse gradients:
-            on JAX and PyTorch every gradient is dense, so the option is
-            accepted (a configuration saved on TensorFlow loads anywhere),
-            changes nothing, and `build` warns once, naming the backend.
-        moment_dtype: dtype of $m$ and $v$: None (the variable's dtype, as
-            Keras), "float32", "float64", "bfloat16" or "float16". With
-            "float32", bfloat16/float16 weights keep float32 moments.
-        fused: Which execution path takes dense gradients (each backend's
-            engine is in `keras_adam.backends`). None (default): the fused
-            path wherever it applies, the `keras.ops` path elsewhere. On
-            TensorFlow the fused path is a multi-tensor op that updates all
-            float32 (and all float64) variables of a step in one pass per
-            element (`keras_adam.kernels`, compiled at first use;
-            `KERAS_ADAM_KERNEL=0` disables it; it takes 1 − β computed
-            as Keras does, so it gives `keras.optimizers.Adam`'s numbers),
-            and under XLA and where that op is unavailable the `keras.ops`
-            step, which XLA fuses; on PyTorch, torch's fused Adam
-            kernels (`torch._fused_adam_`, `torch._fused_adamw_`), one call
-            per device and dtype; on JAX, XLA: under `jax.jit` the step is
-            part of the caller's program, and an eager `apply` runs as one
-            cached jitted program. True: demand the fused path; raises `ValueError` if the
-            options or a variable rule it out on this backend (on
-            TensorFlow `epsilon_mode="paper"`, `amsgrad`, `rectify`, dtypes
-            other than float32/float64 or moments of another dtype; on
-            PyTorch `rectify` and those dtypes). False: always the
-            `keras.ops` path, the reference that is bit-identical to
-            `keras.optimizers.Adam`'s generic step. All paths agree to
-            round-off.
-        skip_nonfinite: If True, a step whose gradients hold any NaN or
-            infinity is skipped as a whole: weights, moments, the step
-            counter `iterations` (so bias correction), gradient accumulators
-            and the weight average stay untouched, and `skipped_steps`
-            counts the skip. The check reads the gradients before
-            unscaling and clipping; under tf.distribute it sums the verdicts
-            of all replicas (and workers), so every replica skips the same
-            steps. It works eagerly and compiled on every backend: on
-            TensorFlow the step runs under `tf.cond` (inside `tf.function`,
-            under XLA and tf.distribute); on JAX every variable selects its
-            new or old value (no branch assigns state, so it compiles under
-            `jax.jit`); on PyTorch the verdict is read on the host. False
-            (default) is Keras's behaviour: no check, and a NaN or infinite
-            gradient propagates into the moments and the weights. With
-            True, `variables` ends with the counter (one more than
-            `keras.optimizers.Adam`'s); this class still loads Keras's
-            state (the counter then starts at 0).
-        **kwargs: Passed to `keras.optimizers.Optimizer` (for example the
-            deprecated `decay`, which Keras ignores with a warning).
+        maximize: Climb the objective instead of descending it.
+        lazy_sparse: For `tf.IndexedSlices` gradients (Embedding layers on
+            TensorFlow), update only the rows they touch, as
+            `torch.optim.SparseAdam`. Other backends have no row gradients
+            and accept it unchanged.
+        moment_dtype: dtype of $m$ and $v$: None (the variable's, as Keras),
+            "float32", "float64", "bfloat16" or "float16".
+        fused: None: each backend's fused path wherever it applies; True:
+            demand it (`ValueError` where options or a variable rule it
+            out); False: the `keras.ops` reference path, bit-identical to
+            Keras's. See the [backends page](../backends.md).
+        skip_nonfinite: Skip, as a whole, a step whose gradients hold a NaN
+            or an infinity, and count it in `skipped_steps`. See the
+            [backends page](../backends.md#skipping-non-finite-steps).
+        **kwargs: Passed to `keras.optimizers.Optimizer`.
     """
 
     def __init__(
@@ -287,12 +217,12 @@ class Adam(keras.optimizers.Optimizer):
         self.skip_nonfinite = skip_nonfinite
         self._skipped_steps: keras.Variable | None = None
         # How steps run on this backend (`keras_adam.backends`).
-        self._engine = backends.engine(self)
+        self._engine = backends.engine()
         if fused:
-            blockers = self._engine.fused_flag_blockers()
+            blockers = self._engine.fused_blockers(self._options())
             if blockers:
                 raise ValueError(
-                    f"Argument `fused=True` cannot apply on the {backend.backend()} "
+                    f"Argument `fused=True` cannot apply on the {self._engine.backend} "
                     f"backend: its fused path does not support {'; '.join(blockers)}. "
                     "Use fused=None to fall back where it cannot apply."
                 )
@@ -331,7 +261,7 @@ class Adam(keras.optimizers.Optimizer):
         """
         if self.built:
             return
-        self._engine.check_build(var_list)
+        self._engine.check_build(var_list, self._options())
         super().build(var_list)
         self._momentums, self._velocities = self._add_moments(var_list, ["momentum", "velocity"])
         if self.amsgrad:
@@ -531,45 +461,73 @@ class Adam(keras.optimizers.Optimizer):
 
         With `skip_nonfinite=True` the whole step takes effect only if every
         gradient is finite; otherwise `skipped_steps` grows by one and
-        nothing else changes (how, is the backend engine's
-        `apply_skipping_nonfinite`).
+        nothing else changes.
 
         Args:
             grads: One gradient (or None) per variable.
             trainable_variables: The variables; needed on the first call,
                 which builds the optimizer.
         """
-        apply = super().apply
-        if not self.skip_nonfinite:
-            return self._engine.apply(apply, grads, trainable_variables)
+        run = super().apply
         grads = list(grads)
+        if trainable_variables is not None:
+            trainable_variables = list(trainable_variables)
+        step = KerasApply(run, grads, trainable_variables, self._state, self._trace_key)
+        if not self.skip_nonfinite:
+            return self._engine.apply(step)
         if not grads:
             return None
         if trainable_variables is not None:
-            trainable_variables = list(trainable_variables)
             if not self.built:
                 # Variables cannot be created inside a branch of a condition.
                 with keras.name_scope(self.name, caller=self):
                     self.build(trainable_variables)
         elif not self.built:
-            return apply(grads, trainable_variables)  # Keras's error for this case
-        self._engine.apply_skipping_nonfinite(apply, grads, trainable_variables)
+            return run(grads, trainable_variables)  # Keras's error for this case
+        self._engine.apply_skipping_nonfinite(step, self._skipped_steps)
         return None
 
-    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
-        """Apply one step to `variable` (the math is `update_rule.adam_step`).
+    def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any):
+        # Keras's hook for the step of all variables: the engine's.
+        self._engine.update(self._update(grads, trainable_variables, learning_rate))
 
-        The backend's engine (`keras_adam.backends`) chooses the path: a
-        fused kernel, lazy sparse rows, or `_reference_update`.
+    def update_step(self, gradient: Any, variable: Any, learning_rate: Any) -> None:
+        """Apply one step to one variable (Keras's per-variable hook).
 
         Args:
             gradient: The (clipped, unscaled) gradient, dense or sparse.
             variable: The model variable.
             learning_rate: The current learning rate.
         """
-        slots = self._slots(variable)
-        self._engine.update_variable(
-            gradient, variable, slots, self._hyperparameters(variable, learning_rate)
+        self._engine.update(self._update([gradient], [variable], learning_rate))
+
+    # -- what the engine is given ----------------------------------------------
+
+    def _options(self) -> Options:
+        """The arguments that decide how a step runs, as the engine takes them."""
+        hyper = update_rule.Hyperparameters(
+            beta_1=self.beta_1,
+            beta_2=self.beta_2,
+            epsilon=self.epsilon,
+            weight_decay=self.weight_decay or 0.0,
+            decoupled_weight_decay=self.decoupled_weight_decay,
+            epsilon_mode=self.epsilon_mode,
+            amsgrad=self.amsgrad,
+            rectify=self.rectify,
+            maximize=self.maximize,
+        )
+        return Options(hyper, self.fused, self.moment_dtype, self.lazy_sparse)
+
+    def _update(self, grads: list, variables: list, learning_rate: Any) -> Update:
+        """One step of `variables`, as the engine takes it."""
+        return Update(
+            grads=grads,
+            variables=variables,
+            slots=self._slots,
+            decays=self._use_weight_decay,
+            iterations=self.iterations,
+            learning_rate=learning_rate,
+            options=self._options(),
         )
 
     def _slots(self, variable: Any) -> list:
@@ -580,61 +538,32 @@ class Adam(keras.optimizers.Optimizer):
             slots.append(self._velocity_hats[index])
         return slots
 
-    def _hyperparameters(self, variable: Any, learning_rate: Any) -> dict:
-        """The keyword arguments of `update_rule.adam_step` for `variable`."""
-        decays = self.weight_decay and self._use_weight_decay(variable)
-        return dict(
-            learning_rate=learning_rate,
-            beta_1=self.beta_1,
-            beta_2=self.beta_2,
-            epsilon=self.epsilon,
-            weight_decay=self.weight_decay if decays else 0.0,
-            decoupled_weight_decay=self.decoupled_weight_decay,
-            epsilon_mode=self.epsilon_mode,
-            rectify=self.rectify,
-            maximize=self.maximize,
-        )
+    def _state(self) -> list:
+        """Every variable a step may write: the model's trainable ones, then ours.
 
-    def _compute_dtype(self, variable: Any, slots: list) -> str:
-        """The dtype the step of `variable` is computed in (`update_rule.compute_dtype`)."""
-        return update_rule.compute_dtype(
-            *(backend.standardize_dtype(x.dtype) for x in [variable, *slots])
-        )
-
-    def _reference_update(self, gradient: Any, variable: Any, slots: list, hyper: dict) -> None:
-        """The `keras.ops` path: `update_rule.adam_step` on the whole variable.
-
-        Bit-identical to `keras.optimizers.Adam`'s own `keras.ops` step
-        where the options are Keras's; it runs, and compiles, on every
-        backend.
+        Without the `skipped_steps` counter, which only a skip writes.
         """
-        dtype = self._compute_dtype(variable, slots)
+        own = [v for v in self.variables if v is not self._skipped_steps]
+        return [*self._trainable_variables, *own]
 
-        def read(x: Any) -> Any:
-            return ops.cast(x, dtype)
+    def _trace_key(self) -> tuple | None:
+        """What a compiled step bakes in besides shapes; None where it may not compile.
 
-        new = update_rule.adam_step(
-            read(variable),
-            read(gradient),
-            *(read(slot) for slot in slots[:2]),
-            v_hat=read(slots[2]) if self.amsgrad else None,
-            step=self.iterations + 1,
-            **hyper,
-        )
-        for slot, value in zip(slots, new[1:], strict=False):
-            self.assign(slot, value)
-        self.assign(variable, new.param)
-
-    def _backend_update_step(self, grads: list, trainable_variables: list, learning_rate: Any):
-        # One step of all variables, grouped as the backend's engine runs them.
-        self._engine.update_all(
-            grads, trainable_variables, learning_rate, super()._backend_update_step
-        )
-
-    def _all_reduce_sum_gradients(self, grads_and_vars: list) -> list:
-        # Called by the TensorFlow backend's `_backend_update_step` only.
-        return self._engine.all_reduce_sum_gradients(
-            grads_and_vars, super()._all_reduce_sum_gradients
+        A step may not be compiled before `build` (it creates variables), with
+        `fused=False`, or with a plain callable learning rate (it may read
+        state a trace would freeze).
+        """
+        learning_rate = self._learning_rate
+        schedule = keras.optimizers.schedules.LearningRateSchedule
+        if (
+            self.fused is False
+            or not self.built
+            or (callable(learning_rate) and not isinstance(learning_rate, schedule))
+        ):
+            return None
+        return (
+            tuple((k, v) for k, v in vars(self).items() if isinstance(v, _STATIC_TYPES)),
+            keras.config.floatx(),
         )
 
     # -- serialization -------------------------------------------------------

@@ -1,23 +1,28 @@
-"""The suite runs on every Keras backend.
+"""The suite runs on every Keras backend; the folder of a test decides which.
 
 Keras reads `KERAS_BACKEND` once per process, so the README's one command
-(`python -m pytest -n 2`) runs here on TensorFlow, and
-`test_other_backends.py` runs the backend-neutral tests again in one
-subprocess per other backend (`KERAS_BACKEND=jax`, `KERAS_BACKEND=torch`).
+(`python -m pytest -n 2`) runs on TensorFlow, and `test_other_backends.py`
+runs each folder that JAX or PyTorch must run in its own subprocess with
+`KERAS_BACKEND=jax` or `KERAS_BACKEND=torch` (one test per backend and
+folder, so pytest-xdist spreads them over its workers).
 
-Which files run where, by name:
+Which folders run where (the innermost folder named `any`, `tensorflow`,
+`jax` or `torch` decides; other folders run on TensorFlow):
 
-- `test_any_*.py`: backend-neutral (only `keras`, `keras.ops`, NumPy); run
-  on every backend.
-- `test_on_jax_*.py`, `test_on_torch_*.py`: that backend's own engine and
-  peers (optax, torch.optim); run only under that backend.
-- everything else: TensorFlow (our kernels, tf.distribute, tuning, docs);
-  run only under TensorFlow.
+- `any/`: backend-neutral (only `keras`, `keras.ops`, NumPy); every backend.
+- `tensorflow/`, `jax/`, `torch/`: that backend's own engine, kernels and
+  peers (tf.distribute, optax, torch.optim); that backend only.
+- `tuning/`: the tuning package, on TensorFlow; `tuning/any/` (the search
+  and the range test on each backend's data types) on every backend.
+- `project/`: docs, README, lint, examples, benchmark scripts; TensorFlow.
+- `helpers/`: shared harnesses (`tests.helpers.*`), no tests.
 
-`KERAS_BACKEND=jax python -m pytest` runs the JAX part alone.
+`KERAS_BACKEND=jax python -m pytest` runs the JAX part alone (`any/`,
+`jax/`, `tuning/any/`); so does `KERAS_BACKEND=torch` for PyTorch.
 """
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 BACKEND = os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -49,35 +54,70 @@ elif BACKEND == "torch":
 
     torch.set_num_threads(1)
 
-_OTHER_BACKENDS = {"tensorflow", "jax", "torch"} - {BACKEND}
+TESTS = Path(__file__).parent
+BACKENDS = ("tensorflow", "jax", "torch")
+
+
+def backends_of(path: Path) -> tuple[str, ...]:
+    """The backends a test file (or folder) under tests/ runs on: see the module docstring."""
+    for folder in reversed(path.relative_to(TESTS).parts):
+        if folder == "any":
+            return BACKENDS
+        if folder in BACKENDS:
+            return (folder,)
+    return ("tensorflow",)
+
+
+def folders_on(backend: str) -> list[str]:
+    """The folders (relative to tests/) whose test files run on `backend`, outermost first."""
+    return sorted(
+        {
+            path.parent.relative_to(TESTS).as_posix()
+            for path in TESTS.rglob("test_*.py")
+            if backend in backends_of(path.parent)
+        }
+    )
 
 
 def pytest_ignore_collect(collection_path, config):
-    """Collect only the files that run on this backend (see the module docstring)."""
-    name = collection_path.name
-    if not (name.startswith("test_") and name.endswith(".py")):
+    """Collect only what runs on this backend (see the module docstring)."""
+    path = Path(collection_path)
+    if TESTS not in path.parents:
         return None
-    if name.startswith("test_any_"):
-        return None
-    if any(name.startswith(f"test_on_{other}_") for other in _OTHER_BACKENDS):
-        return True
-    if name.startswith(f"test_on_{BACKEND}_"):
-        return None
-    return BACKEND != "tensorflow" or None
+    if path.is_dir():
+        # A folder is skipped when none of its test files runs here.
+        runs_here = any(BACKEND in backends_of(f.parent) for f in path.rglob("test_*.py"))
+        return None if runs_here else True
+    if path.name.startswith("test_") and path.suffix == ".py":
+        return None if BACKEND in backends_of(path.parent) else True
+    return None
+
+
+def pytest_configure(config):
+    """Under pytest-xdist, hand tests to the workers one by one: the other backends'
+    subprocess runs take minutes each, and a worker given a batch of them runs
+    them in turn while the other worker is idle."""
+    if config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None):
+        config.option.maxschedchunk = 1
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Start the other backends' runs first: each takes one core for minutes,
-    so the pytest-xdist workers share the rest of the suite around them."""
+    """Start the other backends' runs first, longest first (the order of their
+    parametrization): the pytest-xdist workers share the rest of the suite
+    around them."""
     items.sort(key=lambda item: item.path.name != "test_other_backends.py")
 
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
-    """Each test starts with the default float policy and a clean name scope."""
+    """Each test starts with the default float policy and a clean name scope.
+
+    Without Keras's full garbage collection (`free_memory`): it took 0.2-0.4 s
+    a test, minutes over the suite, and Python's own collector still runs.
+    """
     keras.config.set_dtype_policy("float32")
     keras.config.set_floatx("float32")
-    keras.backend.clear_session()
+    keras.backend.clear_session(free_memory=False)
     yield
     keras.config.set_dtype_policy("float32")
     keras.config.set_floatx("float32")

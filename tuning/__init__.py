@@ -1,16 +1,24 @@
 """Hyperparameter search for `keras_adam.Adam` (β1, β2, η) with KerasTuner.
 
-- `tuning.search`: run a search on a model and data; returns a
-  `SearchResult` with the best hyperparameters, a ready `keras_adam.Adam`,
-  the trials, and the tuned optimizer measured against default Adam
-  (defined in `tuning.searching`).
+- `tuning.search` (`tuning.searching`): run a search on a model and data;
+  returns a `SearchResult` (`tuning.results`) with the best
+  hyperparameters, a ready `keras_adam.Adam`, the trials (`TrialRecord`,
+  `tuning.records`), and the tuned optimizer measured against default Adam
+  (`Comparison`, `tuning.comparison`).
 - `tuning.AdamSearchSpace`: the ranges (1 − β on a log scale) and which
   parameters a trial budget can afford (`tuning.space`).
 - `tuning.AdamHyperModel`: the KerasTuner HyperModel, for use with your own
   KerasTuner tuner (`tuning.hypermodel`).
-- `tuning.lr_range_test`: Smith's learning-rate range test, to narrow η.
+- `tuning.lr_range_test`: Smith's learning-rate range test, to narrow η
+  (`tuning.lr_range`).
 - `tuning.datasets`: scikit-learn's bundled datasets, split and scaled.
 - The `keras-adam-tune` command (`tuning.cli`).
+
+Behind them: the KerasTuner tuners (`tuning.tuners`) and oracles
+(`tuning.oracles`), the table, CSV and plot of the trials
+(`tuning.output`), search fingerprints (`tuning.fingerprint`), loss
+inference (`tuning.inference`) and distributed searches
+(`tuning.distributed`).
 
 Names are imported on first use, so `keras-adam-tune --help` and argument
 errors answer without loading TensorFlow.
@@ -26,13 +34,13 @@ _EXPORTS = {
     "Dataset": "tuning.datasets",
     "load_dataset": "tuning.datasets",
     "AdamHyperModel": "tuning.hypermodel",
-    "LRRangeTest": "tuning.lr_range_test",
-    "RangeTestResult": "tuning.lr_range_test",
-    "lr_range_test": "tuning.lr_range_test",
-    "suggest_bounds": "tuning.lr_range_test",
-    "Comparison": "tuning.results",
+    "LRRangeTest": "tuning.lr_range",
+    "RangeTestResult": "tuning.lr_range",
+    "lr_range_test": "tuning.lr_range",
+    "suggest_bounds": "tuning.lr_range",
+    "Comparison": "tuning.comparison",
     "SearchResult": "tuning.results",
-    "TrialRecord": "tuning.results",
+    "TrialRecord": "tuning.records",
     "search": "tuning.searching",
     "AdamSearchSpace": "tuning.space",
 }

@@ -248,7 +248,7 @@ class Progress:
 
     def end(self, record: Any) -> None:
         """Print the finished trial's line."""
-        from tuning.results import trial_line
+        from tuning.output import trial_line
 
         prefix = "\r\033[K" if self.live else ""
         line = trial_line(record, self.tuned, self.objective, self.total)
@@ -376,7 +376,7 @@ def _range_test(build_model: Callable, x: Any, y: Any, args: Any, stream: Any) -
     import keras_adam
     from tuning.hypermodel import _takes_hp
     from tuning.inference import infer_loss
-    from tuning.lr_range_test import lr_range_test
+    from tuning.lr_range import lr_range_test
 
     keras.utils.set_random_seed(args.seed)
     if _takes_hp(build_model):
@@ -408,7 +408,7 @@ def _range_test(build_model: Callable, x: Any, y: Any, args: Any, stream: Any) -
 
 
 def _print_result(result: Any, paths: dict, role: str, stream: Any) -> None:
-    from tuning.results import SETTLED_EPOCHS
+    from tuning.records import SETTLED_EPOCHS
 
     print("\n" + result.table(), file=stream)
     values = ", ".join(

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 
+from tuning.output import atomic_open
+
 FILE = "fingerprint.json"
 
 
@@ -128,8 +130,6 @@ def check(project_dir: str, hashes: Mapping[str, str], *, overwrite: bool) -> No
 
 def write(project_dir: str, hashes: Mapping[str, str]) -> None:
     """Record the search's fingerprint in its directory."""
-    from tuning.results import atomic_open
-
     os.makedirs(project_dir, exist_ok=True)
     with atomic_open(os.path.join(project_dir, FILE)) as f:
         json.dump(dict(hashes), f, indent=2, sort_keys=True)

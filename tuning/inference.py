@@ -1,9 +1,9 @@
 """The loss and metrics that fit a model's output and its targets, or an error naming `loss`.
 
-`tuning.search` used to default to `loss="sparse_categorical_crossentropy"`,
-which expects probabilities, while most models (and the package's own
-examples) end in logits: every trial then scored meaninglessly and nothing
-said so. Now:
+A fixed default loss would fit some models and silently not others: a
+cross-entropy that expects probabilities, on a model that ends in logits
+(as most do, the package's own examples included), scores every trial
+meaninglessly and nothing says so. Therefore:
 
 - with `loss=None`, the loss is inferred from the model's last layer and
   the targets (`infer_loss`): a final softmax or sigmoid gives

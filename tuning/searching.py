@@ -1,5 +1,19 @@
 """`search`: tune Adam's β1, β2 and η on a model and data, and measure the result.
 
+`search` runs in phases, each a function of one `SearchPlan` (the search's
+arguments, checked by `SearchPlan.validated`, and the values they
+determine):
+
+1. `_prepare`: the data and the model (the space for the budget, the
+   hypermodel, the loss and metrics, the held-out data, `Model.fit`'s
+   arguments);
+2. `_fingerprint`: what defines the search, its project, and the check
+   that its directory holds this search (which then resumes) or none;
+3. `_run_tuner`: the KerasTuner search (or its chief's or a worker's part);
+4. `_winner`: the trials' records, and the trial that settled best;
+5. `_compare`: the winner against default Adam, on held-out data;
+6. `_result`: the `SearchResult`.
+
 Example:
     ```python
     import keras
@@ -24,10 +38,9 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -37,18 +50,13 @@ import numpy as np
 from keras_adam import validation
 from tuning import distributed
 from tuning import fingerprint as fingerprints
-from tuning.hypermodel import AdamHyperModel, DivergenceGuard, _takes_hp
+from tuning.comparison import Comparison, compare
+from tuning.hypermodel import AdamHyperModel, _takes_hp
 from tuning.inference import check_loss, infer_loss
-from tuning.results import (
-    HELD_OUT,
-    Comparison,
-    SearchResult,
-    TrialRecord,
-    best_trial,
-    settled_score,
-)
-from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS, DEFAULTS, AdamSearchSpace
-from tuning.tuners import TUNERS, AdamTuner, frozen_heap, make_tuner
+from tuning.records import TrialRecord, best_trial, trial_record, trial_records
+from tuning.results import SearchResult
+from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS, AdamSearchSpace
+from tuning.tuners import TUNERS, AdamTuner, make_tuner
 
 _MINIMIZED = ("loss", "error", "mse", "mae", "crossentropy")
 _MAXIMIZED = ("acc", "auc", "precision", "recall", "f1")
@@ -69,35 +77,6 @@ def objective_direction(objective: str) -> str:
     raise ValueError(
         f"Argument `objective` must name a loss or an accuracy-like metric, or be a "
         f"keras_tuner.Objective(name, direction). Received: objective={objective!r}"
-    )
-
-
-def _reason(message: str | None) -> str | None:
-    """The last line of a failed trial's traceback, without FailedTrialError's class name."""
-    if not message:
-        return None
-    lines = [line for line in message.strip().splitlines() if line.strip()]
-    if not lines:
-        return None
-    return re.sub(r"^[\w.]*FailedTrialError: ", "", lines[-1].strip())
-
-
-def trial_record(tuner: AdamTuner, trial: Any, space: AdamSearchSpace) -> TrialRecord:
-    """A `TrialRecord` for a KerasTuner trial."""
-    score = trial.score
-    score = None if score is None or not math.isfinite(float(score)) else float(score)
-    status = str(trial.status)
-    history = tuner.trial_history(trial.trial_id) or {}
-    objective = getattr(tuner.oracle.objective, "name", None)
-    return TrialRecord(
-        trial_id=str(trial.trial_id),
-        status=status,
-        hyperparameters=space.values_from(trial.hyperparameters.values),
-        score=score if status == "COMPLETED" else None,
-        seconds=tuner.trial_seconds(trial.trial_id),
-        reason=_reason(trial.message) if status != "COMPLETED" else None,
-        fit_seconds=tuner.trial_seconds(trial.trial_id, key="fit_seconds"),
-        settled=settled_score(history.get(objective)) if status == "COMPLETED" else None,
     )
 
 
@@ -133,30 +112,13 @@ def search(
 ) -> SearchResult | None:
     """Search Adam's hyperparameters for a model, then compare the best with default Adam.
 
-    Every trial builds the model from the same initial weights, compiles it
-    with a `keras_adam.Adam` sampled from `space`, trains it for `epochs` on
-    `(x, y)` and is scored by the objective's best epoch on the validation
-    data. The first trial is default Adam (or the fixed values), so the
-    table shows where the search started. The winner is the trial whose
-    objective settled best: its mean over the last 5 epochs (see
-    `tuning.results.best_trial`: a best epoch alone favours noisy curves).
-    A trial whose loss turns NaN or infinite is recorded as FAILED with its
-    reason and the search goes on.
-
-    The winner is then judged against default Adam on data that took no
-    part in selection (see `tuning.Comparison`): `test_data` when given;
-    otherwise, for array data, `HOLDOUT_FRACTION` of `(x, y)` is held out
-    of the search for it (the comparison says so).
-
-    The search lives in `directory/project`, with a fingerprint of what
-    defines it (`tuning.fingerprint`): run the same search again and it
-    resumes, keeping finished trials and running only the missing ones (a
-    larger `max_trials` adds trials); a different search there is refused
-    unless `overwrite`.
-
-    Under KerasTuner's chief/worker environment variables (see
-    `tuning.distributed`), the chief serves the search and returns the
-    result; a worker runs trials and returns None.
+    Every trial builds the model from the same initial weights and trains
+    it with a `keras_adam.Adam` sampled from `space`; the winner is the
+    trial whose objective settled best, and it is then judged against
+    default Adam on data that took no part in selection. The search lives
+    in `directory/project` and resumes when run again. The tuning guide
+    (docs/tuning.md) tells the details: the first trial, failed trials,
+    the winner, the held-out data, resuming and distributed searches.
 
     Args:
         build_model: Returns an uncompiled `keras.Model`; may take a
@@ -215,165 +177,266 @@ def search(
         RuntimeError: if no trial completed.
         tuning.distributed.WorkerTimeoutError: if distributed workers fall silent.
     """
-    validation.integer("max_trials", max_trials, 1, optional=tuner == "hyperband")
-    validation.integer("epochs", epochs, 1)
-    validation.integer("batch_size", batch_size, 1, optional=True)
-    validation.integer("early_stopping", early_stopping, 1, optional=True)
-    validation.integer("comparison_repeats", comparison_repeats, 0)
-    validation.integer("seed", seed, 0)
-    if tuner not in TUNERS:
-        raise ValueError(
-            f"Argument `tuner` must be one of {', '.join(TUNERS)}. Received: tuner={tuner!r}"
-        )
-    if validation_data is None and not 0 < validation_split < 1:
-        raise ValueError(
-            "Argument `validation_split` must be in (0, 1) when no validation_data is given. "
-            f"Received: validation_split={validation_split!r}"
-        )
-    if not isinstance(worker_timeout, int | float) or not worker_timeout > 0:
-        raise ValueError(
-            "Argument `worker_timeout` must be positive. "
-            f"Received: worker_timeout={worker_timeout!r}"
-        )
-    if isinstance(objective, str):
-        objective = keras_tuner.Objective(objective, objective_direction(objective))
-    space = (space or AdamSearchSpace()).for_budget(max_trials)
-    hypermodel = AdamHyperModel(
-        build_model,
-        space=space,
-        loss=loss,
+    plan = SearchPlan.validated(**locals())  # every argument, by name
+    _prepare(plan)
+    _fingerprint(plan)
+    tuner_ = _run_tuner(plan)
+    if tuner_ is None:  # a distributed worker: the chief returns the result
+        return None
+    records, best = _winner(plan, tuner_)
+    return _result(plan, tuner_, records, best, _compare(plan, tuner_, best))
+
+
+@dataclass
+class SearchPlan:
+    """One search: the validated arguments of `search`, and the values its phases derive.
+
+    The fields up to `verbose` are `search`'s arguments (see there),
+    validated, with `objective` a `keras_tuner.Objective` and `space` never
+    None. `_prepare` then replaces `space` by the hypermodel's (for the
+    budget, less the fixed options), `loss` and `metrics` by what the
+    model and targets imply, and `x`, `y` and `test_data` when part of
+    `(x, y)` is held out. The fields after `verbose` are derived: `role`
+    from the environment, the others by the phases named below.
+
+    Attributes:
+        role: "single", "chief" or "worker" (`tuning.distributed.role`).
+        hypermodel: The search's `AdamHyperModel` (`_prepare`).
+        held_out: What the comparison is judged on: "test_data",
+            "holdout" or "validation" (`_prepare`).
+        fit_args: `(args, kwargs)` for `Model.fit`, in the trials and the
+            comparison (`_prepare`).
+        model_config: The model's config, for the fingerprint (`_prepare`).
+        hashes: The search's fingerprint (`_fingerprint`).
+    """
+
+    build_model: Callable[..., keras.Model]
+    x: Any
+    y: Any
+    validation_data: Any
+    validation_split: float
+    test_data: tuple | None
+    loss: Any
+    metrics: Sequence | None
+    objective: keras_tuner.Objective
+    tuner: str
+    max_trials: int | None
+    epochs: int
+    batch_size: int | None
+    seed: int
+    space: AdamSearchSpace
+    optimizer_options: Mapping[str, Any] | None
+    compile_options: Mapping[str, Any] | None
+    early_stopping: int | None
+    callbacks: Sequence[keras.callbacks.Callback]
+    directory: str
+    project: str | None
+    overwrite: bool
+    comparison_repeats: int
+    worker_timeout: float
+    on_trial_begin: Callable[[Any], None] | None
+    on_trial_end: Callable[[TrialRecord], None] | None
+    verbose: int
+    role: str = "single"
+    hypermodel: AdamHyperModel | None = None
+    held_out: str = "validation"
+    fit_args: tuple[tuple, dict] | None = None
+    model_config: Any = None
+    hashes: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def validated(cls, **arguments: Any) -> SearchPlan:
+        """The plan of a search with these arguments of `search`.
+
+        Raises:
+            ValueError: for an invalid argument, named in the message.
+        """
+        plan = cls(**arguments)
+        validation.integer("max_trials", plan.max_trials, 1, optional=plan.tuner == "hyperband")
+        validation.integer("epochs", plan.epochs, 1)
+        validation.integer("batch_size", plan.batch_size, 1, optional=True)
+        validation.integer("early_stopping", plan.early_stopping, 1, optional=True)
+        validation.integer("comparison_repeats", plan.comparison_repeats, 0)
+        validation.integer("seed", plan.seed, 0)
+        if plan.tuner not in TUNERS:
+            raise ValueError(
+                f"Argument `tuner` must be one of {', '.join(TUNERS)}. "
+                f"Received: tuner={plan.tuner!r}"
+            )
+        if plan.validation_data is None and not 0 < plan.validation_split < 1:
+            raise ValueError(
+                "Argument `validation_split` must be in (0, 1) when no validation_data is "
+                f"given. Received: validation_split={plan.validation_split!r}"
+            )
+        timeout = plan.worker_timeout
+        if not isinstance(timeout, int | float) or not timeout > 0:
+            raise ValueError(
+                f"Argument `worker_timeout` must be positive. Received: worker_timeout={timeout!r}"
+            )
+        if isinstance(plan.objective, str):
+            plan.objective = keras_tuner.Objective(
+                plan.objective, objective_direction(plan.objective)
+            )
+        plan.space = plan.space or AdamSearchSpace()
+        plan.role = distributed.role()
+        return plan
+
+
+def _prepare(plan: SearchPlan) -> None:
+    """The data and the model: hypermodel, loss and metrics, held-out data, fit arguments."""
+    plan.hypermodel = AdamHyperModel(
+        plan.build_model,
+        space=plan.space.for_budget(plan.max_trials),
+        loss=plan.loss,
         metrics=None,
-        compile_options=compile_options,
-        optimizer_options=optimizer_options,
-        seed=seed,
+        compile_options=plan.compile_options,
+        optimizer_options=plan.optimizer_options,
+        seed=plan.seed,
     )
-    space = hypermodel.space
-    model = _inspection_model(build_model, seed)
-    if loss is None:
-        loss, inferred_metrics, _ = infer_loss(model, y)
+    plan.space = plan.hypermodel.space
+    model = _inspection_model(plan.build_model, plan.seed)
+    if plan.loss is None:
+        plan.loss, inferred_metrics, _ = infer_loss(model, plan.y)
     else:
-        check_loss(model, loss)
+        check_loss(model, plan.loss)
         try:
-            inferred_metrics = infer_loss(model, y)[1]
+            inferred_metrics = infer_loss(model, plan.y)[1]
         except ValueError:
             inferred_metrics = []
-    metrics = inferred_metrics if metrics is None else list(metrics)
-    hypermodel.loss, hypermodel.metrics = loss, metrics
+    plan.metrics = inferred_metrics if plan.metrics is None else list(plan.metrics)
+    plan.hypermodel.loss, plan.hypermodel.metrics = plan.loss, plan.metrics
+    plan.model_config = fingerprints.model_config(model)
+    if plan.comparison_repeats:
+        if plan.test_data is not None:
+            plan.held_out = "test_data"
+        elif _splittable(plan.x, plan.y):
+            plan.x, plan.y, plan.test_data = _hold_out(plan.x, plan.y)
+            plan.held_out = "holdout"
+    plan.fit_args = _fit_args(plan)
 
-    held_out = "validation"
-    if comparison_repeats:
-        if test_data is not None:
-            held_out = "test_data"
-        elif _splittable(x, y):
-            x, y, test_data = _hold_out(x, y)
-            held_out = "holdout"
+
+def _fingerprint(plan: SearchPlan) -> None:
+    """Fingerprint the search, name its project, and refuse another search in its directory."""
+    hypermodel = plan.hypermodel
     parts = {
-        "model": fingerprints.model_config(model),
+        "model": plan.model_config,
         "data": fingerprints.describe_data(
-            {"x": x, "y": y, "validation_data": validation_data, "test_data": test_data}
+            {
+                "x": plan.x,
+                "y": plan.y,
+                "validation_data": plan.validation_data,
+                "test_data": plan.test_data,
+            }
         ),
-        "validation": None if validation_data is not None else validation_split,
-        "objective": [objective.name, objective.direction],
-        "space": space.to_json(),
-        "loss": _describe(loss),
-        "metrics": [_describe(m) for m in metrics],
-        "options": [_describe(hypermodel.optimizer_options), _describe(compile_options)],
-        "epochs": epochs,
-        "batch_size": batch_size,
-        "early_stopping": early_stopping,
-        "tuner": tuner,
-        "seed": seed,
+        "validation": None if plan.validation_data is not None else plan.validation_split,
+        "objective": [plan.objective.name, plan.objective.direction],
+        "space": plan.space.to_json(),
+        "loss": _describe(plan.loss),
+        "metrics": [_describe(m) for m in plan.metrics],
+        "options": [_describe(hypermodel.optimizer_options), _describe(plan.compile_options)],
+        "epochs": plan.epochs,
+        "batch_size": plan.batch_size,
+        "early_stopping": plan.early_stopping,
+        "tuner": plan.tuner,
+        "seed": plan.seed,
     }
-    hashes = fingerprints.fingerprint(parts)
-    project = project or f"search-{hashes['search'][:10]}"
-    where = distributed.role()
-    project_dir = os.path.join(directory, project)
-    if where != "worker":
-        fingerprints.check(project_dir, hashes, overwrite=overwrite)
-    del model
+    plan.hashes = fingerprints.fingerprint(parts)
+    plan.project = plan.project or f"search-{plan.hashes['search'][:10]}"
+    if plan.role != "worker":
+        project_dir = os.path.join(plan.directory, plan.project)
+        fingerprints.check(project_dir, plan.hashes, overwrite=plan.overwrite)
+
+
+def _run_tuner(plan: SearchPlan) -> AdamTuner | None:
+    """Run the trials (a chief serves them to workers); the tuner, or None on a worker."""
 
     def report_end(tuner_: AdamTuner, trial_id: str, seconds: float) -> None:
-        if on_trial_end is not None:
-            on_trial_end(trial_record(tuner_, tuner_.oracle.get_trial(trial_id), space))
+        if plan.on_trial_end is not None:
+            plan.on_trial_end(trial_record(tuner_, tuner_.oracle.get_trial(trial_id), plan.space))
 
     def report_begin(tuner_: AdamTuner, trial: Any) -> None:
-        if on_trial_begin is not None:
-            on_trial_begin(trial)
+        if plan.on_trial_begin is not None:
+            plan.on_trial_begin(trial)
 
-    kt = make_tuner(
-        tuner,
-        hypermodel,
-        objective=objective,
-        max_trials=max_trials,
-        epochs=epochs,
-        seed=seed,
-        directory=directory,
-        project_name=project,
+    tuner_ = make_tuner(
+        plan.tuner,
+        plan.hypermodel,
+        objective=plan.objective,
+        max_trials=plan.max_trials,
+        epochs=plan.epochs,
+        seed=plan.seed,
+        directory=plan.directory,
+        project_name=plan.project,
         # A worker never starts afresh: KerasTuner would delete the shared project.
-        overwrite=overwrite and distributed.role() != "worker",
+        overwrite=plan.overwrite and plan.role != "worker",
         on_trial_end=report_end,
         on_trial_begin=report_begin,
     )
-    kt.oracle.verbose = 0
-    if where != "worker":
-        fingerprints.write(kt.project_dir, hashes)
-    fit_kwargs = _fit_kwargs(
-        x,
-        y,
-        validation_data=validation_data,
-        validation_split=validation_split,
-        epochs=epochs,
-        batch_size=batch_size,
-        callbacks=callbacks,
-        early_stopping=early_stopping,
-        objective=objective,
-        verbose=verbose,
-    )
-    if where == "worker":
-        distributed.limit_worker_wait(worker_timeout)
-    if where == "chief":
-        kt.save()
-        distributed.serve_oracle(kt.oracle, worker_timeout=worker_timeout)
+    tuner_.oracle.verbose = 0
+    if plan.role == "worker":
+        distributed.limit_worker_wait(plan.worker_timeout)
     else:
-        args, kwargs = fit_kwargs
-        kt.search(*args, **kwargs)
-        if where == "worker":
-            return None
+        fingerprints.write(tuner_.project_dir, plan.hashes)
+    if plan.role == "chief":
+        tuner_.save()
+        distributed.serve_oracle(tuner_.oracle, worker_timeout=plan.worker_timeout)
+        return tuner_
+    args, kwargs = plan.fit_args
+    tuner_.search(*args, **kwargs)
+    return None if plan.role == "worker" else tuner_
 
-    records = tuple(
-        trial_record(kt, trial, space)
-        for trial in sorted(kt.oracle.trials.values(), key=lambda t: _order(t.trial_id))
-    )
-    best = best_trial(records, objective.direction)
+
+def _winner(plan: SearchPlan, tuner_: AdamTuner) -> tuple[tuple[TrialRecord, ...], TrialRecord]:
+    """Every trial's record, in trial order, and the winner's (see `best_trial`).
+
+    Raises:
+        RuntimeError: if no trial completed; the message gives the failed trials' reasons.
+    """
+    records = trial_records(tuner_, plan.space)
+    best = best_trial(records, plan.objective.direction)
     if best is None:
         reasons = "; ".join(f"trial {r.trial_id}: {r.reason}" for r in records if r.reason)
         raise RuntimeError(f"No trial completed. {reasons}")
-    winner = kt.oracle.get_trial(best.trial_id)
-    comparison = None
-    if comparison_repeats:
-        comparison = compare(
-            hypermodel,
-            winner.hyperparameters,
-            best.hyperparameters,
-            fit_kwargs,
-            objective=objective,
-            repeats=comparison_repeats,
-            seed=seed,
-            test_data=test_data,
-            held_out=held_out,
-        )
+    return records, best
+
+
+def _compare(plan: SearchPlan, tuner_: AdamTuner, best: TrialRecord) -> Comparison | None:
+    """The winner against default Adam on held-out data; None with `comparison_repeats=0`."""
+    if not plan.comparison_repeats:
+        return None
+    return compare(
+        plan.hypermodel,
+        tuner_.oracle.get_trial(best.trial_id).hyperparameters,
+        best.hyperparameters,
+        plan.fit_args,
+        objective=plan.objective,
+        repeats=plan.comparison_repeats,
+        seed=plan.seed,
+        test_data=plan.test_data,
+        held_out=plan.held_out,
+    )
+
+
+def _result(
+    plan: SearchPlan,
+    tuner_: AdamTuner,
+    records: tuple[TrialRecord, ...],
+    best: TrialRecord,
+    comparison: Comparison | None,
+) -> SearchResult:
+    """The `SearchResult` of the finished search."""
     return SearchResult(
         best_hyperparameters=best.hyperparameters,
-        optimizer_config=hypermodel.optimizer(best.hyperparameters).get_config(),
-        objective=objective.name,
-        direction=objective.direction,
+        optimizer_config=plan.hypermodel.optimizer(best.hyperparameters).get_config(),
+        objective=plan.objective.name,
+        direction=plan.objective.direction,
         score=best.score,
         settled=best.settled,
         trials=records,
-        tuned=space.tuned_names(),
-        tuner=tuner,
+        tuned=plan.space.tuned_names(),
+        tuner=plan.tuner,
         comparison=comparison,
-        project_dir=kt.project_dir,
+        project_dir=tuner_.project_dir,
     )
 
 
@@ -434,156 +497,31 @@ def _hold_out(x: np.ndarray, y: np.ndarray) -> tuple:
     return x[~held], y[~held], (x[held], y[held])
 
 
-def _order(trial_id: str) -> tuple:
-    return (0, int(trial_id)) if str(trial_id).isdigit() else (1, str(trial_id))
-
-
-def _fit_kwargs(
-    x: Any,
-    y: Any,
-    *,
-    validation_data: Any,
-    validation_split: float,
-    epochs: int,
-    batch_size: int | None,
-    callbacks: Sequence,
-    early_stopping: int | None,
-    objective: keras_tuner.Objective,
-    verbose: int,
-) -> tuple[tuple, dict]:
-    kwargs: dict = {"epochs": epochs, "verbose": verbose, "callbacks": list(callbacks)}
-    if y is not None:
-        kwargs["y"] = y
-    if batch_size is not None and not _is_dataset(x):
-        kwargs["batch_size"] = batch_size
-    if validation_data is not None:
-        kwargs["validation_data"] = validation_data
+def _fit_args(plan: SearchPlan) -> tuple[tuple, dict]:
+    """`(args, kwargs)` for `Model.fit`, the same in every trial and comparison run."""
+    kwargs: dict = {
+        "epochs": plan.epochs,
+        "verbose": plan.verbose,
+        "callbacks": list(plan.callbacks),
+    }
+    if plan.y is not None:
+        kwargs["y"] = plan.y
+    if plan.batch_size is not None and not _is_dataset(plan.x):
+        kwargs["batch_size"] = plan.batch_size
+    if plan.validation_data is not None:
+        kwargs["validation_data"] = plan.validation_data
     else:
-        kwargs["validation_split"] = validation_split
-    if early_stopping is not None:
+        kwargs["validation_split"] = plan.validation_split
+    if plan.early_stopping is not None:
         kwargs["callbacks"].append(
             keras.callbacks.EarlyStopping(
-                monitor=objective.name, mode=objective.direction, patience=early_stopping
+                monitor=plan.objective.name,
+                mode=plan.objective.direction,
+                patience=plan.early_stopping,
             )
         )
-    return (x,), kwargs
+    return (plan.x,), kwargs
 
 
 def _is_dataset(x: Any) -> bool:
     return not isinstance(x, np.ndarray | list | tuple | dict) and hasattr(x, "__iter__")
-
-
-class _KeepBestEpoch(keras.callbacks.Callback):
-    """Restores the weights of the epoch whose monitored value was best, when training ends."""
-
-    def __init__(self, objective: keras_tuner.Objective) -> None:
-        super().__init__()
-        self.objective = objective
-        self.best: float | None = None
-        self.weights: list | None = None
-        self.logs: dict = {}
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        value = (logs or {}).get(self.objective.name)
-        if value is None or not math.isfinite(float(value)):
-            return
-        value = float(value)
-        better = self.best is None or (
-            value < self.best if self.objective.direction == "min" else value > self.best
-        )
-        if better:
-            self.best, self.weights = value, self.model.get_weights()
-            self.logs = {k: float(v) for k, v in (logs or {}).items()}
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        if self.weights is not None:
-            self.model.set_weights(self.weights)
-
-
-def compare(
-    hypermodel: AdamHyperModel,
-    hp: keras_tuner.HyperParameters,
-    tuned: Mapping[str, Any],
-    fit_kwargs: tuple[tuple, dict],
-    *,
-    objective: keras_tuner.Objective,
-    repeats: int,
-    seed: int,
-    test_data: tuple | None = None,
-    held_out: str | None = None,
-) -> Comparison:
-    """Train the tuned optimizer and default Adam the same way and judge both on held-out data.
-
-    Repeat `r` builds the model (with the best trial's model hyperparameters
-    `hp`) from seed `seed + 1 + r`, initial weights the search never saw,
-    once per optimizer; trains it with `fit_kwargs`; keeps the weights of
-    the epoch whose validation objective was best (as trials are scored);
-    and scores it on `test_data`. Without `test_data`, runs are scored on
-    the validation objective itself (optimistic: it chose the winner).
-
-    Args:
-        hypermodel: The search's hypermodel.
-        hp: The best trial's hyperparameters (for model hyperparameters).
-        tuned: The tuned optimizer's five hyperparameters.
-        fit_kwargs: `(args, kwargs)` for `Model.fit`, as in the trials.
-        objective: The search's objective.
-        repeats: Runs per optimizer.
-        seed: The search's seed.
-        test_data: `(x, y)` held out of the search, or None.
-        held_out: What `test_data` is ("test_data" or "holdout"); ignored
-            without `test_data`.
-
-    Returns:
-        The `Comparison`.
-    """
-    if test_data is None:
-        held_out = "validation"
-    held_out = held_out or "test_data"
-    if held_out not in HELD_OUT:
-        raise ValueError(f"Argument `held_out` must be one of {', '.join(HELD_OUT)}.")
-    name = objective.name
-    metric = name[4:] if held_out != "validation" and name.startswith("val_") else name
-    args, kwargs = fit_kwargs
-    scores: dict = {"tuned": [], "default": []}
-    metrics: dict = {"tuned": [], "default": []}
-    runs = [
-        (repeat, label, values)
-        for repeat in range(repeats)
-        for label, values in (("tuned", dict(tuned)), ("default", dict(DEFAULTS)))
-    ]
-    with frozen_heap():
-        for repeat, label, values in runs:
-            keras.backend.clear_session()
-            model = hypermodel.build_compiled(hp.copy(), seed=seed + 1 + repeat, values=values)
-            guard, keep = DivergenceGuard(), _KeepBestEpoch(objective)
-            run_kwargs = dict(kwargs, callbacks=[*kwargs["callbacks"], guard, keep])
-            model.fit(*args, **run_kwargs)
-            logs = {k: v for k, v in keep.logs.items() if k.startswith("val_")}
-            score = float("nan")
-            if guard.reason is None and keep.weights is not None:
-                if test_data is None:
-                    score = keep.best
-                else:
-                    evaluated = model.evaluate(*test_data, verbose=0, return_dict=True)
-                    logs.update({f"test_{k}": float(v) for k, v in evaluated.items()})
-                    score = float(evaluated.get(metric, float("nan")))
-            scores[label].append(score)
-            metrics[label].append(logs)
-    return Comparison(
-        objective=name,
-        metric=metric,
-        direction=objective.direction,
-        held_out=held_out,
-        tuned_scores=tuple(scores["tuned"]),
-        default_scores=tuple(scores["default"]),
-        tuned_metrics=_mean_metrics(metrics["tuned"]),
-        default_metrics=_mean_metrics(metrics["default"]),
-    )
-
-
-def _mean_metrics(runs: list[dict]) -> dict:
-    keys = sorted({k for run in runs for k in run})
-    return {
-        k: float(np.mean([run.get(k, float("nan")) for run in runs])) if runs else float("nan")
-        for k in keys
-    }

@@ -1,54 +1,48 @@
 """How a step of `keras_adam.Adam` runs on each Keras backend.
 
 `keras_adam.update_rule` is the math; `keras_adam.adam` is Keras's plumbing
-(arguments, state, serialization). What differs between backends, how a step
-is *executed*, lives here, one module per backend:
+(arguments, moments, state). How a step is *executed* lives here: the
+`Engine` (`keras_adam.backends.engine`) declares every hook and runs the
+reference path; one module per backend overrides what it runs differently:
 
 - `keras_adam.backends.tensorflow`: our multi-tensor and sparse-rows
-  kernels (`keras_adam.kernels`), sparse `tf.IndexedSlices` gradients,
+  kernels (`keras_adam.kernels`), `tf.IndexedSlices` gradients,
   `tf.distribute`.
-- `keras_adam.backends.jax`: the `keras.ops` step, which XLA compiles and
-  fuses; skipping non-finite steps without control flow over state.
-- `keras_adam.backends.torch`: PyTorch's fused Adam kernels
-  (`torch._fused_adam_`, `torch._fused_adamw_`), grouped by device and dtype.
+- `keras_adam.backends.jax`: the reference path, compiled by XLA, eagerly
+  too; sparse `BCOO` gradients.
+- `keras_adam.backends.torch`: torch's fused Adam kernels.
 
-`engine(optimizer)` picks one from `keras.backend.backend()`, once per
-optimizer. `keras_adam.backends.engine.Engine` is what they share.
+`engine()` picks one from `keras.backend.backend()`, once per optimizer.
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import keras
 
 from keras_adam.backends.engine import Engine
 
 
-def engine(optimizer: Any) -> Engine:
-    """The execution engine of `optimizer` for the current Keras backend.
-
-    Args:
-        optimizer: The `keras_adam.Adam` it will run.
+def engine() -> Engine:
+    """The execution engine for the current Keras backend.
 
     Returns:
-        The backend's engine (the generic `keras.ops` engine for a backend
-        without a module of its own).
+        The backend's engine (the generic one for a backend without a
+        module of its own).
     """
     name = keras.backend.backend()
     if name == "tensorflow":
         from keras_adam.backends.tensorflow import TensorFlowEngine
 
-        return TensorFlowEngine(optimizer)
+        return TensorFlowEngine()
     if name == "jax":
         from keras_adam.backends.jax import JaxEngine
 
-        return JaxEngine(optimizer)
+        return JaxEngine()
     if name == "torch":
         from keras_adam.backends.torch import TorchEngine
 
-        return TorchEngine(optimizer)
-    return Engine(optimizer)
+        return TorchEngine()
+    return Engine()
 
 
 __all__ = ["Engine", "engine"]

@@ -1,41 +1,181 @@
-"""What every backend's engine shares, and the generic `keras.ops` engine.
+"""The engine: how the steps of one `keras_adam.Adam` run on one backend.
 
-An engine executes the steps of one `keras_adam.Adam`: which path a
-variable's update takes (the `keras.ops` transcription of
-`keras_adam.update_rule`, or a backend's fused kernel), how the variables of
-one step are grouped, and how a step is skipped when a gradient is not
-finite. The optimizer (`keras_adam.adam`) calls it at four points:
-construction (`fused_flag_blockers`), `build` (`check_build`), `apply`
-(`apply`, or `apply_skipping_nonfinite`) and the step itself (`update_all`, then
-`update_variable` for each variable that `update_all` did not take).
+`keras_adam.adam` is Keras's plumbing; it hands each step to its engine as
+data (an `Update`: gradients, variables, their moments, the step counter,
+the learning rate and the optimizer's `Options`) and never does arithmetic
+itself. The engine builds the step's `update_rule.StepScalars` (once per
+compute dtype for a fused path, per variable for the reference path, see
+`ScalarsCache`) and runs each variable through one of its paths. Every path
+has one signature, `(params, grads, ms, vs, v_hats, scalars)` for a group of
+variables that share a compute dtype and hyperparameters, like
+`torch.optim.adam`'s `_single_tensor_adam` / `_multi_tensor_adam` /
+`_fused_adam`:
+
+- `Engine.reference`: `update_rule.adam_step` in `keras.ops`, one variable
+  at a time; every backend, every option.
+- The backends' fused paths (`TensorFlowEngine.multi_tensor` and
+  `sparse_rows`, `TorchEngine.fused`).
+
+`Engine` is the generic engine (the reference path only) and declares every
+hook a backend may override; each backend module subclasses it. Calls run
+one way: `adam.py` → engine → `update_rule` or kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
-from keras import ops
+from keras import backend, ops
+
+from keras_adam import update_rule
+from keras_adam.update_rule import Hyperparameters, StepScalars
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """What the optimizer's arguments ask of its engine.
+
+    Attributes:
+        hyper: The math's hyperparameters and flags (weight decay is the
+            optimizer's λ; a variable excluded from it gets 0).
+        fused: None (the fused path where it applies), True (demanded) or
+            False (the reference path only).
+        moment_dtype: dtype of the moments, or None for the variable's.
+        lazy_sparse: Update only the rows a sparse gradient touches.
+    """
+
+    hyper: Hyperparameters
+    fused: bool | None = None
+    moment_dtype: str | None = None
+    lazy_sparse: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Update:
+    r"""One step of some variables, as the optimizer hands it to its engine.
+
+    Attributes:
+        grads: One gradient per variable (None: the variable is not updated).
+        variables: The model variables.
+        slots: The moment variables of a model variable: `[m, v]`, or
+            `[m, v, v_hat]` with AMSGrad.
+        decays: Whether weight decay applies to a model variable.
+        iterations: The optimizer's step counter before this step (so
+            $t$ = `iterations` + 1).
+        learning_rate: $\eta$ for this step (a variable, tensor or float).
+        options: The optimizer's options.
+    """
+
+    grads: Sequence[Any]
+    variables: Sequence[Any]
+    slots: Callable[[Any], list]
+    decays: Callable[[Any], bool]
+    iterations: Any
+    learning_rate: Any
+    options: Options
+
+    def hyper(self, variable: Any) -> Hyperparameters:
+        """The hyperparameters of `variable` (λ = 0 where decay does not apply)."""
+        hyper = self.options.hyper
+        if hyper.weight_decay and not self.decays(variable):
+            return hyper.without_weight_decay()
+        return hyper
+
+
+@dataclasses.dataclass(frozen=True)
+class KerasApply:
+    """One call of Keras's `Optimizer.apply`, as the optimizer hands it to its engine.
+
+    Attributes:
+        run: Keras's `apply`, called as `run(grads, trainable_variables)`:
+            unscaling, clipping, accumulation, the engine's `update`, the
+            weight average and the step counter.
+        grads: One gradient (or None) per variable.
+        trainable_variables: The variables, or None for all.
+        state: Returns every variable `run` may write: the model's trainable
+            variables, then the optimizer's but the skip counter. Called
+            only by engines that need it.
+        trace_key: Returns what a compiled `run` bakes in besides shapes (the
+            optimizer's plain attributes), or None where `run` must not be
+            compiled. Called only by engines that compile.
+    """
+
+    run: Callable[[list, list | None], None]
+    grads: list
+    trainable_variables: list | None
+    state: Callable[[], list]
+    trace_key: Callable[[], tuple | None]
+
+    def __call__(self) -> None:
+        """Run Keras's `apply` on these gradients."""
+        self.run(self.grads, self.trainable_variables)
+
+
+class ScalarsCache:
+    """The `StepScalars` of one step: `update_rule.step_scalars` called in one place.
+
+    A fused path takes them once per step and compute dtype (`__call__`).
+    The reference path builds them for each variable (`fresh`), as
+    `keras.optimizers.Adam.update_step` does: under XLA and TensorFlow's
+    graph optimizer, scalars shared by several variables' elementwise
+    loops are fused, and rounded, differently from scalars of one loop.
+    """
+
+    def __init__(self, update: Update) -> None:
+        self._update = update
+        self._by_dtype: dict[str, StepScalars] = {}
+
+    def __call__(self, dtype: str, hyper: Hyperparameters) -> StepScalars:
+        """The step's scalars in `dtype` with the flags and decay of `hyper`, once per dtype."""
+        scalars = self._by_dtype.get(dtype)
+        if scalars is None:
+            scalars = self._by_dtype[dtype] = self.fresh(dtype, self._update.options.hyper)
+        return scalars.with_hyper(hyper)
+
+    def fresh(self, dtype: str, hyper: Hyperparameters) -> StepScalars:
+        """The step's scalars in `dtype` with the flags and decay of `hyper`, built anew."""
+        update = self._update
+        return update_rule.step_scalars(hyper, update.iterations + 1, update.learning_rate, dtype)
+
+
+def compute_dtype(variable: Any, slots: Sequence[Any]) -> str:
+    """The dtype the step of `variable` is computed in (`update_rule.compute_dtype`)."""
+    return update_rule.compute_dtype(
+        *(backend.standardize_dtype(x.dtype) for x in [variable, *slots])
+    )
+
+
+def moments(slots: Sequence[Any]) -> tuple[Any, Any, Any]:
+    """`(m, v, v_hat)` of a variable's slot list (`v_hat` None without AMSGrad)."""
+    return slots[0], slots[1], slots[2] if len(slots) > 2 else None
 
 
 class Engine:
-    """The generic engine: every variable through `keras.ops`, no kernels.
+    """The generic engine: every variable through the reference path.
 
-    Backends subclass it and override what they run differently.
+    Backends subclass it and override the hooks they run differently. The
+    hooks, in the order a step meets them:
+
+    - construction: `fused_blockers` (and `fuses`, which reads it);
+    - `build`: `check_build` (with `variable_blocker`) and `restore_scope`;
+    - each step, around Keras's `apply`: `apply`, or
+      `apply_skipping_nonfinite` (with `count_nonfinite` and
+      `stored_values`);
+    - the step of the variables, from Keras's `_backend_update_step` and
+      `update_step`: `update`, which groups the variables and calls
+      `update_one` or a path such as `reference`, which write with `assign`.
 
     Attributes:
-        optimizer: The `keras_adam.Adam` this engine runs.
-        sparse_gradients: Whether this backend's layers produce sparse
+        sparse_gradients: Whether this backend's layers produce row
             gradients (`lazy_sparse` has rows to be lazy about).
     """
 
     sparse_gradients = False
-
-    def __init__(self, optimizer: Any) -> None:
-        self.optimizer = optimizer
 
     @property
     def backend(self) -> str:
@@ -44,39 +184,36 @@ class Engine:
 
     # -- which path ------------------------------------------------------------
 
-    def fused_flag_blockers(self) -> list[str]:
-        """Why the optimizer's options rule out the fused path (empty if none)."""
+    def fused_blockers(self, options: Options) -> list[str]:
+        """Why `options` rule out the fused path on this backend (empty if none)."""
         return [f"the {self.backend} backend (it has no fused Adam kernel)"]
 
-    def fused_dtype_blocker(self, variable: Any) -> str | None:
+    def variable_blocker(self, variable: Any, options: Options) -> str | None:
         """Why `variable` cannot take the fused path (None if it can)."""
         return None
 
-    def fused_applies(self, variable: Any) -> bool:
-        """Whether `variable`'s update takes the fused path (options and dtypes)."""
-        if self.optimizer.fused is False or self.fused_flag_blockers():
-            return False
-        return self.fused_dtype_blocker(variable) is None
+    def fuses(self, options: Options) -> bool:
+        """Whether the options allow the fused path at all."""
+        return options.fused is not False and not self.fused_blockers(options)
 
     # -- build -----------------------------------------------------------------
 
-    def check_build(self, var_list: list) -> None:
-        """Checks before the optimizer creates its variables for `var_list`.
+    def check_build(self, variables: list, options: Options) -> None:
+        """Checks before the optimizer creates its moments for `variables`.
 
         Raises:
             ValueError: with `fused=True`, if a variable cannot take the
                 fused path.
         """
-        optimizer = self.optimizer
-        if optimizer.fused:
-            for variable in var_list:
-                blocker = self.fused_dtype_blocker(variable)
+        if options.fused:
+            for variable in variables:
+                blocker = self.variable_blocker(variable, options)
                 if blocker:
                     raise ValueError(
                         f"Argument `fused=True` cannot apply to variable "
                         f"'{getattr(variable, 'path', variable.name)}': {blocker}."
                     )
-        if optimizer.lazy_sparse and not self.sparse_gradients:
+        if options.lazy_sparse and not self.sparse_gradients:
             warnings.warn(
                 f"keras_adam.Adam(lazy_sparse=True) on the {self.backend} backend: its "
                 "gradients are always dense (Embedding layers included), so every step "
@@ -92,11 +229,11 @@ class Engine:
 
     # -- gradients -------------------------------------------------------------
 
-    def is_sparse(self, gradient: Any) -> bool:
-        """Whether `gradient` is a sparse (row-slices) gradient."""
-        return False
+    def stored_values(self, gradient: Any) -> Any:
+        """The values a gradient stores (a sparse gradient's nonzero values)."""
+        return gradient
 
-    def count_nonfinite(self, grads: list) -> Any:
+    def count_nonfinite(self, grads: Sequence[Any]) -> Any:
         """How many of `grads` hold a NaN or an infinity (a float32 scalar).
 
         None entries are ignored; a sparse gradient is judged by its values.
@@ -105,45 +242,97 @@ class Engine:
         for gradient in grads:
             if gradient is None:
                 continue
-            values = gradient.values if self.is_sparse(gradient) else gradient
+            values = self.stored_values(gradient)
             counts.append(ops.cast(ops.logical_not(ops.all(ops.isfinite(values))), "float32"))
         return ops.sum(ops.stack(counts)) if counts else ops.zeros((), "float32")
 
-    # -- the step --------------------------------------------------------------
+    # -- around Keras's apply ----------------------------------------------------
 
-    def apply(self, apply: Callable, grads: list, trainable_variables: list | None) -> None:
-        """One step: `apply(grads, trainable_variables)`, Keras's `Optimizer.apply`."""
-        apply(grads, trainable_variables)
+    def apply(self, step: KerasApply) -> None:
+        """One whole step: Keras's `apply`."""
+        step()
 
-    def apply_skipping_nonfinite(
-        self, apply: Callable, grads: list, trainable_variables: list | None
-    ) -> None:
-        """`apply(grads, trainable_variables)`, or nothing but a count if a gradient is not finite.
+    def apply_skipping_nonfinite(self, step: KerasApply, counter: Any) -> None:
+        """Keras's `apply` if every gradient is finite, else nothing but `counter` + 1.
 
         Without control flow over state: the step runs, then every variable
-        it may have written (the model's trainable variables and the
-        optimizer's own: moments, `iterations`, accumulators, averages)
-        takes its new value if every gradient was finite, its old value
-        otherwise. This compiles under any tracer (`jax.jit`, XLA) and
-        needs no branch that assigns variables.
+        of `step.state()` takes its new value if every gradient was finite,
+        its old value otherwise. This compiles under any tracer (`jax.jit`,
+        XLA) and needs no branch that assigns variables.
+
+        Args:
+            step: The call of Keras's `apply`.
+            counter: The integer variable that counts skipped steps.
         """
-        optimizer = self.optimizer
-        finite = ops.equal(self.count_nonfinite(grads), 0)
-        counter = optimizer.skipped_steps
-        state = [*optimizer._trainable_variables]
-        state += [v for v in optimizer.variables if v is not counter]
-        before = [v.value for v in state]
-        apply(grads, trainable_variables)
-        for variable, old in zip(state, before, strict=True):
+        finite = ops.equal(self.count_nonfinite(step.grads), 0)
+        variables = step.state()
+        before = [v.value for v in variables]
+        step()
+        for variable, old in zip(variables, before, strict=True):
             variable.assign(ops.where(finite, variable.value, old))
         counter.assign_add(ops.cast(ops.logical_not(finite), counter.dtype))
 
-    def update_all(
-        self, grads: list, variables: list, learning_rate: Any, update_each: Callable
-    ) -> None:
-        """One step of all `variables`; `update_each` is Keras's per-variable loop."""
-        update_each(grads, variables, learning_rate)
+    # -- the step ----------------------------------------------------------------
 
-    def update_variable(self, gradient: Any, variable: Any, slots: list, hyper: dict) -> None:
-        """One step of one variable (the generic engine: the `keras.ops` path)."""
-        self.optimizer._reference_update(gradient, variable, slots, hyper)
+    def update(self, update: Update) -> None:
+        """One step of the variables of `update` (here: each on the reference path)."""
+        scalars = ScalarsCache(update)
+        for grad, variable in zip(update.grads, update.variables, strict=True):
+            if grad is not None:
+                self.update_one(grad, variable, update, scalars)
+
+    def update_one(self, grad: Any, variable: Any, update: Update, scalars: ScalarsCache) -> None:
+        """One variable on the reference path."""
+        slots = update.slots(variable)
+        m, v, v_hat = moments(slots)
+        self.reference(
+            [variable],
+            [grad],
+            [m],
+            [v],
+            [v_hat],
+            scalars.fresh(compute_dtype(variable, slots), update.hyper(variable)),
+        )
+
+    def reference(
+        self,
+        params: list,
+        grads: list,
+        ms: list,
+        vs: list,
+        v_hats: list,
+        scalars: StepScalars,
+    ) -> None:
+        """The reference path: `update_rule.adam_step` in `keras.ops`, per variable.
+
+        Bit-identical to `keras.optimizers.Adam`'s `keras.ops` step where the
+        options are Keras's; it runs, and compiles, on every backend.
+        Variables of another dtype (bfloat16, float16) are computed in
+        `scalars.dtype` and rounded once when written.
+
+        Args:
+            params: The model variables.
+            grads: Their gradients (dense, or sparse where Keras's ops
+                take sparse tensors).
+            ms: Their first moments.
+            vs: Their second moments.
+            v_hats: Their running maxima of `v` (None entries without AMSGrad).
+            scalars: The step's scalars, in the compute dtype.
+        """
+        dtype = scalars.dtype
+
+        def read(x: Any) -> Any:
+            return None if x is None else ops.cast(x, dtype)
+
+        for param, grad, m, v, v_hat in zip(params, grads, ms, vs, v_hats, strict=True):
+            new = update_rule.adam_step(
+                read(param), read(grad), read(m), read(v), read(v_hat), scalars
+            )
+            for slot, value in zip((m, v, v_hat), new[1:], strict=True):
+                if slot is not None:
+                    self.assign(slot, value)
+            self.assign(param, new.param)
+
+    def assign(self, variable: Any, value: Any) -> None:
+        """Write `value` into `variable` (as Keras's `Optimizer.assign`)."""
+        variable.assign(value)

@@ -21,12 +21,10 @@ JAX, XLA is the fused path. What `fused` means here:
   round-off (it is the program `jax.jit` compiles, which rounds a few
   operations differently from op-by-op dispatch) and is bit-identical to
   `keras.optimizers.Adam` under `jax.jit`.
-  It pays (`python -m benchmarks.jax_backend`, on 2 CPU cores): the eager
-  step of 200 small variables is some 20x faster than op by op, of one
-  16.8M-parameter variable 4x, of 50 variables of 768x768 1.7x. It
-  donates no buffer: an array read from a variable before the step stays
-  valid, as with Keras's eager step (so the results go to fresh buffers,
-  whose page faults are most of what remains of a large step's cost).
+  It pays most for many small variables, where op-by-op dispatch costs
+  more than the arithmetic (`python -m benchmarks.jax_backend` measures
+  it). It donates no buffer: an array read from a variable before the step
+  stays valid, as with Keras's eager step.
 - Eagerly with `fused=False`: op-by-op `keras.ops`, as
   `keras.optimizers.Adam` runs eagerly, and bit-identical to it.
 - The first step of an unbuilt optimizer (it creates the variables), and a
@@ -48,21 +46,23 @@ assigns its results back through each variable's layout.
 `skip_nonfinite` selects between the new and the old values of every
 variable instead of branching (`Engine.apply_skipping_nonfinite`): a
 `jax.lax.cond` branch cannot assign variables.
+
+Sparse gradients (`jax.experimental.sparse.BCOO`, which Keras's optimizers
+accept) take the reference path, whose `keras.ops` combine them with the
+dense moments as Keras does.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import keras
+from jax.experimental import sparse as jax_sparse
 
-from keras_adam.backends.engine import Engine
-
-#: Types of the optimizer attributes that are baked into a compiled step.
-_STATIC_TYPES = (bool, int, float, str, type(None), re.Pattern)
+from keras_adam.backends.engine import Engine, KerasApply
 
 #: Compiled eager steps kept per optimizer (the oldest is dropped beyond).
 _MAX_PROGRAMS = 16
@@ -103,94 +103,66 @@ def _stateless(step: Callable, state: list, variables: list | None) -> Callable:
 class JaxEngine(Engine):
     """The JAX engine: `keras.ops` compiled by XLA, eagerly too (see the module docstring)."""
 
-    def __init__(self, optimizer: Any) -> None:
-        super().__init__(optimizer)
+    def __init__(self) -> None:
         # Compiled eager steps, by what their trace depends on (`_compiled_step`).
         self._compiled: dict[tuple, Callable] = {}
 
-    def fused_flag_blockers(self) -> list[str]:
+    def fused_blockers(self, options: Any) -> list[str]:
         """None: XLA compiles every option and dtype."""
         return []
 
-    # -- the step ----------------------------------------------------------------
+    def stored_values(self, gradient: Any) -> Any:
+        """A `BCOO` gradient's stored values, else the gradient itself."""
+        return gradient.data if isinstance(gradient, jax_sparse.BCOO) else gradient
 
-    def apply(self, apply: Callable, grads: list, trainable_variables: list | None) -> None:
-        """One step; eagerly with `fused` not False, as one compiled program."""
-        self._run("apply", apply, grads, trainable_variables)
+    # -- around Keras's apply ----------------------------------------------------
 
-    def apply_skipping_nonfinite(
-        self, apply: Callable, grads: list, trainable_variables: list | None
-    ) -> None:
+    def apply(self, step: KerasApply) -> None:
+        """One step; eagerly, where it may, as one compiled program."""
+        self._run("apply", step.run, step)
+
+    def apply_skipping_nonfinite(self, step: KerasApply, counter: Any) -> None:
         """The select-based skip of `Engine`; eagerly, as one compiled program."""
 
-        def step(grads: list, trainable_variables: list | None) -> None:
-            Engine.apply_skipping_nonfinite(self, apply, grads, trainable_variables)
+        def skipping(grads: list, trainable_variables: list | None) -> None:
+            inner = dataclasses.replace(step, grads=grads, trainable_variables=trainable_variables)
+            Engine.apply_skipping_nonfinite(self, inner, counter)
 
-        self._run("skip_nonfinite", step, grads, trainable_variables)
+        full = dataclasses.replace(step, state=lambda: [*step.state(), counter])
+        self._run("skip_nonfinite", skipping, full)
 
-    def _run(
-        self, kind: str, step: Callable, grads: list, trainable_variables: list | None
-    ) -> None:
-        """`step(grads, trainable_variables)`, compiled if it runs eagerly and may.
+    def _run(self, kind: str, run: Callable, step: KerasApply) -> None:
+        """`run(step.grads, step.trainable_variables)`, compiled if it runs eagerly and may.
 
         Args:
-            kind: What `step` does ("apply" or "skip_nonfinite"); part of the
-                cache key of the compiled program.
-            step: The step, writing the variables (Keras's `apply`, or it
-                wrapped in the skip).
-            grads: One gradient (or None) per variable.
-            trainable_variables: The variables, or None for all of the
-                optimizer's.
+            kind: What `run` does; part of the cache key of the program.
+            run: The step, writing the variables of `step.state()`.
+            step: The call of Keras's `apply` (its gradients, variables,
+                state and trace key).
         """
-        optimizer = self.optimizer
-        grads = list(grads)
-        if trainable_variables is not None:
-            trainable_variables = list(trainable_variables)
-        if not self._may_compile():
-            step(grads, trainable_variables)
+        grads, trainable_variables = step.grads, step.trainable_variables
+        key = step.trace_key()
+        if key is None:
+            run(grads, trainable_variables)
             return
-        state = [*optimizer._trainable_variables, *optimizer.variables]
-        values = [variable.value for variable in state]
+        variables = step.state()
+        values = [variable.value for variable in variables]
         if _traced(grads) or _traced(values):
             # Inside someone's trace: part of their program, fused by XLA.
-            step(grads, trainable_variables)
+            run(grads, trainable_variables)
             return
-        compiled = self._compiled_step(kind, step, state, trainable_variables)
-        for variable, value in zip(state, compiled(values, grads), strict=True):
-            if value is not None:
-                variable.assign(value)
-
-    def _may_compile(self) -> bool:
-        """Whether an eager step may run as one compiled program."""
-        optimizer = self.optimizer
-        if optimizer.fused is False or not optimizer.built:
-            return False
-        learning_rate = optimizer._learning_rate
-        schedule = keras.optimizers.schedules.LearningRateSchedule
-        return not (callable(learning_rate) and not isinstance(learning_rate, schedule))
-
-    def _compiled_step(
-        self, kind: str, step: Callable, state: list, variables: list | None
-    ) -> Callable:
-        """The jitted `_stateless` step, cached by everything its trace bakes in.
-
-        That is: the kind of step, the variables (all the optimizer's, and
-        those passed), the optimizer's plain attributes (hyperparameters
-        such as `beta_1` or `clipnorm`) and `floatx`. Shapes, dtypes and
-        which gradients are None are `jax.jit`'s own cache key.
-        """
-        optimizer = self.optimizer
         key = (
             kind,
-            tuple(map(id, state)),
-            None if variables is None else tuple(map(id, variables)),
-            tuple((k, v) for k, v in vars(optimizer).items() if isinstance(v, _STATIC_TYPES)),
-            keras.config.floatx(),
+            key,
+            tuple(map(id, variables)),
+            None if trainable_variables is None else tuple(map(id, trainable_variables)),
         )
         compiled = self._compiled.get(key)
         if compiled is None:
             if len(self._compiled) >= _MAX_PROGRAMS:
                 del self._compiled[next(iter(self._compiled))]
-            compiled = jax.jit(_stateless(step, state, variables))
+            compiled = jax.jit(_stateless(run, variables, trainable_variables))
             self._compiled[key] = compiled
-        return compiled
+        for variable, value in zip(variables, compiled(values, grads), strict=True):
+            if value is not None:
+                variable.assign(value)

@@ -14,19 +14,20 @@
 - `skip_nonfinite`: the whole step under `tf.cond`, with one verdict summed
   over the replicas (and workers) of a tf.distribute strategy.
 
-Every path gives Keras's numbers: the kernels take their scalars (1 − β1,
-1 − β2 and the bias-corrected step size) computed as
-`keras.optimizers.Adam.update_step` computes them (`_fused_scalars`).
+Every path gives Keras's numbers: the kernels take the step's
+`update_rule.StepScalars` (1 − β1, 1 − β2 and the bias-corrected step size
+computed as `keras.optimizers.Adam.update_step` computes them).
 TensorFlow's `ResourceApplyAdam` is not used: it computes 1 − β from the
-β rounded to the variable's dtype (1.3e-5 relative off Keras's 1 − β2 in
-float32).
+β rounded to the variable's dtype, off Keras's 1 − β2.
+
+Without a strategy the engine runs the whole step itself; under
+tf.distribute it sums the gradients over the replicas and updates each
+variable's components through `strategy.extended.update`, as Keras does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import threading
-from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -35,17 +36,16 @@ from keras import ops
 from tensorflow.python.ops import control_flow_util  # is this graph compiled by XLA?
 
 from keras_adam import kernels, update_rule
-from keras_adam.backends.engine import Engine
-
-
-class _PerStepCache(threading.local):
-    """Values shared by the variables of one step (not tracked by Keras).
-
-    Thread-local: under MirroredStrategy each replica runs the step in its
-    own thread.
-    """
-
-    values: dict | None = None
+from keras_adam.backends.engine import (
+    Engine,
+    KerasApply,
+    Options,
+    ScalarsCache,
+    Update,
+    compute_dtype,
+    moments,
+)
+from keras_adam.update_rule import StepScalars
 
 
 def _tensor(x: Any) -> Any:
@@ -72,9 +72,15 @@ def _kernel_module(*variables: Any) -> Any | None:
     return kernels.load()
 
 
-def _dense(scalars: dict) -> dict:
-    """The multi-tensor op's scalars: `_fused_scalars` but `lr` (applied in `alpha`)."""
-    return {name: value for name, value in scalars.items() if name != "lr"}
+def _kernel_scalars(scalars: StepScalars) -> dict:
+    """The scalar inputs our kernels share, from the step's scalars."""
+    dtype = scalars.dtype
+    return dict(
+        alpha=scalars.alpha,
+        one_minus_beta1=tf.constant(scalars.one_minus_beta_1, dtype),
+        one_minus_beta2=tf.constant(scalars.one_minus_beta_2, dtype),
+        epsilon=tf.constant(scalars.epsilon, dtype),
+    )
 
 
 def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
@@ -110,8 +116,7 @@ def _sorted_positions(indices: Any) -> tuple[Any, Any]:
     with `set-dimension-size`, a dynamic shape. One dynamic shape makes XLA's
     dynamic padder inline every called computation of the program, and
     among them the Philox generator of each `Dropout`, which is then fused
-    into every consumer and recomputed element by element: a transformer
-    classifier's step took 5.7x as long as with dense gradients. `XlaSort`
+    into every consumer and recomputed element by element. `XlaSort`
     of one int64 key per position, `index * n + position`, sorts with
     static shapes, and the keys are distinct, so the order is the stable one.
     """
@@ -127,25 +132,21 @@ class TensorFlowEngine(Engine):
 
     sparse_gradients = True
 
-    def __init__(self, optimizer: Any) -> None:
-        super().__init__(optimizer)
-        self._per_step = _PerStepCache()
-
     # -- which path ------------------------------------------------------------
 
-    def fused_flag_blockers(self) -> list[str]:
+    def fused_blockers(self, options: Options) -> list[str]:
         """Why the options rule out the fused kernels (empty if they don't)."""
-        optimizer = self.optimizer
+        hyper = options.hyper
         blockers = []
-        if optimizer.epsilon_mode != "hat":
+        if hyper.epsilon_mode != "hat":
             blockers.append('epsilon_mode="paper" (the kernels add ε before bias correction)')
-        if optimizer.amsgrad:
+        if hyper.amsgrad:
             blockers.append("amsgrad=True (the kernels keep no running maximum of v)")
-        if optimizer.rectify:
+        if hyper.rectify:
             blockers.append("rectify=True")
         return blockers
 
-    def fused_dtype_blocker(self, variable: Any) -> str | None:
+    def variable_blocker(self, variable: Any, options: Options) -> str | None:
         """Why `variable` cannot take the fused kernels (None if it can)."""
         dtype = keras.backend.standardize_dtype(variable.dtype)
         if dtype not in ("float32", "float64"):
@@ -153,54 +154,32 @@ class TensorFlowEngine(Engine):
                 f"its dtype is {dtype}; the kernels compute in the variable's dtype, "
                 "so only float32 and float64 are fused"
             )
-        moment_dtype = self.optimizer.moment_dtype
-        if moment_dtype not in (None, dtype):
-            return f"moment_dtype={moment_dtype!r} differs from its dtype {dtype}"
+        if options.moment_dtype not in (None, dtype):
+            return f"moment_dtype={options.moment_dtype!r} differs from its dtype {dtype}"
         return None
 
     def restore_scope(self) -> contextlib.AbstractContextManager:
         """`fit` may build inside a traced function: restore eagerly."""
         return tf.init_scope()
 
-    def is_sparse(self, gradient: Any) -> bool:
-        """Whether `gradient` is a `tf.IndexedSlices`."""
-        return isinstance(gradient, tf.IndexedSlices)
-
-    def all_reduce_sum_gradients(self, grads_and_vars: list, all_reduce: Callable) -> list:
-        """Keras's sum of the gradients over replicas, skipped when there is one.
-
-        Outside a `tf.distribute` strategy the sum is the identity, but
-        TensorFlow's all-reduce, traced in a `tf.function`, registers a new
-        custom gradient in a process-wide registry that is never emptied:
-        each traced train step (about 7 000 Python objects, a whole
-        `FuncGraph`) would stay alive until the process ends, and every
-        `gc.collect` would walk it (TensorFlow issue #97697). A loop that
-        builds and fits many models (a hyperparameter search) grew by one
-        such graph a model.
-        """
-        if not tf.distribute.has_strategy():
-            return list(grads_and_vars)
-        return all_reduce(grads_and_vars)
+    def stored_values(self, gradient: Any) -> Any:
+        """A `tf.IndexedSlices` gradient's values, else the gradient itself."""
+        return gradient.values if isinstance(gradient, tf.IndexedSlices) else gradient
 
     # -- skipping non-finite steps ---------------------------------------------
 
-    def apply_skipping_nonfinite(
-        self, apply: Callable, grads: list, trainable_variables: list | None
-    ) -> None:
+    def apply_skipping_nonfinite(self, step: KerasApply, counter: Any) -> None:
         """The whole step under `tf.cond(all gradients finite)`; else count the skip.
 
         Under tf.distribute the count of bad gradients is summed over all
         replicas and workers: a replica that skipped alone would
         desynchronize the collectives of the step.
         """
-        counter = self.optimizer.skipped_steps
+        run, grads, trainable_variables = step.run, step.grads, step.trainable_variables
         nonfinite = self.count_nonfinite(grads)
 
         def skip() -> None:
             counter.assign_add(1)
-
-        def step() -> None:
-            apply(grads, trainable_variables)
 
         def cross_replica(strategy: Any, nonfinite: Any, grads: Any, variables: Any) -> None:
             # The step calls `merge_call`, which a condition in replica
@@ -209,7 +188,7 @@ class TensorFlowEngine(Engine):
             count = strategy.experimental_local_results(nonfinite)[0]
             ops.cond(
                 ops.equal(count, 0),
-                lambda: strategy.extended.call_for_each_replica(apply, args=(grads, variables)),
+                lambda: strategy.extended.call_for_each_replica(run, args=(grads, variables)),
                 skip,
             )
 
@@ -223,213 +202,200 @@ class TensorFlowEngine(Engine):
 
     # -- the step ----------------------------------------------------------------
 
-    def update_all(
-        self, grads: list, variables: list, learning_rate: Any, update_each: Callable
-    ) -> None:
-        """One step of all variables, the fused ones together.
+    def update(self, update: Update) -> None:
+        """One step of all variables.
 
-        The fused kernels' scalars are computed once per step and dtype, and
-        the fused variables are updated by one op (`_flush_multi_tensor`).
+        Without a strategy, the fused variables of a dtype, device and
+        hyperparameters go to one multi-tensor op, the others one by one
+        (`update_one`). Under tf.distribute, as Keras: the gradients are
+        summed over the replicas, then each variable's components are
+        updated through `strategy.extended.update`.
         """
-        self._per_step.values = {}
-        try:
-            update_each(grads, variables, learning_rate)
-            self._flush_multi_tensor()
-        finally:
-            self._per_step.values = None
-
-    def update_variable(self, gradient: Any, variable: Any, slots: list, hyper: dict) -> None:
-        """One variable: lazy rows, a fused kernel, or the `keras.ops` path."""
-        optimizer = self.optimizer
-        if isinstance(gradient, tf.IndexedSlices):
-            if optimizer.lazy_sparse:
-                self._update_rows(gradient, variable, slots, hyper)
-                return
-            gradient = tf.convert_to_tensor(gradient)
-        if self.fused_applies(variable) and self._fused_update(variable, gradient, slots, hyper):
+        scalars = ScalarsCache(update)
+        if tf.distribute.has_strategy():
+            self._update_distributed(update, scalars)
             return
-        optimizer._reference_update(gradient, variable, slots, hyper)
+        # No all-reduce without a strategy: there is nothing to sum, and
+        # TensorFlow's all-reduce traced in a `tf.function` registers a custom
+        # gradient in a process-wide registry that is never emptied, keeping
+        # every traced train step alive (TensorFlow issue #97697).
+        groups: dict[tuple, tuple[list, ...]] = {}
+        for grad, variable in zip(update.grads, update.variables, strict=True):
+            if grad is None:
+                continue
+            if isinstance(grad, tf.IndexedSlices) and not update.options.lazy_sparse:
+                grad = tf.convert_to_tensor(grad)
+            if isinstance(grad, tf.IndexedSlices) or not self._fused(variable, update):
+                self.update_one(grad, variable, update, scalars)
+                continue
+            var = _tensor(variable)
+            m, v, _ = moments([_tensor(x) for x in update.slots(variable)])
+            hyper = update.hyper(variable)
+            group = groups.setdefault((var.dtype, var.device, hyper), ([], [], [], [], []))
+            for members, x in zip(group, (var, grad, m, v, None), strict=True):
+                members.append(x)
+        for (dtype, _, hyper), group in groups.items():
+            self.multi_tensor(*group, scalars(dtype.name, hyper))
 
-    # -- the fused path ---------------------------------------------------------
+    def _update_distributed(self, update: Update, scalars: ScalarsCache) -> None:
+        """`update` under a tf.distribute strategy (Keras's `_backend_update_step`)."""
+        grads = list(update.grads)
+        context = tf.distribute.get_replica_context()
+        present = [i for i, g in enumerate(grads) if g is not None]
+        if context is not None and present:
+            reduced = context.all_reduce(tf.distribute.ReduceOp.SUM, [grads[i] for i in present])
+            for i, g in zip(present, reduced, strict=True):
+                grads[i] = g
 
-    def _fused_update(self, variable: Any, gradient: Any, slots: list, hyper: dict) -> bool:
-        """The same step as `update_rule.adam_step` in our multi-tensor kernel.
+        def update_all(strategy: Any, grads: list) -> None:
+            for grad, variable in zip(grads, update.variables, strict=True):
+                if grad is None:
+                    continue
 
-        It applies outside XLA (the op has no XLA kernel), on CPU variables,
-        and where the kernels are available (`keras_adam.kernels.load`).
-        Maximize, L2 and decoupled weight decay are applied around it by the
-        same functions `adam_step` uses.
+                def update_component(component: Any, grad: Any, variable: Any = variable) -> None:
+                    self.update_one(grad, variable, update, scalars, param=component)
 
-        Within one step without a distribution strategy, the kernel call is
-        deferred: `_flush_multi_tensor` then updates all variables of a
-        dtype with one op, one pass per element. The decay and gradient
-        changes above are already in the graph, ordered before it. Under
-        tf.distribute each component variable is updated on its own, by the
-        same op with one variable.
+                strategy.extended.update(
+                    _tensor(variable), update_component, args=(grad,), group=False
+                )
 
-        Returns:
-            Whether the update was done; if False, nothing was (the caller
-            takes the `keras.ops` path, which XLA fuses).
+        tf.__internal__.distribute.interim.maybe_merge_call(
+            update_all, tf.distribute.get_strategy(), grads
+        )
+
+    def update_one(
+        self,
+        grad: Any,
+        variable: Any,
+        update: Update,
+        scalars: ScalarsCache,
+        param: Any = None,
+    ) -> None:
+        """One variable: lazy rows, the fused kernel, or the reference path.
+
+        Args:
+            grad: Its gradient, dense or `tf.IndexedSlices`.
+            variable: The model variable.
+            update: The step.
+            scalars: The step's scalars.
+            param: The variable to write (under tf.distribute, the component
+                of `variable` on this device); `variable` if None.
         """
-        optimizer = self.optimizer
-        var = _tensor(variable)
-        m, v = (_tensor(slot) for slot in slots[:2])
-        module = _kernel_module(var, m, v)
-        if module is None:
+        slots = update.slots(variable)
+        m, v, v_hat = moments(slots)
+        dtype, hyper = compute_dtype(variable, slots), update.hyper(variable)
+        fused = self._fused(variable, update)
+        step = scalars(dtype, hyper) if fused else scalars.fresh(dtype, hyper)
+        params = [variable if param is None else param]
+        if isinstance(grad, tf.IndexedSlices):
+            if update.options.lazy_sparse:
+                path = self.sparse_rows if fused else self.rows_reference
+                path(params, [grad], [m], [v], [v_hat], step)
+                return
+            grad = tf.convert_to_tensor(grad)
+        path = self.multi_tensor if fused else self.reference
+        path(params, [grad], [m], [v], [v_hat], step)
+
+    def _fused(self, variable: Any, update: Update) -> bool:
+        """Whether `variable` takes our kernels (options, dtypes, device, XLA)."""
+        options = update.options
+        if not self.fuses(options) or self.variable_blocker(variable, options) is not None:
             return False
-        dtype = var.dtype
-        decay = dict(
-            weight_decay=hyper["weight_decay"],
-            decoupled_weight_decay=optimizer.decoupled_weight_decay,
-        )
-        gradient = update_rule.effective_gradient(
-            tf.cast(gradient, dtype), var, maximize=optimizer.maximize, **decay
-        )
-        if decay["weight_decay"] and optimizer.decoupled_weight_decay:
-            lr = tf.cast(hyper["learning_rate"], dtype)
-            var.assign(update_rule.decoupled_decay(var, lr=lr, **decay))
-        scalars = self._fused_scalars(dtype, hyper["learning_rate"])
-        group = self._multi_tensor_group(var)
-        if group is not None:
-            group.append((var, m, v, gradient))
-            return True
-        module.keras_adam_multi_tensor_apply_adam(
-            var=[var.handle], m=[m.handle], v=[v.handle], grad=[gradient], **_dense(scalars)
-        )
-        return True
+        slots = [_tensor(x) for x in update.slots(variable)]
+        return _kernel_module(_tensor(variable), *slots) is not None
 
-    def _fused_scalars(self, dtype: Any, learning_rate: Any) -> dict:
-        """The kernels' scalar inputs, computed once per step and dtype.
+    def assign(self, variable: Any, value: Any) -> None:
+        """Keras's TensorFlow `assign`: cast, then assign or scatter rows."""
+        variable = _tensor(variable)
+        value = tf.cast(value, variable.dtype)
+        if isinstance(value, tf.IndexedSlices):
+            variable.scatter_update(value)
+        else:
+            variable.assign(value)
 
-        As `keras.optimizers.Adam.update_step` computes them, so that the
-        kernels give its numbers: `1 - beta_1` and `1 - beta_2` in Python
-        (double), rounded once to `dtype`; the step size
-        `lr * sqrt(1 - beta_2_power) / (1 - beta_1_power)` with the same
-        TensorFlow ops in the same order. (Keras computes the β powers of
-        float64 variables from β rounded through float32; we use the exact
-        β, as `update_rule.adam_step` does.)
+    # -- the paths (one signature: params, grads, ms, vs, v_hats, scalars) ------
 
-        Many small variables would otherwise each pay for reading the step
-        counter and computing β powers: per-variable work is what dominates
-        their update.
+    def multi_tensor(
+        self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars
+    ) -> None:
+        """Dense gradients in one `KerasAdamMultiTensorApplyAdam` op.
 
-        Returns:
-            `lr`, `alpha` (the step size), `one_minus_beta1`,
-            `one_minus_beta2` and `epsilon`, scalar tensors of `dtype`.
+        One pass per element over every variable of the group (one dtype,
+        device and hyperparameters, outside XLA, on CPU). Maximize, L2 and
+        decoupled weight decay are applied around it by the functions that
+        `update_rule.adam_step` uses; the op takes Keras's scalars.
         """
-        optimizer = self.optimizer
-        cache = self._per_step.values
-        if cache is not None and dtype in cache:
-            return cache[dtype]
-        t = tf.cast(optimizer.iterations + 1, dtype)
-        lr = tf.cast(learning_rate, dtype)
-        beta_1_power = tf.pow(tf.constant(optimizer.beta_1, dtype), t)
-        beta_2_power = tf.pow(tf.constant(optimizer.beta_2, dtype), t)
-        scalars = dict(
-            lr=lr,
-            alpha=lr * tf.sqrt(1 - beta_2_power) / (1 - beta_1_power),
-            one_minus_beta1=tf.constant(1 - optimizer.beta_1, dtype),
-            one_minus_beta2=tf.constant(1 - optimizer.beta_2, dtype),
-            epsilon=tf.constant(optimizer.epsilon, dtype),
+        hyper = scalars.hyper
+        handles, gradients = [], []
+        for param, grad in zip(params, grads, strict=True):
+            var = _tensor(param)
+            gradients.append(update_rule.effective_gradient(tf.cast(grad, var.dtype), var, hyper))
+            if hyper.weight_decay and hyper.decoupled_weight_decay:
+                var.assign(update_rule.decoupled_decay(var, hyper, scalars.learning_rate))
+            handles.append(var.handle)
+        kernels.load().keras_adam_multi_tensor_apply_adam(
+            var=handles,
+            m=[_tensor(x).handle for x in ms],
+            v=[_tensor(x).handle for x in vs],
+            grad=gradients,
+            **_kernel_scalars(scalars),
         )
-        if cache is not None:
-            cache[dtype] = scalars
-        return scalars
 
-    def _multi_tensor_group(self, var: Any) -> list | None:
-        """The list `var`'s deferred multi-tensor update joins, or None to run it now.
+    def sparse_rows(
+        self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars
+    ) -> None:
+        """Lazy rows of `tf.IndexedSlices` gradients in `KerasAdamSparseApplyAdam` ops.
 
-        Updates are deferred within a step (`update_all`) without a
-        distribution strategy; the caller has checked that the kernel
-        applies (`_kernel_module`).
+        Each op sums repeated indices, then updates the touched rows of the
+        variable and its moments in place, with maximize and weight decay,
+        at a cost in proportion to the rows touched. Nothing here reads the
+        table: a read still alive when the op runs would make it copy the
+        whole table.
         """
-        cache = self._per_step.values
-        if cache is None or tf.distribute.has_strategy():
-            return None
-        groups = cache.setdefault("multi_tensor", {})
-        return groups.setdefault((var.dtype, var.device), [])
-
-    def _flush_multi_tensor(self) -> None:
-        """One multi-tensor op per group of deferred fused updates."""
-        groups = (self._per_step.values or {}).pop("multi_tensor", {})
-        module = kernels.load() if groups else None
-        for (dtype, _), group in groups.items():
-            variables, ms, vs, gradients = zip(*group, strict=True)
-            module.keras_adam_multi_tensor_apply_adam(
-                var=[x.handle for x in variables],
-                m=[x.handle for x in ms],
-                v=[x.handle for x in vs],
-                grad=list(gradients),
-                **_dense(self._fused_scalars(dtype, None)),
+        hyper = scalars.hyper
+        dtype = scalars.dtype
+        for param, grad, m, v in zip(params, grads, ms, vs, strict=True):
+            kernels.load().keras_adam_sparse_apply_adam(
+                var=_tensor(param).handle,
+                m=_tensor(m).handle,
+                v=_tensor(v).handle,
+                grad=tf.cast(grad.values, dtype),
+                indices=grad.indices,
+                weight_decay=tf.constant(hyper.weight_decay, dtype),
+                decoupled_weight_decay=hyper.decoupled_weight_decay,
+                maximize=hyper.maximize,
+                lr=scalars.learning_rate,
+                **_kernel_scalars(scalars),
             )
 
-    # -- the lazy sparse path ---------------------------------------------------
+    def rows_reference(
+        self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars
+    ) -> None:
+        """Lazy rows with `update_rule.adam_step` on gathered rows, then scatters.
 
-    def _update_rows(self, gradient: Any, variable: Any, slots: list, hyper: dict) -> None:
-        """The lazy update: only the rows a `tf.IndexedSlices` gradient touches.
-
-        Repeated indices are summed first (the update is not linear). Where
-        the fused path applies, outside XLA on CPU, one op does it all
-        (`_fused_update_rows`); elsewhere `_coalesce_rows` and `keras.ops`
-        gathers and scatters, which compile under XLA.
+        Repeated indices are summed first (`_coalesce_rows`); it compiles
+        under XLA and runs with every option.
         """
-        if self._fused_update_rows(gradient, variable, slots, hyper):
-            return
-        optimizer = self.optimizer
-        rows, row_gradients = _coalesce_rows(gradient)
-        dtype = optimizer._compute_dtype(variable, slots)
+        dtype = scalars.dtype
+        for param, grad, m, v, v_hat in zip(params, grads, ms, vs, v_hats, strict=True):
+            rows, row_gradients = _coalesce_rows(grad)
 
-        def read_rows(x: Any) -> Any:
-            return ops.cast(tf.gather(_tensor(x), rows), dtype)
+            def read_rows(x: Any, rows: Any = rows) -> Any:
+                return None if x is None else ops.cast(tf.gather(_tensor(x), rows), dtype)
 
-        new = update_rule.adam_step(
-            read_rows(variable),
-            ops.cast(row_gradients, dtype),
-            *(read_rows(slot) for slot in slots[:2]),
-            v_hat=read_rows(slots[2]) if optimizer.amsgrad else None,
-            step=optimizer.iterations + 1,
-            **hyper,
-        )
-        # The gradient's own dense shape: reading the variable's shape would read
-        # the variable, and a scatter into a variable whose value is still
-        # referenced copies the whole table.
-        shape = gradient.dense_shape
-        for slot, value in zip(slots, new[1:], strict=False):
-            optimizer.assign(slot, tf.IndexedSlices(value, rows, shape))
-        optimizer.assign(variable, tf.IndexedSlices(new.param, rows, shape))
-
-    def _fused_update_rows(self, gradient: Any, variable: Any, slots: list, hyper: dict) -> bool:
-        """The lazy update in one `KerasAdamSparseApplyAdam` op, where it applies.
-
-        It applies where the fused path would (options and dtypes), outside
-        XLA (the op has no XLA kernel), on CPU variables, and where the
-        kernels are available (`keras_adam.kernels.load`). Under
-        tf.distribute it runs once per component variable. The op sums
-        repeated indices, then updates the touched rows of the variable and
-        its moments in place, with maximize and weight decay, at a cost in
-        proportion to the rows touched. Nothing here reads the table: a read
-        still alive when the op runs would make it copy the whole table.
-
-        Returns:
-            Whether the update was done; if False, nothing was.
-        """
-        if not self.fused_applies(variable):
-            return False
-        var, m, v = (_tensor(x) for x in (variable, *slots[:2]))
-        module = _kernel_module(var, m, v)
-        if module is None:
-            return False
-        dtype = var.dtype
-        optimizer = self.optimizer
-        module.keras_adam_sparse_apply_adam(
-            var=var.handle,
-            m=m.handle,
-            v=v.handle,
-            grad=tf.cast(gradient.values, dtype),
-            indices=gradient.indices,
-            weight_decay=tf.constant(hyper["weight_decay"], dtype),
-            decoupled_weight_decay=optimizer.decoupled_weight_decay,
-            maximize=optimizer.maximize,
-            **self._fused_scalars(dtype, hyper["learning_rate"]),
-        )
-        return True
+            new = update_rule.adam_step(
+                read_rows(param),
+                ops.cast(row_gradients, dtype),
+                read_rows(m),
+                read_rows(v),
+                read_rows(v_hat),
+                scalars,
+            )
+            # The gradient's own dense shape: reading the variable's shape would
+            # read the variable, and a scatter into a variable whose value is
+            # still referenced copies the whole table.
+            shape = grad.dense_shape
+            for slot, value in zip((m, v, v_hat), new[1:], strict=True):
+                if slot is not None:
+                    self.assign(slot, tf.IndexedSlices(value, rows, shape))
+            self.assign(param, tf.IndexedSlices(new.param, rows, shape))

@@ -23,8 +23,14 @@ r"""What runs on the PyTorch backend.
 
 The kernels read the step $t$ from `state_steps`, which `torch.optim`
 increments before its call; Keras increments `optimizer.iterations` after
-the update, so the kernels get $t$ = `iterations` + 1. $\epsilon_t$ is a
-float argument of the kernels, so $t$ is read on the host once per step (on
+the update, so the kernels get $t$ = `iterations` + 1. They compute their
+bias corrections in double from the exact β, where Keras computes them in
+float32 from β rounded to float32; with Keras's ε placement (the default)
+they are given the `lr` and ε that make their step Keras's step size
+(`update_rule.torch_kernel_scalars`), so that they give Keras's numbers to
+float32 round-off. With `epsilon_mode="paper"` they take torch's own `lr`
+and ε, and give `torch.optim.Adam`'s numbers. $\epsilon_t$ is a float
+argument of the kernels, so $t$ is read on the host once per step (on
 CUDA, one synchronization per step; `skip_nonfinite`'s verdict is another).
 
 Which variables go where is planned once (`TorchEngine._plan`) and reused
@@ -40,9 +46,7 @@ they do eagerly.
 from __future__ import annotations
 
 import contextlib
-import math
 import operator
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,15 +56,23 @@ import torch
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.torch.core import get_device
 
-from keras_adam.backends.engine import Engine
+from keras_adam import update_rule
+from keras_adam.backends.engine import (
+    Engine,
+    KerasApply,
+    Options,
+    ScalarsCache,
+    Update,
+    compute_dtype,
+)
+from keras_adam.update_rule import Hyperparameters, StepScalars
 
 #: Variable dtypes the fused kernels take (they compute in the variable's dtype).
 FUSED_DTYPES = ("float32", "float64")
 #: CPU variables smaller than this (torch's `at::internal::GRAIN_SIZE`) are
 #: updated with one thread. torch's CPU kernel splits every tensor across
 #: all threads (grain size 0): an OpenMP region per tensor, whose start and
-#: barrier cost more than a small tensor's update (4.5x over 200 tensors of
-#: 10k elements on 2 cores; far more when the cores are shared).
+#: barrier cost more than a small tensor's update.
 SMALL = 32768
 
 
@@ -91,7 +103,8 @@ class _Group:
     Attributes:
         device: Their device.
         dtype: Their dtype (and their moments').
-        weight_decay: Their $\lambda$ (0 for none).
+        hyper: Their hyperparameters ($\lambda$ is 0 where decay does not apply).
+        compute_dtype: Their compute dtype's name.
         single_threaded: Whether the call runs on one thread (small CPU
             variables, see `SMALL`).
         indices: Their positions in the step's variable list.
@@ -103,7 +116,8 @@ class _Group:
 
     device: torch.device
     dtype: torch.dtype
-    weight_decay: float
+    hyper: Hyperparameters
+    compute_dtype: str
     single_threaded: bool
     indices: list[int] = field(default_factory=list)
     params: list[torch.Tensor] = field(default_factory=list)
@@ -129,8 +143,7 @@ class _Plan:
     Attributes:
         key: What it was computed for (variable identities and options).
         groups: The fused kernel calls.
-        rest: Positions of the variables that take Keras's per-variable
-            loop (the `keras.ops` path).
+        rest: Positions of the variables that take the reference path.
         dtypes: Each variable's torch dtype, in order.
         devices: Each variable's device, in order.
         bound_variables: Every `keras.Variable` (model variable or moment)
@@ -172,20 +185,19 @@ class _Plan:
 class TorchEngine(Engine):
     """The PyTorch engine: torch's fused Adam kernels, grouped by device, dtype and decay."""
 
-    def __init__(self, optimizer: Any) -> None:
-        super().__init__(optimizer)
+    def __init__(self) -> None:
         self._cached_plan: _Plan | None = None
         self._step_tensors: dict[torch.device, torch.Tensor] = {}
 
     # -- which path ------------------------------------------------------------
 
-    def fused_flag_blockers(self) -> list[str]:
+    def fused_blockers(self, options: Options) -> list[str]:
         """Why the options rule out the fused kernels (empty if they don't)."""
-        if self.optimizer.rectify:
+        if options.hyper.rectify:
             return ["rectify=True (torch's fused Adam kernels have no RAdam)"]
         return []
 
-    def fused_dtype_blocker(self, variable: Any) -> str | None:
+    def variable_blocker(self, variable: Any, options: Options) -> str | None:
         """Why `variable` cannot take the fused kernels (None if it can)."""
         dtype = keras.backend.standardize_dtype(variable.dtype)
         if dtype not in FUSED_DTYPES:
@@ -194,10 +206,9 @@ class TorchEngine(Engine):
                 "which torch's fused kernels (same dtype for weights and moments) "
                 "cannot, so only float32 and float64 are fused"
             )
-        moment_dtype = self.optimizer.moment_dtype
-        if moment_dtype not in (None, dtype):
+        if options.moment_dtype not in (None, dtype):
             return (
-                f"moment_dtype={moment_dtype!r} differs from its dtype {dtype} "
+                f"moment_dtype={options.moment_dtype!r} differs from its dtype {dtype} "
                 "(torch's fused kernels take one dtype per call)"
             )
         value = getattr(variable, "_value", None)
@@ -207,10 +218,8 @@ class TorchEngine(Engine):
 
     # -- skipping non-finite steps ---------------------------------------------
 
-    def apply_skipping_nonfinite(
-        self, apply: Callable, grads: list, trainable_variables: list | None
-    ) -> None:
-        """`apply(grads, trainable_variables)` if every gradient is finite, else count a skip.
+    def apply_skipping_nonfinite(self, step: KerasApply, counter: Any) -> None:
+        """Keras's `apply` if every gradient is finite, else count a skip.
 
         The verdict is read on the host (`all_finite`), so a skipped step
         runs nothing at all: weights, moments, `iterations`, gradient
@@ -218,48 +227,77 @@ class TorchEngine(Engine):
         (`keras.Variable.value` is the live tensor on this backend, so
         the generic engine's keep-the-old-values select cannot work here.)
         """
-        if all_finite(grads):
-            apply(grads, trainable_variables)
+        if all_finite(step.grads):
+            step()
         else:
-            _count_skip(self.optimizer.skipped_steps)
+            _count_skip(counter)
 
     # -- the step ----------------------------------------------------------------
 
-    def update_all(
-        self, grads: list, variables: list, learning_rate: Any, update_each: Callable
+    def update(self, update: Update) -> None:
+        """One step: the fused groups, then the other variables on the reference path."""
+        scalars = ScalarsCache(update)
+        with torch.no_grad():
+            if self.fuses(update.options):
+                rest = _fused_step(self, update)
+            else:
+                rest = [i for i, g in enumerate(update.grads) if g is not None]
+            for i in rest:
+                self.update_one(update.grads[i], update.variables[i], update, scalars)
+
+    def fused(
+        self,
+        params: list,
+        grads: list,
+        ms: list,
+        vs: list,
+        v_hats: list,
+        scalars: StepScalars,
+        *,
+        single_threaded: bool = False,
     ) -> None:
-        r"""One step of all `variables`: the fused groups, then the rest one by one.
+        """One call of torch's fused Adam kernel over a group of variables.
+
+        `torch._fused_adamw_` with decoupled weight decay, else
+        `torch._fused_adam_`; all tensors share a device and dtype.
 
         Args:
-            grads: One dense gradient per variable (None: not updated).
-            variables: The `keras.Variable`s.
-            learning_rate: $\eta$ (a variable, a tensor or a float).
-            update_each: Keras's per-variable loop (`update_step` for each).
+            params: The variables' tensors.
+            grads: Their gradients (dense, contiguous, of their dtype).
+            ms: The first moments' tensors.
+            vs: The second moments' tensors.
+            v_hats: With AMSGrad the `velocity_hat` tensors; else empty.
+            scalars: The step's scalars, on the host
+                (`update_rule.host_step_scalars`).
+            single_threaded: Run on one thread (small CPU tensors).
         """
-        with torch.no_grad():
-            if self.optimizer.fused is False or self.fused_flag_blockers():
-                rest = [i for i, g in enumerate(grads) if g is not None]
-            else:
-                rest = _fused_update(self, grads, variables, learning_rate)
-            if rest:
-                if len(rest) != len(variables):
-                    grads = [grads[i] for i in rest]
-                    variables = [variables[i] for i in rest]
-                update_each(grads, variables, learning_rate)
+        hyper = scalars.hyper
+        device = params[0].device
+        step = float(scalars.step)
+        lr, eps = update_rule.torch_kernel_scalars(scalars)
+        decoupled = hyper.decoupled_weight_decay and hyper.weight_decay
+        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+        with _one_thread() if single_threaded else contextlib.nullcontext():
+            kernel(
+                params,
+                grads,
+                ms,
+                vs,
+                v_hats,
+                [self._step_tensor(device, step)] * len(params),
+                lr=lr,
+                beta1=hyper.beta_1,
+                beta2=hyper.beta_2,
+                weight_decay=hyper.weight_decay,
+                eps=eps,
+                amsgrad=hyper.amsgrad,
+                maximize=hyper.maximize,
+            )
 
-    # -- the fused path ---------------------------------------------------------
-
-    def _plan(self, variables: list) -> _Plan:
-        """The fused groups of `variables` (cached while variables and options hold)."""
-        optimizer = self.optimizer
-        key = (
-            tuple(map(id, variables)),
-            optimizer.weight_decay,
-            optimizer.decoupled_weight_decay,
-            optimizer.amsgrad,
-            optimizer.fused,
-            optimizer.moment_dtype,
-        )
+    def _plan(self, update: Update) -> _Plan:
+        """The fused groups of `update.variables` (cached while variables and options hold)."""
+        variables = update.variables
+        key = (tuple(map(id, variables)), update.options)
         plan = self._cached_plan
         if plan is not None and plan.key == key and plan.is_current():
             return plan
@@ -268,25 +306,31 @@ class TorchEngine(Engine):
         dtypes, devices = [], []
         bound_variables, bound_tensors = [], []
         for index, variable in enumerate(variables):
-            slots = optimizer._slots(variable)
+            slots = update.slots(variable)
             tensors = [_tensor(x) for x in (variable, *slots)]
             param = tensors[0]
             dtypes.append(getattr(param, "dtype", None))
             devices.append(getattr(param, "device", None))
-            if not self._fusable(variable, tensors):
+            if not self._fusable(variable, tensors, update.options):
                 rest.append(index)
                 continue
-            weight_decay = float(optimizer._hyperparameters(variable, None)["weight_decay"])
+            hyper = update.hyper(variable)
             single_threaded = param.device.type == "cpu" and param.numel() < SMALL
-            group_key = (param.device, param.dtype, weight_decay, single_threaded)
+            group_key = (param.device, param.dtype, hyper, single_threaded)
             group = groups.get(group_key)
             if group is None:
-                group = groups[group_key] = _Group(*group_key)
+                group = groups[group_key] = _Group(
+                    param.device,
+                    param.dtype,
+                    hyper,
+                    compute_dtype(variable, slots),
+                    single_threaded,
+                )
             group.indices.append(index)
             group.params.append(param)
             group.exp_avgs.append(tensors[1])
             group.exp_avg_sqs.append(tensors[2])
-            if optimizer.amsgrad:
+            if len(tensors) > 3:
                 group.max_exp_avg_sqs.append(tensors[3])
             bound_variables += [variable, *slots]
             bound_tensors += tensors
@@ -302,9 +346,9 @@ class TorchEngine(Engine):
         self._cached_plan = plan
         return plan
 
-    def _fusable(self, variable: Any, tensors: list) -> bool:
+    def _fusable(self, variable: Any, tensors: list, options: Options) -> bool:
         """Whether `variable` (with its moment tensors) can join a fused call."""
-        if self.fused_dtype_blocker(variable) is not None:
+        if self.variable_blocker(variable, options) is not None:
             return False
         param = tensors[0]
         return all(
@@ -326,32 +370,23 @@ class TorchEngine(Engine):
 
 
 @torch.compiler.disable
-def _fused_update(
-    engine: TorchEngine, grads: list, variables: list, learning_rate: Any
-) -> list[int]:
-    r"""Run the fused groups of one step; return the positions left to Keras's loop.
+def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
+    r"""Run the fused groups of one step; return the positions left to the reference path.
 
     Outside `torch.compile`'s graph: the kernels read their scalars (the
     step, $\epsilon_t$) on the host.
     """
+    grads = update.grads
     if in_stateless_scope() or str(get_device()) == "meta":
         # Values live in the scope (or are symbolic): only `keras.ops` writes there.
         return [i for i, g in enumerate(grads) if g is not None]
-    optimizer = engine.optimizer
-    plan = engine._plan(variables)
+    plan = engine._plan(update)
     if not plan.groups:
         return [i for i in plan.rest if grads[i] is not None]
     # t = iterations + 1, as the kernels see it: a float32 (torch's `state_steps`).
     # (`iterations` counts updates: with gradient accumulation it is a tensor.)
-    t = float(np.float32(int(_tensor(optimizer.iterations)) + 1))
-    beta_1, beta_2 = float(optimizer.beta_1), float(optimizer.beta_2)
-    epsilon = float(optimizer.epsilon)
-    if optimizer.epsilon_mode == "hat":
-        # The kernels add ε after dividing √v by √(1-β2^t), computed as here.
-        epsilon = epsilon / math.sqrt(1.0 - beta_2**t)
-    lr = _tensor(learning_rate)
-    if not isinstance(lr, torch.Tensor):
-        lr = float(lr)
+    t = float(np.float32(int(_tensor(update.iterations)) + 1))
+    learning_rate = float(_tensor(update.learning_rate))
     ready = plan.gradients_ready(grads)
     for group in plan.groups:
         if ready:
@@ -363,27 +398,15 @@ def _fused_update(
         if not group_grads:
             continue
         params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = group.tensors(members)
-        group_lr = lr
-        if isinstance(lr, torch.Tensor) and lr.device != group.device and lr.device.type != "cpu":
-            group_lr = lr.to(group.device)
-        decoupled = optimizer.decoupled_weight_decay and group.weight_decay
-        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        with _one_thread() if group.single_threaded else contextlib.nullcontext():
-            kernel(
-                params,
-                group_grads,
-                exp_avgs,
-                exp_avg_sqs,
-                max_exp_avg_sqs,
-                [engine._step_tensor(group.device, t)] * len(params),
-                lr=group_lr,
-                beta1=beta_1,
-                beta2=beta_2,
-                weight_decay=group.weight_decay,
-                eps=epsilon,
-                amsgrad=optimizer.amsgrad,
-                maximize=optimizer.maximize,
-            )
+        engine.fused(
+            params,
+            group_grads,
+            exp_avgs,
+            exp_avg_sqs,
+            max_exp_avg_sqs,
+            update_rule.host_step_scalars(group.hyper, t, learning_rate, group.compute_dtype),
+            single_threaded=group.single_threaded,
+        )
     if ready:
         return list(plan.rest)
     return [i for i in plan.rest if grads[i] is not None]

@@ -1,0 +1,215 @@
+"""`keras-adam-tune`: the contract's arguments, output files, resume, progress and bad input;
+the command on every Keras backend (a process each)."""
+
+import csv
+import io
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuning import cli
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run_cli(*argv):
+    out = io.StringIO()
+    status = cli.run(list(argv), stream=out)
+    return status, out.getvalue()
+
+
+def test_search_on_a_tabular_dataset_writes_the_contract_files(tmp_path):
+    status, out = run_cli(
+        "--dataset", "wine", "--tuner", "random", "--max-trials", "3", "--epochs", "2",
+        "--directory", str(tmp_path), "--comparison-repeats", "1", "--seed", "0",
+    )  # fmt: skip
+    assert status == 0
+    project = tmp_path / "wine"  # the default project name comes from the dataset
+    best = json.loads((project / "best.json").read_text())
+    assert set(best) >= {"hyperparameters", "optimizer", "objective", "score", "trials", "baseline"}
+    assert best["trials"] == 3 and best["objective"] == "val_loss"
+    assert isinstance(best["baseline"]["score"], float)
+    rows = list(csv.DictReader(open(project / "trials.csv")))
+    assert [r["trial_id"] for r in rows] == ["0", "1", "2"]
+    assert list(rows[0])[:5] == ["trial_id", "status", "learning_rate", "beta_1", "beta_2"]
+    assert (project / "trials.png").stat().st_size > 10_000
+    # A live line per trial, then the table, the best optimizer and the comparison.
+    for n in (1, 2, 3):
+        assert f"trial {n}/3  learning_rate=" in out
+    assert "Best optimizer (val_loss = " in out and "keras_adam.Adam(learning_rate=" in out
+    # The winner is chosen by its last epochs' mean, which every trial line and the result show.
+    assert out.count("(last 5: ") == 3 and "over the last 5 epochs" in out
+    assert best["settled"] == min(float(r["settled"]) for r in rows)
+    assert "Against default Adam" in out and "default" in out
+
+    # Resume: a larger budget runs only the missing trial.
+    status, out = run_cli(
+        "--dataset", "wine", "--tuner", "random", "--max-trials", "4", "--epochs", "2",
+        "--directory", str(tmp_path), "--comparison-repeats", "0", "--no-plot",
+    )  # fmt: skip
+    assert status == 0
+    assert "trial 4/4" in out and "trial 1/4" not in out
+    rows_after = list(csv.DictReader(open(project / "trials.csv")))
+    assert rows_after[:3] == rows
+    assert len(rows_after) == 4
+
+    # --overwrite starts afresh.
+    status, out = run_cli(
+        "--dataset", "wine", "--tuner", "random", "--max-trials", "1", "--epochs", "1",
+        "--directory", str(tmp_path), "--comparison-repeats", "0", "--overwrite", "--no-plot",
+    )  # fmt: skip
+    assert status == 0 and "trial 1/1" in out
+    assert json.loads((project / "best.json").read_text())["trials"] == 1
+
+
+def test_user_model_and_data_and_lr_range_test(tmp_path, monkeypatch):
+    module = tmp_path / "user_code.py"
+    module.write_text(
+        "import keras\n"
+        "from tuning.datasets import load_dataset\n"
+        "def build(hp):\n"
+        "    units = hp.Int('units', 8, 16, step=8)\n"
+        "    return keras.Sequential([keras.Input((13,)), keras.layers.Dense(units,"
+        " activation='relu'), keras.layers.Dense(3)])\n"
+        "def data():\n"
+        "    d = load_dataset('wine')\n"
+        "    return d.x_train, d.y_train, d.x_test, d.y_test\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    status, out = run_cli(
+        "--model", "user_code:build", "--data", "user_code:data", "--tuner", "grid",
+        "--max-trials", "2", "--epochs", "2", "--directory", str(tmp_path),
+        "--comparison-repeats", "0", "--lr-range-test", "--no-plot",
+    )  # fmt: skip
+    assert status == 0
+    assert "LR range test" in out
+    low, high = (float(v) for v in out.split("learning_rate in [")[1].split("]")[0].split(", "))
+    assert 0 < low < high
+    rows = list(csv.DictReader(open(tmp_path / "user_code-data" / "trials.csv")))
+    assert len(rows) == 2
+    assert all(low * 0.999 <= float(r["learning_rate"]) <= high * 1.001 for r in rows)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--dataset", "mnist"], "argument --dataset: invalid choice: 'mnist'"),
+        (["--model", "no_colon"], "argument --model: must be MODULE:FUNCTION, got 'no_colon'"),
+        (["--data", "mod:"], "argument --data: must be MODULE:FUNCTION"),
+        (["--max-trials", "0"], "argument --max-trials: must be a positive integer, got '0'"),
+        (["--max-trials", "-3"], "argument --max-trials: must be a positive integer"),
+        (["--epochs", "two"], "argument --epochs: must be a positive integer, got 'two'"),
+        (["--learning-rate", "1e-2:1e-3"], "argument --learning-rate: low end must be below"),
+        (["--beta-1", "0.9:0.5"], "argument --beta-1: low end must be below"),
+        (["--beta-2", "0.9:1.5"], "Argument `beta_2` must be in [0, 1)"),
+        (["--tuner", "sgd"], "argument --tuner: invalid choice: 'sgd'"),
+        (["--model", "no_such_module_x:build"], "cannot import module 'no_such_module_x'"),
+        (["--model", "json:no_such_function"], "module 'json' has no function 'no_such_function'"),
+        (["--dataset", "wine", "--data", "a:b"], "not allowed with argument --dataset"),
+        (["--objective", "val_thing"], "argument --objective: cannot tell whether to minimize"),
+    ],
+)
+def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_tuner_accepts_every_tuner_and_lists_them_when_refusing(capsys):
+    from tuning.tuners import TUNERS
+
+    parse = cli.build_parser().parse_args
+    for name in TUNERS:
+        assert parse(["--tuner", name]).tuner == name
+    with pytest.raises(SystemExit):
+        parse(["--tuner", "annealing"])
+    listed = re.search(r"choose from (.*?)\)", capsys.readouterr().err).group(1)
+    assert sorted(re.findall(r"\w+", listed)) == sorted(TUNERS)
+
+
+def test_console_script_and_module_are_the_same_command():
+    script = Path(sys.executable).parent / "keras-adam-tune"
+    assert script.exists(), "the console script is installed with the package"
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    via_script = subprocess.run(
+        [str(script), "--max-trials", "0"], capture_output=True, text=True, env=env, timeout=120
+    )
+    via_module = subprocess.run(
+        [sys.executable, "-m", "tuning", "--max-trials", "0"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+        cwd=ROOT,
+    )
+    for result in (via_script, via_module):
+        assert result.returncode == 2
+        assert result.stderr.strip().splitlines() == [
+            "keras-adam-tune: error: argument --max-trials: must be a positive integer, got '0'"
+        ]
+    helps = [
+        subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=120, cwd=ROOT).stdout
+        for cmd in ([str(script), "--help"], [sys.executable, "-m", "tuning", "--help"])
+    ]
+    assert helps[0] == helps[1]
+    contract = "--dataset --model --data --tuner --max-trials --epochs --seed --directory"
+    for option in (*contract.split(), "--project", "--overwrite", "--lr-range-test"):
+        assert option in helps[0]
+
+
+def test_seed_seeds_the_search_and_split_seed_the_split():
+    parse = cli.build_parser().parse_args
+    split = [cli._load_data(parse(["--dataset", "wine", *extra])) for extra in (
+        ["--seed", "1"], ["--seed", "2"], ["--split-seed", "1"],
+    )]  # fmt: skip
+    assert (split[0][0] == split[1][0]).all()  # two search seeds, one split
+    assert not (split[0][0] == split[2][0]).all()
+
+
+def test_python_and_the_command_line_share_the_epochs_default():
+    import inspect
+
+    import tuning
+
+    defaults = inspect.signature(tuning.search).parameters
+    assert defaults["epochs"].default == cli.build_parser().parse_args([]).epochs
+    assert defaults["max_trials"].default == cli.DEFAULT_MAX_TRIALS
+
+
+def test_another_search_in_the_same_project_exits_2_naming_what_changed(tmp_path, capsys):
+    argv = ["--dataset", "wine", "--tuner", "random", "--max-trials", "1",
+            "--directory", str(tmp_path), "--comparison-repeats", "0", "--no-plot"]  # fmt: skip
+    assert run_cli(*argv, "--epochs", "1")[0] == 0
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*argv, "--epochs", "2")
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "changed: epochs" in err and "--overwrite" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
+def test_cli_tunes_bundled_data_on_every_backend(tmp_path, backend):
+    """`keras-adam-tune` in a process of its own under each Keras backend."""
+    command = [
+        sys.executable, "-m", "tuning", "--dataset", "digits", "--tuner", "hyperband",
+        "--max-trials", "3", "--epochs", "2", "--comparison-repeats", "1",
+        "--directory", str(tmp_path), "--no-plot",
+    ]  # fmt: skip
+    env = {**os.environ, "KERAS_BACKEND": backend}
+    result = subprocess.run(
+        command, capture_output=True, text=True, env=env, timeout=900, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Best optimizer" in result.stdout
+    best = json.loads((tmp_path / "digits" / "best.json").read_text())
+    assert best["completed"] >= 2
+    assert math.isfinite(best["score"]), best
