@@ -102,10 +102,16 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """Start the other backends' runs first, longest first (the order of their
-    parametrization): the pytest-xdist workers share the rest of the suite
-    around them."""
-    items.sort(key=lambda item: item.path.name != "test_other_backends.py")
+    """Start the other backends' runs first, longest first (see
+    test_other_backends.py), then the tests marked `slow`: with tests handed
+    out one by one, the pytest-xdist workers then share the rest of the suite
+    around them and finish together."""
+    items.sort(
+        key=lambda item: (
+            item.path.name != "test_other_backends.py",
+            item.get_closest_marker("slow") is None,
+        )
+    )
 
 
 @pytest.fixture(autouse=True)

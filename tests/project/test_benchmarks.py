@@ -7,6 +7,7 @@ that the harness measures what it says and writes what it promises.
 import json
 
 import numpy as np
+import pytest
 
 from benchmarks import report, run
 from benchmarks.floor import Floor
@@ -96,6 +97,7 @@ def test_fit_mode_models_build_and_take_their_data():
         assert has_embedding == case.embeddings
 
 
+@pytest.mark.slow
 def test_tuning_search_benchmark_reports_edges_overhead_and_verdict(tmp_path):
     from benchmarks import tuning_search
 

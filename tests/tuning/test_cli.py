@@ -196,6 +196,7 @@ def test_another_search_in_the_same_project_exits_2_naming_what_changed(tmp_path
     assert "changed: epochs" in err and "--overwrite" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["tensorflow", "jax", "torch"])
 def test_cli_tunes_bundled_data_on_every_backend(tmp_path, backend):
     """`keras-adam-tune` in a process of its own under each Keras backend."""
