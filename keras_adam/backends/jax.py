@@ -104,7 +104,7 @@ class JaxEngine(Engine):
     """The JAX engine: `keras.ops` compiled by XLA, eagerly too (see the module docstring)."""
 
     def __init__(self) -> None:
-        # Compiled eager steps, by what their trace depends on (`_compiled_step`).
+        # Compiled eager steps, by what their trace depends on (`_run`).
         self._compiled: dict[tuple, Callable] = {}
 
     def fused_blockers(self, options: Any) -> list[str]:
