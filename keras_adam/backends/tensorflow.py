@@ -225,11 +225,12 @@ class TensorFlowEngine(Engine):
                 continue
             if isinstance(grad, tf.IndexedSlices) and not update.options.lazy_sparse:
                 grad = tf.convert_to_tensor(grad)
-            if isinstance(grad, tf.IndexedSlices) or not self._fused(variable, update):
+            slots = update.slots(variable)
+            if isinstance(grad, tf.IndexedSlices) or not self._fused(variable, slots, update):
                 self.update_one(grad, variable, update, scalars)
                 continue
             var = _tensor(variable)
-            m, v, _ = moments([_tensor(x) for x in update.slots(variable)])
+            m, v, _ = moments([_tensor(x) for x in slots])
             hyper = update.hyper(variable)
             group = groups.setdefault((var.dtype, var.device, hyper), ([], [], [], [], []))
             for members, x in zip(group, (var, grad, m, v, None), strict=True):
@@ -284,7 +285,7 @@ class TensorFlowEngine(Engine):
         slots = update.slots(variable)
         m, v, v_hat = moments(slots)
         dtype, hyper = compute_dtype(variable, slots), update.hyper(variable)
-        fused = self._fused(variable, update)
+        fused = self._fused(variable, slots, update)
         step = scalars(dtype, hyper) if fused else scalars.fresh(dtype, hyper)
         params = [variable if param is None else param]
         if isinstance(grad, tf.IndexedSlices):
@@ -296,13 +297,15 @@ class TensorFlowEngine(Engine):
         path = self.multi_tensor if fused else self.reference
         path(params, [grad], [m], [v], [v_hat], step)
 
-    def _fused(self, variable: Any, update: Update) -> bool:
-        """Whether `variable` takes our kernels (options, dtypes, device, XLA)."""
+    def _fused(self, variable: Any, slots: list, update: Update) -> bool:
+        """Whether `variable` (with its moments `slots`) takes our kernels.
+
+        That is: the options, its dtypes, its device, and not under XLA.
+        """
         options = update.options
         if not self.fuses(options) or self.variable_blocker(variable, options) is not None:
             return False
-        slots = [_tensor(x) for x in update.slots(variable)]
-        return _kernel_module(_tensor(variable), *slots) is not None
+        return _kernel_module(_tensor(variable), *map(_tensor, slots)) is not None
 
     def assign(self, variable: Any, value: Any) -> None:
         """Keras's TensorFlow `assign`: cast, then assign or scatter rows."""
