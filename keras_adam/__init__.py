@@ -5,7 +5,8 @@ The optimizer is `keras_adam.Adam`; the math of one step is in
 """
 
 from keras_adam.adam import Adam
+from keras_adam.state import transfer_state
 
 __version__ = "0.1.0"
 
-__all__ = ["Adam", "__version__"]
+__all__ = ["Adam", "__version__", "transfer_state"]

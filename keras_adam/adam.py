@@ -9,6 +9,7 @@ backend's engine (`keras_adam.backends`), which runs the math of
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from typing import Any
 
@@ -16,11 +17,12 @@ import keras
 import numpy as np
 from keras import ops
 
-from keras_adam import backends, update_rule, validation
+from keras_adam import backends, quantization, state, update_rule, validation
 from keras_adam.backends.engine import KerasApply, Options, Update
+from keras_adam.quantization import QuantizedMoment
 
 #: Accepted values of `moment_dtype`.
-MOMENT_DTYPES = (None, "float32", "float64", "bfloat16", "float16")
+MOMENT_DTYPES = (None, "float32", "float64", "bfloat16", "float16", "int8", "int4")
 
 #: Types of the optimizer attributes that a compiled step bakes in.
 _STATIC_TYPES = (bool, int, float, str, type(None), re.Pattern)
@@ -106,7 +108,10 @@ class Adam(keras.optimizers.Optimizer):
             `torch.optim.SparseAdam`. Other backends have no row gradients
             and accept it unchanged.
         moment_dtype: dtype of $m$ and $v$: None (the variable's, as Keras),
-            "float32", "float64", "bfloat16" or "float16".
+            "float32", "float64", "bfloat16" or "float16"; or "int8" / "int4"
+            for block-wise quantized moments, about 2 or 1 bytes of state
+            per value instead of 8 (variables under 4096 values keep float32
+            moments). See the [memory page](../memory.md).
         fused: None: each backend's fused path wherever it applies; True:
             demand it (`ValueError` where options or a variable rule it
             out); False: the `keras.ops` reference path, bit-identical to
@@ -183,6 +188,13 @@ class Adam(keras.optimizers.Optimizer):
         if fused is not None:
             fused = validation.boolean("fused", fused)
         skip_nonfinite = validation.boolean("skip_nonfinite", skip_nonfinite)
+        if quantization.is_quantized(moment_dtype) and lazy_sparse:
+            raise ValueError(
+                "Arguments `lazy_sparse=True` and `moment_dtype` "
+                f"{moment_dtype!r} cannot be combined: a row of a quantized moment "
+                "shares its block scale with other rows, so rows cannot be updated "
+                f"alone. Received: lazy_sparse={lazy_sparse!r}, moment_dtype={moment_dtype!r}"
+            )
         if rectify and amsgrad:
             raise ValueError(
                 "Arguments `rectify` and `amsgrad` cannot both be True: RAdam has no "
@@ -218,6 +230,14 @@ class Adam(keras.optimizers.Optimizer):
         self._skipped_steps: keras.Variable | None = None
         # How steps run on this backend (`keras_adam.backends`).
         self._engine = backends.engine()
+        if fused and quantization.is_quantized(moment_dtype):
+            raise ValueError(
+                f"Arguments `fused=True` and `moment_dtype={moment_dtype!r}` cannot be "
+                "combined: quantized moments take the `keras.ops` path (compiled by "
+                "XLA, tf.function or jax.jit where the step is). Use fused=None: "
+                "variables with float moments still take the fused path. "
+                f"Received: fused={fused!r}, moment_dtype={moment_dtype!r}"
+            )
         if fused:
             blockers = self._engine.fused_blockers(self._options())
             if blockers:
@@ -229,7 +249,8 @@ class Adam(keras.optimizers.Optimizer):
         self._constructor_exclusions = exclusions
         self._method_exclusions: tuple[str, ...] = ()
         self._exclusion_regex = _compile(exclusions)
-        # State loaded before `build`, restored by `build` (a tuple: not tracked).
+        # State loaded before `build` (arrays, layout), restored by `build`
+        # (a tuple: not tracked).
         self._pending_state: tuple | None = None
 
     # -- learning rate -----------------------------------------------------
@@ -278,11 +299,21 @@ class Adam(keras.optimizers.Optimizer):
         pending, self._pending_state = self._pending_state, None
         if pending is not None:
             # `fit` may build inside a traced function: restore eagerly, once.
+            arrays, record = pending
+            store: dict[str, Any] = {str(i): value for i, value in enumerate(arrays)}
+            if record is not None:
+                store[state.LAYOUT_KEY] = state.encode_layout(record)
             with self._engine.restore_scope():
-                self.load_own_variables({str(i): value for i, value in enumerate(pending)})
+                self.load_own_variables(store)
 
     def _add_moments(self, var_list: list, names: list[str]) -> tuple[list, ...]:
-        """Slot variables named and ordered as Keras's, of `moment_dtype`."""
+        """Slot variables named and ordered as Keras's, of `moment_dtype`.
+
+        Quantized moments (`moment_dtype` "int8" or "int4") are
+        `QuantizedMoment`s of two variables each, `<name>_codes` and
+        `<name>_scales`; only variables of at least
+        `quantization.MIN_QUANTIZED_SIZE` values get them.
+        """
         if self.moment_dtype is None:
             return tuple(self.add_optimizer_variables(var_list, names))
         slots: tuple[list, ...] = tuple([] for _ in names)
@@ -294,9 +325,10 @@ class Adam(keras.optimizers.Optimizer):
                     slot_list.append(self._add_moment(variable, name))
         return slots
 
-    def _add_moment(self, reference: Any, name: str) -> keras.Variable:
+    def _add_moment(self, reference: Any, name: str) -> keras.Variable | QuantizedMoment:
         # Keras's own naming ("dense_kernel_momentum") and, under
         # tf.distribute, colocation with the model variable.
+        signed = name == "momentum"  # m is signed; v and v̂ are not
         name = f"{reference.path.replace('/', '_')}_{name}"
         strategy = getattr(self, "_distribution_strategy", None)
         scope = (
@@ -304,13 +336,22 @@ class Adam(keras.optimizers.Optimizer):
             if strategy
             else contextlib.nullcontext()
         )
+        storage = quantization.storage(self.moment_dtype, reference)
         with scope:
-            return self.add_variable(
-                shape=reference.shape,
-                dtype=self.moment_dtype,
-                name=name,
-                layout=getattr(reference, "_layout", None),
-            )
+            if storage not in quantization.QUANTIZED_DTYPES:
+                return self.add_variable(
+                    shape=reference.shape,
+                    dtype=storage,
+                    name=name,
+                    layout=getattr(reference, "_layout", None),
+                )
+            m_format, v_format = quantization.formats(storage)
+            fmt = m_format if signed else v_format
+            code_bytes, blocks = fmt.stored_bytes(math.prod(reference.shape))
+            # All-zero codes and scales decode to zeros: Adam's initial state.
+            codes = self.add_variable(shape=(code_bytes,), dtype="uint8", name=f"{name}_codes")
+            scales = self.add_variable(shape=(blocks,), dtype="float32", name=f"{name}_scales")
+        return QuantizedMoment(codes, scales, tuple(reference.shape), fmt)
 
     def _base_variable_count(self) -> int:
         """How many variables exist before `build`.
@@ -335,28 +376,44 @@ class Adam(keras.optimizers.Optimizer):
         moments when their variables exist. `keras.optimizers.Adam` instead
         skips it with a warning, restarting Adam from zero moments and step 1.
 
+        Quantized state (`moment_dtype` "int8" or "int4") loads only into an
+        optimizer of the same `moment_dtype`, for a model whose variables
+        have the saved names and shapes; float state never loads into a
+        quantized optimizer, nor the reverse (`keras_adam.transfer_state`
+        converts between them).
+
         Args:
-            store: A mapping from "0", "1", ... to arrays.
+            store: A mapping from "0", "1", ... to arrays (and, for quantized
+                state, `keras_adam.state.LAYOUT_KEY` to its layout).
 
         Raises:
-            ValueError: if the number of saved arrays or any shape does not
-                fit this optimizer's variables (for deferred state, raised by
-                `build`).
+            ValueError: if the number of saved arrays, any shape, or the
+                quantized layout does not fit this optimizer's variables (for
+                deferred state, raised by `build`).
         """
         own = self.variables
-        saved = [np.array(store[str(i)]) for i in range(len(store.keys()))]
+        saved = state.saved_arrays(store)
+        record = state.decode_layout(store)
         base = self._base_variable_count()
         if not self.built and len(saved) > base:
             self._check_shapes(own, saved[:base])
             for variable, value in zip(own, saved[:base], strict=True):
                 variable.assign(value)
-            self._pending_state = tuple(saved)
+            self._pending_state = (tuple(saved), record)
             return
+        if len(saved) == base and self.built and record is None:
+            # State saved before the saving optimizer was built: zero moments.
+            self._check_shapes(own, saved)
+            for variable, value in zip(own, saved, strict=False):
+                variable.assign(value)
+            for variable in own[len(saved) :]:
+                variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
+            return
+        state.check_layout(self, record, saved)
         if len(saved) != len(own):
-            unbuilt_state = len(saved) == base and self.built
             # Keras's state (or ours without skip_nonfinite): no skip counter.
             without_counter = self.skip_nonfinite and self.built and len(saved) == len(own) - 1
-            if not (unbuilt_state or without_counter):
+            if not without_counter:
                 raise ValueError(
                     f"Cannot load optimizer state into '{self.name}': the saved state "
                     f"has {len(saved)} variables but this optimizer has {len(own)}. "
@@ -380,12 +437,21 @@ class Adam(keras.optimizers.Optimizer):
                 )
 
     def save_own_variables(self, store: Any) -> None:
-        """Save the optimizer's variables; deferred state not yet restored is saved as is."""
+        """Save the optimizer's variables; deferred state not yet restored is saved as is.
+
+        Quantized state also saves its layout (`keras_adam.state`): names,
+        shapes and format, checked by `load_own_variables`.
+        """
         if not self.built and self._pending_state is not None:
-            for i, value in enumerate(self._pending_state):
+            arrays, record = self._pending_state
+            for i, value in enumerate(arrays):
                 store[str(i)] = value
+            if record is not None:
+                store[state.LAYOUT_KEY] = state.encode_layout(record)
             return
         super().save_own_variables(store)
+        if quantization.is_quantized(self.moment_dtype) and self.built:
+            store[state.LAYOUT_KEY] = state.encode_layout(state.layout(self))
 
     def set_weights(self, weights: list) -> None:
         """Set all optimizer variables from a list of arrays.
@@ -400,6 +466,18 @@ class Adam(keras.optimizers.Optimizer):
                 f"optimizer has {len(self.variables)} variables."
             )
         super().set_weights(weights)
+
+    def read_moments(self, variable: Any) -> dict[str, np.ndarray]:
+        """The moments of one model variable as NumPy arrays, quantized ones decoded.
+
+        Args:
+            variable: A model variable this optimizer updates.
+
+        Returns:
+            "momentum" and "velocity" (and "velocity_hat" with AMSGrad),
+            arrays of the variable's shape.
+        """
+        return state.read_moments(self, variable)
 
     # -- the step ------------------------------------------------------------
 

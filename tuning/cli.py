@@ -135,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--lr-range-test", action="store_true", help="narrow the learning-rate range first"
     )
     budget.add_argument(
+        "--moment-dtype",
+        choices=("float32", "bfloat16", "int8", "int4"),
+        default=None,
+        help="Adam's state in every trial, as keras_adam.Adam(moment_dtype=...): "
+        "search with the state you will train with (default: the weights' dtype)",
+    )
+    budget.add_argument(
         "--comparison-repeats",
         type=non_negative_int,
         default=3,
@@ -348,6 +355,7 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
         project=project,
         overwrite=args.overwrite,
         comparison_repeats=args.comparison_repeats,
+        optimizer_options=_optimizer_options(args),
         worker_timeout=args.worker_timeout,
         on_trial_begin=progress.begin,
         on_trial_end=progress.end,
@@ -356,7 +364,7 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
         print(f"worker {os.environ.get('KERASTUNER_TUNER_ID')}: no trials left", file=stream)
         return 0
     paths = result.write(plot=not args.no_plot)
-    _print_result(result, paths, role, stream)
+    _print_result(result, paths, role, stream, _optimizer_options(args))
     return 0
 
 
@@ -407,22 +415,32 @@ def _range_test(build_model: Callable, x: Any, y: Any, args: Any, stream: Any) -
     return bounds
 
 
-def _print_result(result: Any, paths: dict, role: str, stream: Any) -> None:
+def _optimizer_options(args: argparse.Namespace) -> dict:
+    """The `keras_adam.Adam` arguments fixed in every trial by the command line."""
+    return {} if args.moment_dtype is None else {"moment_dtype": args.moment_dtype}
+
+
+def _print_result(
+    result: Any, paths: dict, role: str, stream: Any, options: dict | None = None
+) -> None:
     from tuning.records import SETTLED_EPOCHS
 
     print("\n" + result.table(), file=stream)
+    fixed = "".join(f", {k}={v!r}" for k, v in (options or {}).items())
     values = ", ".join(
         f"{k}={v!r}" for k, v in result.best_hyperparameters.items() if v is not None
     )
+    values += fixed
     scores = f"{result.objective} = {result.score:.4f}"
     if result.settled is not None:
         scores += f", {result.settled:.4f} over the last {SETTLED_EPOCHS} epochs"
     print(f"\nBest optimizer ({scores}):\n  keras_adam.Adam({values})", file=stream)
     if result.comparison is not None:
-        print("\nAgainst default Adam (keras_adam.Adam()):", file=stream)
+        default = f"keras_adam.Adam({fixed[2:]})"
+        print(f"\nAgainst default Adam ({default}):", file=stream)
         print(result.comparison.summary(), file=stream)
         if not result.comparison.tuned_is_better:
-            print("Use keras_adam.Adam() with its defaults for this problem.", file=stream)
+            print(f"Use {default} with its defaults for this problem.", file=stream)
     print("\nWrote " + ", ".join(paths.values()), file=stream, flush=True)
 
 

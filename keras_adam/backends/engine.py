@@ -32,7 +32,8 @@ from typing import Any
 import keras
 from keras import backend, ops
 
-from keras_adam import update_rule
+from keras_adam import quantization, update_rule
+from keras_adam.quantization import QuantizedMoment
 from keras_adam.update_rule import Hyperparameters, StepScalars
 
 
@@ -45,7 +46,8 @@ class Options:
             optimizer's λ; a variable excluded from it gets 0).
         fused: None (the fused path where it applies), True (demanded) or
             False (the reference path only).
-        moment_dtype: dtype of the moments, or None for the variable's.
+        moment_dtype: dtype of the moments, or None for the variable's;
+            "int8" or "int4" for quantized moments (`moment_storage`).
         lazy_sparse: Update only the rows a sparse gradient touches.
     """
 
@@ -53,6 +55,10 @@ class Options:
     fused: bool | None = None
     moment_dtype: str | None = None
     lazy_sparse: bool = False
+
+    def moment_storage(self, variable: Any) -> str | None:
+        """How the moments of `variable` are stored (`quantization.storage`)."""
+        return quantization.storage(self.moment_dtype, variable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,10 +324,15 @@ class Engine:
             vs: Their second moments.
             v_hats: Their running maxima of `v` (None entries without AMSGrad).
             scalars: The step's scalars, in the compute dtype.
+
+        Quantized moments (`QuantizedMoment`) are decoded, stepped in the
+        compute dtype and encoded again.
         """
         dtype = scalars.dtype
 
         def read(x: Any) -> Any:
+            if isinstance(x, QuantizedMoment):
+                x = x.value
             return None if x is None else ops.cast(x, dtype)
 
         for param, grad, m, v, v_hat in zip(params, grads, ms, vs, v_hats, strict=True):

@@ -35,7 +35,7 @@ import tensorflow as tf
 from keras import ops
 from tensorflow.python.ops import control_flow_util  # is this graph compiled by XLA?
 
-from keras_adam import kernels, update_rule
+from keras_adam import kernels, quantization, update_rule
 from keras_adam.backends.engine import (
     Engine,
     KerasApply,
@@ -45,6 +45,7 @@ from keras_adam.backends.engine import (
     compute_dtype,
     moments,
 )
+from keras_adam.quantization import QuantizedMoment
 from keras_adam.update_rule import StepScalars
 
 
@@ -154,7 +155,10 @@ class TensorFlowEngine(Engine):
                 f"its dtype is {dtype}; the kernels compute in the variable's dtype, "
                 "so only float32 and float64 are fused"
             )
-        if options.moment_dtype not in (None, dtype):
+        storage = options.moment_storage(variable)
+        if storage in quantization.QUANTIZED_DTYPES:
+            return f"its moments are quantized (moment_dtype={storage!r})"
+        if storage not in (None, dtype):
             return f"moment_dtype={options.moment_dtype!r} differs from its dtype {dtype}"
         return None
 
@@ -294,8 +298,26 @@ class TensorFlowEngine(Engine):
                 path(params, [grad], [m], [v], [v_hat], step)
                 return
             grad = tf.convert_to_tensor(grad)
-        path = self.multi_tensor if fused else self.reference
+        if not fused and self._quantized_kernel(variable, slots, update):
+            path, step = self.quantized, scalars(dtype, hyper)
+        else:
+            path = self.multi_tensor if fused else self.reference
         path(params, [grad], [m], [v], [v_hat], step)
+
+    def _quantized_kernel(self, variable: Any, slots: list, update: Update) -> bool:
+        """Whether `variable`, with quantized moments `slots`, takes `quantized`.
+
+        That is: float32, not `fused=False` nor RAdam, on CPU, not under XLA
+        (which fuses the reference path instead), and the library loaded.
+        """
+        options = update.options
+        return (
+            isinstance(slots[0], QuantizedMoment)
+            and options.fused is not False
+            and not options.hyper.rectify
+            and keras.backend.standardize_dtype(variable.dtype) == "float32"
+            and _kernel_module(_tensor(variable)) is not None
+        )
 
     def _fused(self, variable: Any, slots: list, update: Update) -> bool:
         """Whether `variable` (with its moments `slots`) takes our kernels.
@@ -343,6 +365,66 @@ class TensorFlowEngine(Engine):
             grad=gradients,
             **_kernel_scalars(scalars),
         )
+
+    def quantized(
+        self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars
+    ) -> None:
+        """Quantized moments in `KerasAdamQuantizedAdam` ops, one per variable.
+
+        Each op decodes, steps (every option but RAdam) and encodes one pass
+        per block and returns the new variable, codes and scales, which are
+        assigned.
+        """
+        hyper = scalars.hyper
+        decay = bool(hyper.weight_decay)
+        step_scalars = tf.stack(
+            [
+                tf.cast(x, tf.float32)
+                for x in (
+                    scalars.alpha,
+                    scalars.one_minus_beta_1,
+                    scalars.one_minus_beta_2,
+                    hyper.epsilon,
+                    hyper.weight_decay,
+                    scalars.learning_rate,
+                    scalars.bias_correction_2_sqrt,
+                )
+            ]
+        )
+        for param, grad, m, v, v_hat in zip(params, grads, ms, vs, v_hats, strict=True):
+            m_lookup, v_lookup = m.fmt.lookup, v.fmt.lookup
+            moments = [m, v, v_hat] if v_hat is not None else [m, v]
+            stored = []
+            for moment in moments:
+                stored += [moment.codes.value, moment.scales.value]
+            if v_hat is None:
+                stored += [tf.zeros([0], tf.uint8), tf.zeros([0], tf.float32)]
+            outputs = kernels.load().keras_adam_quantized_adam(
+                tf.convert_to_tensor(_tensor(param)),
+                tf.cast(grad, tf.float32),
+                *stored,
+                m_lookup["table"],
+                m_lookup["magnitude_mid"],
+                m_lookup["lut"],
+                v_lookup["table"],
+                v_lookup["magnitude_mid"],
+                v_lookup["lut"],
+                step_scalars,
+                bits=m.fmt.bits,
+                block=m.fmt.block_size,
+                m_zero=m_lookup["zero"],
+                lut_shift=m_lookup["lut_shift"],
+                lut_base=m_lookup["lut_base"],
+                maximize=hyper.maximize,
+                l2=decay and not hyper.decoupled_weight_decay,
+                decoupled=decay and hyper.decoupled_weight_decay,
+                amsgrad=v_hat is not None,
+                paper=hyper.epsilon_mode == "paper",
+            )
+            self.assign(param, outputs[0])
+            for k, moment in enumerate(moments):
+                moment.codes.assign(outputs[1 + 2 * k])
+                moment.scales.assign(outputs[2 + 2 * k])
 
     def sparse_rows(
         self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars

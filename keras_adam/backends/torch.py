@@ -56,7 +56,7 @@ import torch
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.torch.core import get_device
 
-from keras_adam import update_rule
+from keras_adam import quantization, update_rule
 from keras_adam.backends.engine import (
     Engine,
     KerasApply,
@@ -65,6 +65,8 @@ from keras_adam.backends.engine import (
     Update,
     compute_dtype,
 )
+from keras_adam.kernels import quantized as quantized_kernel
+from keras_adam.quantization import QuantizedMoment
 from keras_adam.update_rule import Hyperparameters, StepScalars
 
 #: Variable dtypes the fused kernels take (they compute in the variable's dtype).
@@ -74,6 +76,9 @@ FUSED_DTYPES = ("float32", "float64")
 #: all threads (grain size 0): an OpenMP region per tensor, whose start and
 #: barrier cost more than a small tensor's update.
 SMALL = 32768
+#: Quantized steps of fewer values run on one thread (a thread's start costs
+#: about as much as stepping this many values).
+QUANTIZED_THREADED = 1 << 16
 
 
 def _fused_device_types() -> tuple[str, ...]:
@@ -206,7 +211,10 @@ class TorchEngine(Engine):
                 "which torch's fused kernels (same dtype for weights and moments) "
                 "cannot, so only float32 and float64 are fused"
             )
-        if options.moment_dtype not in (None, dtype):
+        storage = options.moment_storage(variable)
+        if storage in quantization.QUANTIZED_DTYPES:
+            return f"its moments are quantized (moment_dtype={storage!r})"
+        if storage not in (None, dtype):
             return (
                 f"moment_dtype={options.moment_dtype!r} differs from its dtype {dtype} "
                 "(torch's fused kernels take one dtype per call)"
@@ -306,12 +314,15 @@ class TorchEngine(Engine):
         dtypes, devices = [], []
         bound_variables, bound_tensors = [], []
         for index, variable in enumerate(variables):
-            slots = update.slots(variable)
-            tensors = [_tensor(x) for x in (variable, *slots)]
-            param = tensors[0]
+            param = _tensor(variable)
             dtypes.append(getattr(param, "dtype", None))
             devices.append(getattr(param, "device", None))
-            if not self._fusable(variable, tensors, update.options):
+            if self.variable_blocker(variable, update.options) is not None:
+                rest.append(index)
+                continue
+            slots = update.slots(variable)
+            tensors = [param, *(_tensor(x) for x in slots)]
+            if not self._fusable(tensors):
                 rest.append(index)
                 continue
             hyper = update.hyper(variable)
@@ -346,10 +357,8 @@ class TorchEngine(Engine):
         self._cached_plan = plan
         return plan
 
-    def _fusable(self, variable: Any, tensors: list, options: Options) -> bool:
-        """Whether `variable` (with its moment tensors) can join a fused call."""
-        if self.variable_blocker(variable, options) is not None:
-            return False
+    def _fusable(self, tensors: list) -> bool:
+        """Whether a variable's tensors (it, then its moments) can join a fused call."""
         param = tensors[0]
         return all(
             isinstance(t, torch.Tensor)
@@ -381,7 +390,7 @@ def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
         # Values live in the scope (or are symbolic): only `keras.ops` writes there.
         return [i for i, g in enumerate(grads) if g is not None]
     plan = engine._plan(update)
-    if not plan.groups:
+    if not plan.groups and not quantization.is_quantized(update.options.moment_dtype):
         return [i for i in plan.rest if grads[i] is not None]
     # t = iterations + 1, as the kernels see it: a float32 (torch's `state_steps`).
     # (`iterations` counts updates: with gradient accumulation it is a tensor.)
@@ -407,9 +416,84 @@ def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
             update_rule.host_step_scalars(group.hyper, t, learning_rate, group.compute_dtype),
             single_threaded=group.single_threaded,
         )
-    if ready:
-        return list(plan.rest)
-    return [i for i in plan.rest if grads[i] is not None]
+    rest = list(plan.rest) if ready else [i for i in plan.rest if grads[i] is not None]
+    return _quantized_step(update, rest, t, learning_rate)
+
+
+def _quantized_step(
+    update: Update, indices: list[int], t: float, learning_rate: float
+) -> list[int]:
+    r"""Run the quantized kernel on the variables at `indices` it takes; return the others.
+
+    It takes a float32 CPU variable with quantized moments and a dense
+    gradient (`kernels.quantized`: decode, float32 Adam, encode, one pass
+    per block), grouped by hyperparameters; without its library, the
+    reference path does the step.
+    """
+    options = update.options
+    if not quantization.is_quantized(options.moment_dtype) or not indices:
+        return indices
+    kernel = quantized_kernel.load()
+    if kernel is None:
+        return indices
+    groups: dict[Hyperparameters, tuple[dict, list]] = {}
+    rest = []
+    for i in indices:
+        variable, grad = update.variables[i], update.grads[i]
+        slots = update.slots(variable)
+        param = _tensor(variable)
+        if not (
+            isinstance(slots[0], QuantizedMoment)
+            and isinstance(param, torch.Tensor)
+            and param.dtype == torch.float32
+            and param.device.type == "cpu"
+            and param.is_contiguous()
+        ):
+            rest.append(i)
+            continue
+        grad = _dense(grad, param.dtype, param.device)
+        pointers, sizes = groups.setdefault(update.hyper(variable), ({}, []))
+        names = [
+            "var",
+            "grad",
+            "m_codes",
+            "m_scales",
+            "v_codes",
+            "v_scales",
+            "vh_codes",
+            "vh_scales",
+        ]
+        storage = [param, grad]
+        for slot in slots:
+            storage += [_tensor(slot.codes), _tensor(slot.scales)]
+        for name, tensor in zip(names, storage, strict=False):
+            pointers.setdefault(name, []).append(tensor.data_ptr())
+        sizes.append(param.numel())
+        pointers.setdefault("_keep", []).append(grad)  # alive until the call
+    for hyper, (pointers, sizes) in groups.items():
+        pointers.pop("_keep")
+        scalars = update_rule.host_step_scalars(hyper, t, learning_rate, "float32")
+        kernel.step(
+            pointers,
+            sizes,
+            quantization.formats(options.moment_dtype),
+            {
+                "alpha": scalars.alpha,
+                "one_minus_beta1": scalars.one_minus_beta_1,
+                "one_minus_beta2": scalars.one_minus_beta_2,
+                "epsilon": hyper.epsilon,
+                "weight_decay": hyper.weight_decay,
+                "learning_rate": scalars.learning_rate,
+                "bias_correction_2_sqrt": scalars.bias_correction_2_sqrt,
+                "maximize": hyper.maximize,
+                "l2": bool(hyper.weight_decay) and not hyper.decoupled_weight_decay,
+                "decoupled": bool(hyper.weight_decay) and hyper.decoupled_weight_decay,
+                "amsgrad": hyper.amsgrad,
+                "paper": hyper.epsilon_mode == "paper",
+            },
+            threads=torch.get_num_threads() if sum(sizes) >= QUANTIZED_THREADED else 1,
+        )
+    return rest
 
 
 @contextlib.contextmanager
@@ -432,15 +516,23 @@ def _one_thread() -> Any:
 
 
 def _kernel_gradient(gradient: Any, group: _Group) -> torch.Tensor:
-    """`gradient` as the kernels read it: dense, contiguous, the group's dtype and device.
+    """`gradient` as the kernels read it: dense, contiguous, the group's dtype and device."""
+    return _dense(gradient, group.dtype, group.device)
 
-    The kernels read a raw pointer, so a non-contiguous gradient is copied.
+
+def _dense(gradient: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """`gradient` as a dense, contiguous tensor of `dtype` on `device`.
+
+    The kernels read a raw pointer, so a non-contiguous gradient is copied;
+    a NumPy array is converted.
     """
     gradient = _tensor(gradient)
+    if not isinstance(gradient, torch.Tensor):
+        gradient = torch.as_tensor(gradient)
     if gradient.layout != torch.strided:
         gradient = gradient.to_dense()
-    if gradient.dtype != group.dtype or gradient.device != group.device:
-        gradient = gradient.to(device=group.device, dtype=group.dtype)
+    if gradient.dtype != dtype or gradient.device != device:
+        gradient = gradient.to(device=device, dtype=dtype)
     return gradient.contiguous()
 
 

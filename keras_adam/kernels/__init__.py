@@ -1,12 +1,16 @@
-"""The Adam kernels: two TensorFlow CPU ops in one library built at first use.
+"""The Adam kernels: three TensorFlow CPU ops in one library built at first use.
 
 - `KerasAdamMultiTensorApplyAdam` (`multi_tensor_adam.cc`): the dense fused
   step of all float32 (or float64) variables of a step in one call.
 - `KerasAdamSparseApplyAdam` (`sparse_rows_adam.cc`): the lazy sparse step
   (`Adam(lazy_sparse=True)`) of one variable, on the rows a `tf.IndexedSlices`
   gradient touches only, repeated indices summed first.
+- `KerasAdamQuantizedAdam` (`quantized_adam.cc`): the step of one variable
+  with quantized moments (`moment_dtype="int8"` or `"int4"`), one pass per
+  block: `quantized_adam.h`, which `quantized_adam_c.cc` also builds, without
+  TensorFlow, into a library for ctypes (`quantized`, the torch engine's).
 
-Both include `adam_step.h`, the elementwise step they share: Keras's
+The first two include `adam_step.h`, the elementwise step they share: Keras's
 arithmetic, with the scalars (1 − β1, 1 − β2 and the bias-corrected step
 size) passed in, computed as Keras computes them.
 
@@ -36,6 +40,7 @@ from keras_adam.kernels.loader import _WRAPPERS as _WRAPPERS
 from keras_adam.kernels.loader import (
     ENV_SWITCH,
     OP_NAME,
+    QUANTIZED_OP_NAME,
     SPARSE_OP_NAME,
     build,
     enabled,
@@ -52,6 +57,7 @@ __all__ = [
     "HEADERS",
     "OP_NAME",
     "SOURCES",
+    "QUANTIZED_OP_NAME",
     "SPARSE_OP_NAME",
     "build",
     "cache_dir",

@@ -40,9 +40,13 @@ from pathlib import Path
 
 _HERE = Path(__file__).parent
 #: The sources compiled together into the one library.
-SOURCES = (_HERE / "multi_tensor_adam.cc", _HERE / "sparse_rows_adam.cc")
+SOURCES = (
+    _HERE / "multi_tensor_adam.cc",
+    _HERE / "sparse_rows_adam.cc",
+    _HERE / "quantized_adam.cc",
+)
 #: Headers the sources include (part of the cache key).
-HEADERS = (_HERE / "adam_step.h",)
+HEADERS = (_HERE / "adam_step.h", _HERE / "quantized_adam.h")
 # No -march: the library may be cached on a shared home directory. The
 # elementwise loop is cloned for AVX-512/AVX2/baseline and picked at load time.
 FLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-w")

@@ -2,12 +2,12 @@
 
 `load()` asks `builder.find_or_compile()` for the library (which compiles it
 unless the cache holds it), loads it with `tf.load_op_library`, checks that
-it defines both ops, and keeps the result (module or failure) for the life
-of the process. `KERAS_ADAM_KERNEL=0` disables both ops: `load()` then
+it defines every op, and keeps the result (module or failure) for the life
+of the process. `KERAS_ADAM_KERNEL=0` disables the ops: `load()` then
 returns None without building anything.
 
 Anything that fails (no compiler and no library built ahead, a compile
-error, a library TensorFlow refuses to load, a library without both ops) is
+error, a library TensorFlow refuses to load, a library without every op) is
 logged once and `load()` returns None: callers then use the `keras.ops`
 step (Keras's own arithmetic, which XLA fuses), so correctness never
 depends on these kernels. `build()`, behind `python -m keras_adam.kernels
@@ -28,13 +28,16 @@ from keras_adam.kernels import builder
 OP_NAME = "KerasAdamMultiTensorApplyAdam"
 #: Name of the sparse-rows op, as it appears in traced graphs.
 SPARSE_OP_NAME = "KerasAdamSparseApplyAdam"
+#: Name of the quantized-moments op.
+QUANTIZED_OP_NAME = "KerasAdamQuantizedAdam"
 #: Set to "0" (or "false", "no", "off") to disable the kernels.
 ENV_SWITCH = "KERAS_ADAM_KERNEL"
 
-#: The Python wrappers `tf.load_op_library` generates for the two ops.
+#: The Python wrappers `tf.load_op_library` generates for the ops.
 _WRAPPERS = {
     OP_NAME: "keras_adam_multi_tensor_apply_adam",
     SPARSE_OP_NAME: "keras_adam_sparse_apply_adam",
+    QUANTIZED_OP_NAME: "keras_adam_quantized_adam",
 }
 
 _logger = logging.getLogger("keras_adam")

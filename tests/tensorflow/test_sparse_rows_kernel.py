@@ -52,13 +52,15 @@ def module():
 # -- the library -------------------------------------------------------------------
 
 
-def test_one_library_defines_both_ops():
+def test_one_library_defines_every_op():
     loaded = module()
     assert hasattr(loaded, "keras_adam_sparse_apply_adam")
     assert hasattr(loaded, "keras_adam_multi_tensor_apply_adam")
+    assert hasattr(loaded, "keras_adam_quantized_adam")
     assert [path.name for path in kernels.SOURCES] == [
         "multi_tensor_adam.cc",
         "sparse_rows_adam.cc",
+        "quantized_adam.cc",
     ]
 
 
@@ -73,8 +75,17 @@ def test_load_refuses_a_library_without_every_op(monkeypatch, caplog):
         kernels.reset()  # the next load() (unpatched) finds the library
 
 
-@pytest.mark.parametrize("changed", ["sparse_rows_adam.cc", "multi_tensor_adam.cc", "adam_step.h"])
-def test_cache_key_covers_both_sources_and_the_header(changed, monkeypatch, tmp_path):
+@pytest.mark.parametrize(
+    "changed",
+    [
+        "sparse_rows_adam.cc",
+        "multi_tensor_adam.cc",
+        "quantized_adam.cc",
+        "adam_step.h",
+        "quantized_adam.h",
+    ],
+)
+def test_cache_key_covers_every_source_and_header(changed, monkeypatch, tmp_path):
     copies = {}
     for path in kernels.SOURCES + kernels.HEADERS:
         copies[path.name] = tmp_path / path.name

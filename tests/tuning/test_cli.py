@@ -214,3 +214,18 @@ def test_cli_tunes_bundled_data_on_every_backend(tmp_path, backend):
     best = json.loads((tmp_path / "digits" / "best.json").read_text())
     assert best["completed"] >= 2
     assert math.isfinite(best["score"]), best
+
+
+def test_moment_dtype_fixes_the_state_of_every_trial_and_of_default_adam(tmp_path, capsys):
+    argv = ["--dataset", "digits", "--tuner", "random", "--max-trials", "2", "--epochs", "1",
+            "--directory", str(tmp_path), "--comparison-repeats", "1", "--no-plot"]  # fmt: skip
+    status, out = run_cli(*argv, "--moment-dtype", "int8")
+    assert status == 0
+    assert re.search(r"keras_adam\.Adam\(learning_rate=[^\n]*, moment_dtype='int8'\)", out)
+    assert "Against default Adam (keras_adam.Adam(moment_dtype='int8'))" in out
+    best = json.loads((tmp_path / "digits" / "best.json").read_text())
+    assert best["optimizer"]["moment_dtype"] == "int8"
+    # A search resumed with other state is another search.
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(*argv, "--moment-dtype", "int4")
+    assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err

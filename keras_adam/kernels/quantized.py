@@ -1,0 +1,212 @@
+"""The quantized Adam kernel: a small C++ library without TensorFlow, through ctypes.
+
+`quantized_adam.h` is the step on block-wise quantized moments (decode,
+float32 Adam, encode, one pass per block); `quantized_adam_c.cc` exposes it
+as a C function over several variables, split over threads. This module
+builds that library with the machine's C++ compiler into the same cache as
+the TensorFlow kernels (`builder.cache_dir()`), named by a hash of its
+sources, flags, machine and compiler, under a file lock (pytest-xdist
+workers), and loads it with ctypes, which releases the GIL during the call.
+
+`load()` returns a `QuantizedKernel`, or None (logged once) where the
+library cannot be built or loaded or `KERAS_ADAM_KERNEL=0`: callers then use
+the `keras.ops` step, which gives the same numbers to round-off.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keras_adam.kernels import builder, loader
+from keras_adam.quantization import Format
+
+_HERE = Path(__file__).parent
+SOURCE = _HERE / "quantized_adam_c.cc"
+HEADER = _HERE / "quantized_adam.h"
+FLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-pthread", "-w")
+ABI = 1
+
+_logger = logging.getLogger("keras_adam")
+_lock = threading.Lock()
+_state: dict[str, Any] = {}
+
+
+class _Format(ctypes.Structure):
+    _fields_ = [
+        ("bits", ctypes.c_int32),
+        ("block", ctypes.c_int32),
+        ("zero", ctypes.c_int32),
+        ("table", ctypes.c_void_p),
+        ("mid", ctypes.c_void_p),
+        ("lut", ctypes.c_void_p),
+        ("lut_size", ctypes.c_int32),
+        ("lut_shift", ctypes.c_int32),
+        ("lut_base", ctypes.c_int32),
+    ]
+
+
+class _Scalars(ctypes.Structure):
+    _fields_ = [
+        *(
+            (name, ctypes.c_float)
+            for name in (
+                "alpha",
+                "one_minus_beta1",
+                "one_minus_beta2",
+                "epsilon",
+                "weight_decay",
+                "learning_rate",
+                "bias_correction_2_sqrt",
+            )
+        ),  # fmt: skip
+        *((name, ctypes.c_int32) for name in ("maximize", "l2", "decoupled", "amsgrad", "paper")),
+    ]
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256()
+    for part in (
+        SOURCE.read_bytes(),
+        HEADER.read_bytes(),
+        " ".join(FLAGS).encode(),
+        platform.machine().encode(),
+        platform.system().encode(),
+    ):
+        key.update(part)
+        key.update(b"\0")
+    name = f"keras_adam_quantized-{key.hexdigest()[:20]}-{builder._compiler_key(compiler)}.so"
+    return builder.cache_dir() / name
+
+
+def _compile(compiler: str, library: Path) -> None:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix=library.stem + ".", dir=library.parent) as work:
+        temporary = os.path.join(work, library.name)
+        builder._run_all([[compiler, *FLAGS, "-shared", str(SOURCE), "-o", temporary]])
+        os.replace(temporary, library)
+    _logger.info(
+        "keras_adam: compiled the quantized Adam kernel in %.1f s", time.perf_counter() - start
+    )
+
+
+def find_or_compile() -> Path:
+    """The library's path in the cache, compiled first if the cache lacks it.
+
+    Raises:
+        RuntimeError: If there is no compiler or the compile fails.
+    """
+    compiler = builder._compiler()
+    library = _library_path(compiler)
+    if not library.exists():
+        library.parent.mkdir(parents=True, exist_ok=True)
+        with builder._file_lock(library.with_suffix(".lock"), library):
+            if not library.exists():
+                _compile(compiler, library)
+    return library
+
+
+class QuantizedKernel:
+    """The loaded library: `step` runs one Adam step of several variables.
+
+    Attributes:
+        path: The library's file.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._library = ctypes.CDLL(str(path))
+        if self._library.keras_adam_quantized_abi() != ABI:
+            raise RuntimeError(f"{path} is not ABI version {ABI}")
+        function = self._library.keras_adam_quantized_adam
+        pointers = ctypes.POINTER(ctypes.c_void_p)
+        function.argtypes = [*([pointers] * 8), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
+                             ctypes.POINTER(_Format), ctypes.POINTER(_Format),
+                             ctypes.POINTER(_Scalars), ctypes.c_int32]  # fmt: skip
+        function.restype = ctypes.c_int32
+        self._function = function
+        self._formats: dict[Format, tuple[_Format, tuple]] = {}
+
+    def _format(self, fmt: Format) -> _Format:
+        cached = self._formats.get(fmt)
+        if cached is None:
+            lookup = fmt.lookup
+            arrays = tuple(
+                np.ascontiguousarray(lookup[name]) for name in ("table", "magnitude_mid", "lut")
+            )
+            structure = _Format(
+                fmt.bits,
+                fmt.block_size,
+                int(lookup["zero"]),
+                *(array.ctypes.data for array in arrays),
+                arrays[2].size,
+                int(lookup["lut_shift"]),
+                int(lookup["lut_base"]),
+            )
+            cached = self._formats[fmt] = (structure, arrays)  # the arrays stay alive
+        return cached[0]
+
+    def step(
+        self,
+        tensors: dict[str, list[int]],
+        sizes: list[int],
+        formats: tuple[Format, Format],
+        scalars: dict[str, Any],
+        threads: int,
+    ) -> None:
+        """One step of `len(sizes)` float32 variables, in place.
+
+        Args:
+            tensors: Data pointers (contiguous buffers) of each variable's
+                "var", "grad", "m_codes", "m_scales", "v_codes", "v_scales",
+                and with AMSGrad "vh_codes", "vh_scales".
+            sizes: Each variable's number of values.
+            formats: The formats of m and of v (and v̂).
+            scalars: `_Scalars`' fields.
+            threads: Threads to split the blocks over.
+        """
+        count = len(sizes)
+        names = ("var", "grad", "m_codes", "m_scales", "v_codes", "v_scales", "vh_codes",
+                 "vh_scales")  # fmt: skip
+        arrays = [(ctypes.c_void_p * count)(*tensors.get(name, [0] * count)) for name in names]
+        m_format, v_format = (self._format(fmt) for fmt in formats)
+        result = self._function(
+            *(ctypes.cast(array, ctypes.POINTER(ctypes.c_void_p)) for array in arrays),
+            (ctypes.c_int64 * count)(*sizes),
+            count,
+            ctypes.byref(m_format),
+            ctypes.byref(v_format),
+            ctypes.byref(_Scalars(**scalars)),
+            max(int(threads), 1),
+        )
+        if result != 0:
+            raise RuntimeError(f"the quantized Adam kernel failed ({result})")
+
+
+def load() -> QuantizedKernel | None:
+    """The kernel, built on first use; None where it is disabled or unavailable (logged once)."""
+    if not loader.enabled():
+        return None
+    with _lock:
+        if "kernel" not in _state:
+            _state["kernel"] = None
+            try:
+                _state["kernel"] = QuantizedKernel(find_or_compile())
+            except Exception as error:  # noqa: BLE001 - any failure means: fall back
+                _state["error"] = error
+                _logger.warning(
+                    "keras_adam: the quantized Adam kernel is unavailable (%s); using the "
+                    "keras.ops step for quantized moments instead.",
+                    error,
+                )
+        return _state["kernel"]

@@ -1,0 +1,200 @@
+// The Adam step on block-wise quantized moments (keras_adam/quantization.py),
+// one pass per block: decode m, v (and v_hat), step in float32, encode.
+//
+// The math is keras_adam/update_rule.py's adam_step, operation for
+// operation (built with -ffp-contract=off), for Keras's "hat" epsilon and
+// the paper's, decoupled and L2 weight decay, maximize and AMSGrad:
+//
+//   g   <- -g (maximize);  g <- g - var * (-lambda) (L2)
+//   m   <- m + (g - m) * one_minus_beta1
+//   v   <- v + (g * g - v) * one_minus_beta2
+//   vh  <- max(vh, v) (AMSGrad; the denominator uses vh)
+//   var <- var - var * lambda * lr (decoupled decay)
+//   var <- var - (m * alpha) / (sqrt(v) + epsilon)                    (hat)
+//   var <- var - alpha * (m / (sqrt(v) / bias_correction_2_sqrt + eps)) (paper)
+//
+// Encoding takes each value's nearest code, as quantization.encode: the
+// value is divided by its block's absmax; a lookup table indexed by the top
+// bits of its magnitude's float32 representation gives the nearest code to
+// the low end of its cell, and one comparison with the midpoint above it
+// settles the rest (Python builds the table so that no cell holds more than
+// that one midpoint). No TensorFlow here: quantized_adam_c.cc exposes it to
+// ctypes (the torch engine); a TensorFlow op may include it too.
+
+#ifndef KERAS_ADAM_KERNELS_QUANTIZED_ADAM_H_
+#define KERAS_ADAM_KERNELS_QUANTIZED_ADAM_H_
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+// Callers compile the step for several instruction sets, picked at load time
+// (as adam_step.h's loop), flattened so that each clone holds the whole step.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define KERAS_ADAM_QUANTIZED_CLONES \
+  __attribute__((target_clones("avx512f", "avx2", "default"), flatten))
+#else
+#define KERAS_ADAM_QUANTIZED_CLONES
+#endif
+
+namespace keras_adam {
+
+// How one moment is quantized (quantization.Format and its lookup arrays).
+struct QuantizedFormat {
+  int32_t bits;              // 8 or 4 (two codes per byte, low nibble first)
+  int32_t block;             // values per scale (<= 256)
+  int32_t zero;              // signed maps: the code of 0; unsigned: -1
+  const float* table;        // code -> value in [-1, 1], ascending
+  const float* mid;          // magnitude index k -> midpoint to k + 1 (+inf last)
+  const int32_t* lut;        // cell -> magnitude index nearest the cell's low end
+  int32_t lut_size;
+  int32_t lut_shift;         // cell = (bits of |y| >> lut_shift) - lut_base
+  int32_t lut_base;
+};
+
+// One quantized moment's storage.
+struct QuantizedMomentData {
+  uint8_t* codes;
+  float* scales;
+};
+
+struct QuantizedScalars {
+  float alpha, one_minus_beta1, one_minus_beta2, epsilon;
+  float weight_decay, learning_rate, bias_correction_2_sqrt;
+  int32_t maximize, l2, decoupled, amsgrad, paper;
+};
+
+namespace quantized {
+
+template <int BITS>
+inline int Code(const uint8_t* codes, int64_t i) {
+  if constexpr (BITS == 8) {
+    return codes[i];
+  } else {
+    return (codes[i >> 1] >> ((i & 1) * 4)) & 15;
+  }
+}
+
+// The nearest code of y = value / absmax (|y| <= 1). Branch-free, so that
+// the encoding loops vectorize (gathers from `lut` and `mid`).
+template <bool SIGNED>
+inline int Encode(float y, const QuantizedFormat& f) {
+  const float a = std::fabs(y);
+  const uint32_t u = __builtin_bit_cast(uint32_t, a);
+  int cell = static_cast<int>(u >> f.lut_shift) - f.lut_base;
+  cell = std::min(std::max(cell, 0), f.lut_size - 1);
+  int k = f.lut[cell];
+  k += a > f.mid[k];
+  if constexpr (SIGNED) {
+    return f.zero + (y < 0 ? -k : k);
+  } else {
+    return k;
+  }
+}
+
+// The largest |x| of `count` values (NaN wins, as in keras.ops.max), compared
+// as integers: for non-negative floats the bit patterns sort as the values.
+inline float AbsMax(const float* x, int64_t count) {
+  uint32_t top = 0;
+  for (int64_t j = 0; j < count; ++j) {
+    const uint32_t u = __builtin_bit_cast(uint32_t, x[j]) & 0x7fffffffu;
+    top = u > top ? u : top;
+  }
+  return __builtin_bit_cast(float, top);
+}
+
+template <int BITS>
+inline void Load(float* out, const uint8_t* codes, float scale, int64_t begin, int64_t count,
+                 const float* table) {
+  for (int64_t j = 0; j < count; ++j) out[j] = table[Code<BITS>(codes, begin + j)] * scale;
+}
+
+// Encodes `values` with their block's absmax into codes [begin, begin + count).
+template <int BITS, bool SIGNED>
+inline void Store(uint8_t* __restrict__ codes, const float* __restrict__ values, float absmax,
+                  int64_t begin, int64_t count, const QuantizedFormat& format) {
+  // A copy: stores through `codes` (bytes) could alias the caller's struct.
+  const QuantizedFormat f = format;
+  const float scale = absmax > 0 ? absmax : 1.0f;
+  // Codes first as 32-bit integers (a loop of one element width, which
+  // vectorizes, gathers included), then narrowed to bytes.
+  alignas(64) int32_t code[258];
+  for (int64_t j = 0; j < count; ++j) code[j] = Encode<SIGNED>(values[j] / scale, f);
+  if constexpr (BITS == 8) {
+    for (int64_t j = 0; j < count; ++j) codes[begin + j] = static_cast<uint8_t>(code[j]);
+  } else {
+    // Blocks start at even positions; an odd tail pads with the code of 0.
+    code[count] = Encode<SIGNED>(0.0f, f);
+    uint8_t* __restrict__ out = codes + (begin >> 1);
+    const int64_t pairs = (count + 1) / 2;
+    for (int64_t j = 0; j < pairs; ++j) {
+      out[j] = static_cast<uint8_t>(code[2 * j] | (code[2 * j + 1] << 4));
+    }
+  }
+}
+
+}  // namespace quantized
+
+// The step of the blocks [block_begin, block_end) of one variable of n values.
+template <int BITS, bool AMSGRAD, bool PAPER>
+inline void QuantizedAdamBlocks(float* __restrict__ var, const float* __restrict__ grad,
+                                QuantizedMomentData m, QuantizedMomentData v,
+                                QuantizedMomentData v_hat, int64_t n, const QuantizedFormat& fm,
+                                const QuantizedFormat& fv, const QuantizedScalars& s,
+                                int64_t block_begin, int64_t block_end) {
+  const int64_t block = fm.block;
+  const float sign = s.maximize ? -1.0f : 1.0f;
+  const float l2 = s.l2 ? -s.weight_decay : 0.0f;
+  const float decay = s.decoupled ? s.weight_decay : 0.0f;
+  alignas(64) float mb[256], vb[256], hb[256];
+  for (int64_t b = block_begin; b < block_end; ++b) {
+    const int64_t begin = b * block;
+    const int64_t count = std::min(block, n - begin);
+    float* __restrict__ p = var + begin;
+    const float* __restrict__ g = grad + begin;
+    quantized::Load<BITS>(mb, m.codes, m.scales[b], begin, count, fm.table);
+    quantized::Load<BITS>(vb, v.codes, v.scales[b], begin, count, fv.table);
+    if constexpr (AMSGRAD) {
+      quantized::Load<BITS>(hb, v_hat.codes, v_hat.scales[b], begin, count, fv.table);
+    }
+    for (int64_t j = 0; j < count; ++j) {
+      float pj = p[j];
+      float gj = g[j] * sign;
+      if (s.l2) gj = gj - pj * l2;
+      const float mj = mb[j] + (gj - mb[j]) * s.one_minus_beta1;
+      const float vj = vb[j] + (gj * gj - vb[j]) * s.one_minus_beta2;
+      float denominator_v = vj;
+      if constexpr (AMSGRAD) {
+        const float hj = (vj > hb[j] || vj != vj) ? vj : hb[j];
+        hb[j] = hj;
+        denominator_v = hj;
+      }
+      if (s.decoupled) pj = pj - pj * decay * s.learning_rate;
+      if constexpr (PAPER) {
+        pj = pj - s.alpha * (mj / (std::sqrt(denominator_v) / s.bias_correction_2_sqrt +
+                                   s.epsilon));
+      } else {
+        pj = pj - (mj * s.alpha) / (std::sqrt(denominator_v) + s.epsilon);
+      }
+      p[j] = pj;
+      mb[j] = mj;
+      vb[j] = vj;
+    }
+    const float m_max = quantized::AbsMax(mb, count);
+    const float v_max = quantized::AbsMax(vb, count);
+    m.scales[b] = m_max;
+    v.scales[b] = v_max;
+    quantized::Store<BITS, true>(m.codes, mb, m_max, begin, count, fm);
+    quantized::Store<BITS, false>(v.codes, vb, v_max, begin, count, fv);
+    if constexpr (AMSGRAD) {
+      const float h_max = quantized::AbsMax(hb, count);
+      v_hat.scales[b] = h_max;
+      quantized::Store<BITS, false>(v_hat.codes, hb, h_max, begin, count, fv);
+    }
+  }
+}
+
+}  // namespace keras_adam
+
+#endif  // KERAS_ADAM_KERNELS_QUANTIZED_ADAM_H_

@@ -1,0 +1,131 @@
+"""Quantized moments on TensorFlow: tf.train.Checkpoint and MirroredStrategy."""
+
+import json
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import keras_adam
+from keras_adam import kernels
+from tests.helpers.numpy_quantization import assert_same_but_for_flipped_codes
+from tests.tensorflow.test_distribute import run
+
+
+def test_tf_train_checkpoint_round_trips_quantized_state(tmp_path):
+    kernel = keras.Variable(np.linspace(-1, 1, 80 * 64, dtype=np.float32).reshape(80, 64))
+    optimizer = keras_adam.Adam(moment_dtype="int4", amsgrad=True)
+    for t in range(3):
+        optimizer.apply([tf.sin(kernel.value * (t + 1))], [kernel])
+    path = tf.train.Checkpoint(optimizer=optimizer).write(str(tmp_path / "ckpt"))
+    other = keras_adam.Adam(moment_dtype="int4", amsgrad=True)
+    other.build([keras.Variable(np.zeros((80, 64), np.float32))])
+    tf.train.Checkpoint(optimizer=other).read(path).assert_consumed()
+    assert len(other.variables) == len(optimizer.variables) == 2 + 3 * 2
+    for a, b in zip(optimizer.variables, other.variables, strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+MIRRORED = textwrap.dedent(
+    """
+    import json
+    import tensorflow as tf
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+    import keras, numpy as np
+    import keras_adam
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(128, 64)).astype("float32")
+    y = rng.integers(0, 10, size=128).astype("int32")
+
+    def train(strategy, moment_dtype):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            model = keras.Sequential([keras.Input((64,)), keras.layers.Dense(96, activation="relu"),
+                                      keras.layers.Dense(10)])
+            model.compile(optimizer=keras_adam.Adam(0.01, moment_dtype=moment_dtype),
+                          loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        history = model.fit(x, y, batch_size=32, epochs=3, shuffle=False, verbose=0)
+        return model, history.history["loss"]
+
+    results = {}
+    for moment_dtype in ("int8", "int4"):
+        single, single_loss = train(tf.distribute.get_strategy(), moment_dtype)
+        mirrored, mirrored_loss = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
+                                        moment_dtype)
+        codes = mirrored.optimizer._momentums[0].codes
+        pairs = zip(single.get_weights(), mirrored.get_weights())
+        differences = np.concatenate([np.abs(a - b).ravel() for a, b in pairs])
+        results[moment_dtype] = {
+            "difference": float(differences.max()),
+            "flipped": float(np.mean(differences > 1e-5)),
+            "losses": [single_loss, mirrored_loss],
+            "mirrored_codes": isinstance(codes.value, tf.distribute.DistributedValues),
+            "steps": int(mirrored.optimizer.iterations.numpy()),
+        }
+    print(json.dumps(results))
+    """
+)
+
+
+def test_mirrored_strategy_matches_single_device_training(tmp_path):
+    script = tmp_path / "mirrored.py"
+    script.write_text(MIRRORED)
+    results = json.loads(run([sys.executable, str(script)], 600).strip().splitlines()[-1])
+    for name, result in results.items():
+        # Sums over two replicas round differently from one batch, so a value
+        # at a midpoint between two codes may take the other: a few weights
+        # then move by a fraction of η = 0.01 more or less.
+        assert result["flipped"] < 0.01 and result["difference"] < 0.01, (name, result)
+        np.testing.assert_allclose(*result["losses"], rtol=1e-4)
+        assert result["mirrored_codes"] and result["steps"] == 12, (name, result)
+
+
+@pytest.mark.parametrize("moment_dtype", ["int8", "int4"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"amsgrad": True, "weight_decay": 0.1}, {"epsilon_mode": "paper", "maximize": True}],
+    ids=["plain", "amsgrad_adamw", "paper_maximize"],
+)
+def test_the_op_gives_the_keras_ops_step(moment_dtype, options):
+    """tf.function: our op against fused=False (keras.ops), from the same start."""
+    rng = np.random.default_rng(1)
+    values = [rng.normal(size=shape).astype("float32") for shape in [(97, 61), (33, 129), (40,)]]
+
+    def run(**fused):
+        variables = [keras.Variable(v) for v in values]
+        optimizer = keras_adam.Adam(0.01, moment_dtype=moment_dtype, **options, **fused)
+        step = tf.function(lambda grads: optimizer.apply(grads, variables))
+        for t in range(5):
+            grads = [tf.constant(np.sin(v * (t + 1)) * 10.0 ** (t - 3), tf.float32) for v in values]
+            step(grads)
+        graph = step.get_concrete_function(grads).graph
+        ops_used = {op.type for op in graph.get_operations()}
+        state = [np.asarray(v.numpy()) for v in optimizer.variables]
+        return [v.numpy() for v in variables], state, ops_used
+
+    weights, state, ops_used = run()
+    assert kernels.QUANTIZED_OP_NAME in ops_used
+    reference_weights, reference_state, reference_ops = run(fused=False)
+    assert kernels.QUANTIZED_OP_NAME not in reference_ops
+    assert_same_but_for_flipped_codes(weights, reference_weights, 1e-4)
+    for a, b in zip(state, reference_state, strict=True):
+        if a.dtype == np.uint8:
+            assert np.mean(a != b) < 1e-3
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-12)
+
+
+def test_under_xla_the_keras_ops_step_runs():
+    kernel = keras.Variable(np.ones((80, 64), np.float32))
+    optimizer = keras_adam.Adam(moment_dtype="int8")
+    step = tf.function(lambda g: optimizer.apply([g], [kernel]), jit_compile=True)
+    gradient = tf.fill((80, 64), 0.5)
+    step(gradient)
+    graph = step.get_concrete_function(gradient).graph
+    assert kernels.QUANTIZED_OP_NAME not in {op.type for op in graph.get_operations()}
+    np.testing.assert_allclose(kernel.numpy(), 1 - 1e-3, rtol=1e-6)
