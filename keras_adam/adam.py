@@ -233,9 +233,10 @@ class Adam(keras.optimizers.Optimizer):
         if fused and quantization.is_quantized(moment_dtype):
             raise ValueError(
                 f"Arguments `fused=True` and `moment_dtype={moment_dtype!r}` cannot be "
-                "combined: quantized moments take the `keras.ops` path (compiled by "
-                "XLA, tf.function or jax.jit where the step is). Use fused=None: "
-                "variables with float moments still take the fused path. "
+                "combined: quantized moments take their own path (a C++ kernel on "
+                "TensorFlow and PyTorch, else `keras.ops`), not the float fused "
+                "kernels. Use fused=None: variables with float moments still take "
+                "the fused path. "
                 f"Received: fused={fused!r}, moment_dtype={moment_dtype!r}"
             )
         if fused:

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 from keras.src.backend.common.stateless_scope import in_stateless_scope
 from keras.src.backend.torch.core import get_device
+from torch.autograd.graph import increment_version
 
 from keras_adam import quantization, update_rule
 from keras_adam.backends.engine import (
@@ -79,6 +80,10 @@ SMALL = 32768
 #: Quantized steps of fewer values run on one thread (a thread's start costs
 #: about as much as stepping this many values).
 QUANTIZED_THREADED = 1 << 16
+#: The buffers of one variable the quantized kernel reads and writes, in order.
+_QUANTIZED_BUFFERS = (
+    "var", "grad", "m_codes", "m_scales", "v_codes", "v_scales", "vh_codes", "vh_scales",
+)  # fmt: skip
 
 
 def _fused_device_types() -> tuple[str, ...]:
@@ -453,25 +458,18 @@ def _quantized_step(
             continue
         grad = _dense(grad, param.dtype, param.device)
         pointers, sizes = groups.setdefault(update.hyper(variable), ({}, []))
-        names = [
-            "var",
-            "grad",
-            "m_codes",
-            "m_scales",
-            "v_codes",
-            "v_scales",
-            "vh_codes",
-            "vh_scales",
-        ]
         storage = [param, grad]
         for slot in slots:
             storage += [_tensor(slot.codes), _tensor(slot.scales)]
-        for name, tensor in zip(names, storage, strict=False):
+        for name, tensor in zip(_QUANTIZED_BUFFERS, storage, strict=False):
             pointers.setdefault(name, []).append(tensor.data_ptr())
         sizes.append(param.numel())
         pointers.setdefault("_keep", []).append(grad)  # alive until the call
+        # Written through raw pointers: mark them modified, as in-place ops do.
+        pointers.setdefault("_written", []).extend(t for k, t in enumerate(storage) if k != 1)
     for hyper, (pointers, sizes) in groups.items():
         pointers.pop("_keep")
+        increment_version(pointers.pop("_written"))
         scalars = update_rule.host_step_scalars(hyper, t, learning_rate, "float32")
         kernel.step(
             pointers,

@@ -91,3 +91,17 @@ def test_without_the_kernel_the_keras_ops_step_runs(monkeypatch):
     monkeypatch.setenv("KERAS_ADAM_KERNEL", "0")
     assert quantized.load() is None
     assert_same_but_for_flipped_codes([run()], [with_kernel], 1e-4)
+
+
+@pytest.mark.parametrize("moment_dtype", [None, "int8"])
+def test_numpy_gradients_take_the_kernels(moment_dtype):
+    """`apply` with NumPy gradients (keras.optimizers.Adam raises a TypeError here)."""
+    values = np.random.default_rng(3).normal(size=(70, 90)).astype("float32")
+    gradient = np.cos(values)
+
+    def run(grad):
+        variable = keras.Variable(values)
+        keras_adam.Adam(0.01, moment_dtype=moment_dtype).apply([grad], [variable])
+        return variable.numpy()
+
+    np.testing.assert_array_equal(run(gradient), run(keras.ops.convert_to_tensor(gradient)))
