@@ -268,14 +268,6 @@ def peer_moments(optimizer, param) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------- state
 
 
-def _status_kb(field_name: str) -> int:
-    with open("/proc/self/status") as status:
-        for line in status:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field_name)
-
-
 def state_probe(label: str, widths: tuple[int, ...], steps: int) -> dict:
     """In a fresh process: train the MLP `steps` steps with one optimizer; its memory.
 
@@ -286,6 +278,8 @@ def state_probe(label: str, widths: tuple[int, ...], steps: int) -> dict:
     compilation.
     """
     import keras
+
+    from benchmarks import run
 
     keras.utils.set_random_seed(0)
     layers = [keras.Input((widths[0],))]
@@ -298,14 +292,14 @@ def state_probe(label: str, widths: tuple[int, ...], steps: int) -> dict:
     y = rng.standard_normal((batch * steps, widths[-1]), dtype="float32")
     optimizer = make_optimizer(label)
     model.compile(optimizer=optimizer, loss="mse")
-    peak_before_kb = _status_kb("VmHWM")
-    built_kb = _status_kb("VmRSS")
+    peak_before_kb = run._status_kb("VmHWM")
+    built_kb = run._status_kb("VmRSS")
     with open("/proc/self/clear_refs", "w") as refs:
         refs.write("5")  # reset VmHWM to the current resident set size
     start = time.perf_counter()
     history = model.fit(x, y, batch_size=batch, epochs=1, shuffle=False, verbose=0)
     seconds = time.perf_counter() - start
-    peak_kb = _status_kb("VmHWM")
+    peak_kb = run._status_kb("VmHWM")
     return {
         "label": label,
         "parameters": int(model.count_params()),

@@ -611,11 +611,7 @@ class Adam(keras.optimizers.Optimizer):
 
     def _slots(self, variable: Any) -> list:
         """`[m, v]`, and with AMSGrad `[m, v, v_hat]`, of `variable`."""
-        index = self._get_variable_index(variable)
-        slots = [self._momentums[index], self._velocities[index]]
-        if self.amsgrad:
-            slots.append(self._velocity_hats[index])
-        return slots
+        return state.moment_slots(self, self._get_variable_index(variable))
 
     def _state(self) -> list:
         """Every variable a step may write: the model's trainable ones, then ours.

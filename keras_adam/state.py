@@ -141,8 +141,12 @@ def check_layout(optimizer: Any, saved: dict | None, arrays: list[np.ndarray]) -
 # -- moments, read and moved --------------------------------------------------------
 
 
-def _slots(optimizer: Any, index: int) -> list:
-    """The moment slots of model variable `index` of a Keras-style Adam."""
+def moment_slots(optimizer: Any, index: int) -> list:
+    """`[m, v]`, and with AMSGrad `[m, v, v_hat]`, of model variable `index`.
+
+    For `keras_adam.Adam` and `keras.optimizers.Adam` alike (their slot lists
+    have the same names).
+    """
     slots = [optimizer._momentums[index], optimizer._velocities[index]]
     if getattr(optimizer, "amsgrad", False):
         slots.append(optimizer._velocity_hats[index])
@@ -165,7 +169,7 @@ def read_moments(optimizer: Any, variable: Any) -> dict[str, np.ndarray]:
     Returns:
         NumPy arrays of the variable's shape (float32 for quantized moments).
     """
-    slots = _slots(optimizer, optimizer._get_variable_index(variable))
+    slots = moment_slots(optimizer, optimizer._get_variable_index(variable))
     return {name: _read(slot) for name, slot in zip(_MOMENT_NAMES, slots, strict=False)}
 
 
@@ -228,10 +232,10 @@ def transfer_state(source: Any, target: Any) -> None:
         )
     values = []
     for index in range(len(variables)):
-        slots = _slots(source, index)
+        slots = moment_slots(source, index)
         values.append([None if slot is None else _read(slot) for slot in slots])
     for index, moments in enumerate(values):
-        for slot, value in zip(_slots(target, index), moments, strict=True):
+        for slot, value in zip(moment_slots(target, index), moments, strict=True):
             if slot is None or value is None:
                 continue
             if isinstance(slot, QuantizedMoment):
