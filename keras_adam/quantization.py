@@ -170,19 +170,28 @@ def _lookup(fmt: Format) -> dict[str, np.ndarray]:
 
 #: The kernel's lookup cells: the top 8 mantissa bits of a float32 magnitude
 #: and its exponent, from 2**-40 (all smaller magnitudes share cell 0) to 1.
-_CELL_SHIFT = 23 - 8
-_CELL_BASE = (127 - 40) << 8
+_CELL_BITS = 7
+_CELL_SHIFT = 23 - _CELL_BITS
+_CELL_BASE = (127 - 32) << _CELL_BITS
 
 
 def _kernel_lookup(fmt: Format, table: np.ndarray) -> dict[str, Any]:
     """The arrays of the C++ kernel's encoder (`kernels/quantized_adam.h`).
 
-    Magnitudes ascending (with 0 first for a signed map), the midpoints
-    between them (float32, as `encode` compares with; +inf after the last),
-    and a table from each cell of magnitudes to the number of midpoints
-    below the cell's low end: the nearest magnitude there. A value's
-    nearest magnitude is that, plus one if it is above the next midpoint;
-    so no cell may hold two midpoints, which is checked here.
+    The midpoints between consecutive magnitudes (ascending, with 0 first
+    for a signed map; float32, as `encode` compares with; +inf after the
+    last), which int4 searches directly, and a packed lookup table.
+    A magnitude's cell is its float32 bit pattern shifted right by
+    `_CELL_SHIFT`: its exponent and top mantissa bits. For each cell the
+    table holds, in the low 8 bits, the number of midpoints (between
+    consecutive magnitudes, with 0 first for a signed map) below the cell's
+    low end: the nearest magnitude there; and above them the low
+    `_CELL_SHIFT` bits of the midpoint inside the cell, or all ones if
+    there is none. A value's nearest magnitude is the first number, plus
+    one if its own low bits are above the second: midpoint and value share
+    the cell's top bits, so comparing the rest compares the floats. So no
+    cell may hold two midpoints, and the first and last cells (where
+    smaller and larger magnitudes are clamped) none; both are checked here.
     """
     if fmt.signed:
         zero = int(np.flatnonzero(table == 0)[0])
@@ -191,17 +200,22 @@ def _kernel_lookup(fmt: Format, table: np.ndarray) -> dict[str, Any]:
         zero = -1
         magnitudes = table
     midpoints = ((magnitudes[:-1] + magnitudes[1:]) / 2).astype(np.float32)
-    cells = np.arange(((127 << 8) - _CELL_BASE) + 1, dtype=np.uint32)
+    cells = np.arange(((127 << _CELL_BITS) - _CELL_BASE) + 1, dtype=np.uint32)
     low = ((cells + _CELL_BASE) << _CELL_SHIFT).view(np.float32)
     high = ((cells + 1 + _CELL_BASE) << _CELL_SHIFT).view(np.float32)
     below = np.searchsorted(midpoints, low, side="left")
     inside = np.searchsorted(midpoints, high, side="left") - below
-    if inside.max() > 1:
-        raise AssertionError(f"{fmt}: a lookup cell holds two midpoints")
+    if inside.max() > 1 or inside[0] or inside[-1]:
+        raise AssertionError(f"{fmt}: a lookup cell holds two midpoints, or an end cell one")
+    if len(magnitudes) > 256:
+        raise AssertionError(f"{fmt}: more than 256 magnitudes do not fit the packed table")
+    none = (1 << _CELL_SHIFT) - 1
+    low_bits = midpoints.view(np.uint32)[np.minimum(below, len(midpoints) - 1)] & none
+    threshold = np.where(inside == 1, low_bits, none).astype(np.int64)
     return {
         "zero": zero,
         "magnitude_mid": np.append(midpoints, np.float32(np.inf)).astype(np.float32),
-        "lut": below.astype(np.int32),
+        "lut": (below | threshold << 8).astype(np.int32),
         "lut_shift": _CELL_SHIFT,
         "lut_base": _CELL_BASE,
     }

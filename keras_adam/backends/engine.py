@@ -156,6 +156,24 @@ def compute_dtype(variable: Any, slots: Sequence[Any]) -> str:
     )
 
 
+def quantized_kernel_scalars(scalars: StepScalars) -> Any:
+    """The quantized kernels' float32 scalars, stacked (`kernels/quantized_adam.h`).
+
+    alpha, 1 - beta1, 1 - beta2, epsilon, lambda, lr and sqrt(1 - beta2^t).
+    """
+    hyper = scalars.hyper
+    values = (
+        scalars.alpha,
+        scalars.one_minus_beta_1,
+        scalars.one_minus_beta_2,
+        hyper.epsilon,
+        hyper.weight_decay,
+        scalars.learning_rate,
+        scalars.bias_correction_2_sqrt,
+    )
+    return ops.stack([ops.cast(x, "float32") for x in values])
+
+
 def moments(slots: Sequence[Any]) -> tuple[Any, Any, Any]:
     """`(m, v, v_hat)` of a variable's slot list (`v_hat` None without AMSGrad)."""
     return slots[0], slots[1], slots[2] if len(slots) > 2 else None

@@ -62,7 +62,16 @@ import jax
 import keras
 from jax.experimental import sparse as jax_sparse
 
-from keras_adam.backends.engine import Engine, KerasApply
+from keras_adam.backends.engine import (
+    Engine,
+    KerasApply,
+    ScalarsCache,
+    Update,
+    moments,
+    quantized_kernel_scalars,
+)
+from keras_adam.kernels import quantized_xla
+from keras_adam.quantization import QuantizedMoment
 
 #: Compiled eager steps kept per optimizer (the oldest is dropped beyond).
 _MAX_PROGRAMS = 16
@@ -114,6 +123,53 @@ class JaxEngine(Engine):
     def stored_values(self, gradient: Any) -> Any:
         """A `BCOO` gradient's stored values, else the gradient itself."""
         return gradient.data if isinstance(gradient, jax_sparse.BCOO) else gradient
+
+    # -- quantized moments ------------------------------------------------------
+
+    def update_one(self, grad: Any, variable: Any, update: Update, scalars: ScalarsCache) -> None:
+        """One variable: quantized moments in the XLA custom call where it may, else `Engine`'s."""
+        slots = update.slots(variable)
+        if not self._quantized_kernel(grad, variable, slots, update):
+            super().update_one(grad, variable, update, scalars)
+            return
+        hyper = update.hyper(variable)
+        step = scalars("float32", hyper)
+        m, v, v_hat = moments(slots)
+        decay = bool(hyper.weight_decay)
+        flags = (
+            quantized_xla.MAXIMIZE * hyper.maximize
+            | quantized_xla.L2 * (decay and not hyper.decoupled_weight_decay)
+            | quantized_xla.DECOUPLED * (decay and hyper.decoupled_weight_decay)
+            | quantized_xla.AMSGRAD * (v_hat is not None)
+            | quantized_xla.PAPER * (hyper.epsilon_mode == "paper")
+        )
+        stored = [m, v] if v_hat is None else [m, v, v_hat]
+        value, new = quantized_xla.step(
+            variable.value, grad, stored, quantized_kernel_scalars(step), flags
+        )
+        variable.assign(value)
+        for moment, (codes, scales) in zip(stored, new, strict=True):
+            moment.codes.assign(codes)
+            moment.scales.assign(scales)
+
+    def _quantized_kernel(self, grad: Any, variable: Any, slots: list, update: Update) -> bool:
+        """Whether `variable`, with moments `slots`, takes the quantized custom call.
+
+        That is: quantized moments, float32, a dense gradient, not
+        `fused=False` nor RAdam, no `keras.distribution` (the call has no
+        sharding rule), and the kernel built.
+        """
+        options = update.options
+        return (
+            bool(slots)
+            and isinstance(slots[0], QuantizedMoment)
+            and options.fused is not False
+            and not options.hyper.rectify
+            and keras.backend.standardize_dtype(variable.dtype) == "float32"
+            and not isinstance(grad, jax_sparse.BCOO)
+            and keras.distribution.distribution() is None
+            and quantized_xla.available()
+        )
 
     # -- around Keras's apply ----------------------------------------------------
 

@@ -44,6 +44,7 @@ from keras_adam.backends.engine import (
     Update,
     compute_dtype,
     moments,
+    quantized_kernel_scalars,
 )
 from keras_adam.quantization import QuantizedMoment
 from keras_adam.update_rule import StepScalars
@@ -377,20 +378,7 @@ class TensorFlowEngine(Engine):
         """
         hyper = scalars.hyper
         decay = bool(hyper.weight_decay)
-        step_scalars = tf.stack(
-            [
-                tf.cast(x, tf.float32)
-                for x in (
-                    scalars.alpha,
-                    scalars.one_minus_beta_1,
-                    scalars.one_minus_beta_2,
-                    hyper.epsilon,
-                    hyper.weight_decay,
-                    scalars.learning_rate,
-                    scalars.bias_correction_2_sqrt,
-                )
-            ]
-        )
+        step_scalars = quantized_kernel_scalars(scalars)
         for param, grad, m, v, v_hat in zip(params, grads, ms, vs, v_hats, strict=True):
             m_lookup, v_lookup = m.fmt.lookup, v.fmt.lookup
             moments = [m, v, v_hat] if v_hat is not None else [m, v]

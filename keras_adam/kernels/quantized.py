@@ -33,9 +33,12 @@ from keras_adam.quantization import Format
 
 _HERE = Path(__file__).parent
 SOURCE = _HERE / "quantized_adam_c.cc"
-HEADER = _HERE / "quantized_adam.h"
+HEADERS = tuple(
+    _HERE / name
+    for name in ("quantized_adam.h", "quantized_adam_avx512.h", "quantized_adam_threads.h")
+)
 FLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-pthread", "-w")
-ABI = 1
+ABI = 2
 
 _logger = logging.getLogger("keras_adam")
 _lock = threading.Lock()
@@ -74,45 +77,51 @@ class _Scalars(ctypes.Structure):
     ]
 
 
-def _library_path(compiler: str) -> Path:
+def _library_path(compiler: str, source: Path, flags: tuple[str, ...], stem: str) -> Path:
     key = hashlib.sha256()
     for part in (
-        SOURCE.read_bytes(),
-        HEADER.read_bytes(),
-        " ".join(FLAGS).encode(),
+        source.read_bytes(),
+        *(header.read_bytes() for header in HEADERS),
+        " ".join(flags).encode(),
         platform.machine().encode(),
         platform.system().encode(),
     ):
         key.update(part)
         key.update(b"\0")
-    name = f"keras_adam_quantized-{key.hexdigest()[:20]}-{builder._compiler_key(compiler)}.so"
+    name = f"{stem}-{key.hexdigest()[:20]}-{builder._compiler_key(compiler)}.so"
     return builder.cache_dir() / name
 
 
-def _compile(compiler: str, library: Path) -> None:
+def _compile(compiler: str, source: Path, flags: tuple[str, ...], library: Path) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=library.stem + ".", dir=library.parent) as work:
         temporary = os.path.join(work, library.name)
-        builder._run_all([[compiler, *FLAGS, "-shared", str(SOURCE), "-o", temporary]])
+        builder._run_all([[compiler, *flags, "-shared", str(source), "-o", temporary]])
         os.replace(temporary, library)
-    _logger.info(
-        "keras_adam: compiled the quantized Adam kernel in %.1f s", time.perf_counter() - start
-    )
+    _logger.info("keras_adam: compiled %s in %.1f s", source.name, time.perf_counter() - start)
 
 
-def find_or_compile() -> Path:
-    """The library's path in the cache, compiled first if the cache lacks it.
+def find_or_compile(
+    source: Path = SOURCE, flags: tuple[str, ...] = FLAGS, stem: str = "keras_adam_quantized"
+) -> Path:
+    """A library's path in the cache, compiled first if the cache lacks it.
+
+    Args:
+        source: The C++ file (it includes `HEADERS`); by default the ctypes
+            library's. `quantized_xla` builds its XLA custom call here too.
+        flags: The compiler's flags.
+        stem: The start of the library's file name.
 
     Raises:
         RuntimeError: If there is no compiler or the compile fails.
     """
     compiler = builder._compiler()
-    library = _library_path(compiler)
+    library = _library_path(compiler, source, flags, stem)
     if not library.exists():
         library.parent.mkdir(parents=True, exist_ok=True)
         with builder._file_lock(library.with_suffix(".lock"), library):
             if not library.exists():
-                _compile(compiler, library)
+                _compile(compiler, source, flags, library)
     return library
 
 
@@ -135,7 +144,19 @@ class QuantizedKernel:
                              ctypes.POINTER(_Scalars), ctypes.c_int32]  # fmt: skip
         function.restype = ctypes.c_int32
         self._function = function
+        self._library.keras_adam_quantized_portable_only.argtypes = [ctypes.c_int32]
+        self._library.keras_adam_quantized_portable_only.restype = ctypes.c_int32
         self._formats: dict[Format, tuple[_Format, tuple]] = {}
+
+    def portable_only(self, portable: bool) -> bool:
+        """Run the portable loops (True) or the fastest path the CPU has (False).
+
+        For tests, which compare both; it applies to the whole process.
+
+        Returns:
+            Whether this machine has a faster path (AVX-512) at all.
+        """
+        return bool(self._library.keras_adam_quantized_portable_only(int(portable)))
 
     def _format(self, fmt: Format) -> _Format:
         cached = self._formats.get(fmt)

@@ -130,14 +130,7 @@ class QuantizedAdamOp : public OpKernel {
     }
 
     QuantizedScalars s = flags_;
-    const float* sc = scalars.flat<float>().data();
-    s.alpha = sc[0];
-    s.one_minus_beta1 = sc[1];
-    s.one_minus_beta2 = sc[2];
-    s.epsilon = sc[3];
-    s.weight_decay = sc[4];
-    s.learning_rate = sc[5];
-    s.bias_correction_2_sqrt = sc[6];
+    s.Read(scalars.flat<float>().data());
     const QuantizedFormat fm = Format(context, kMTable, m_zero_);
     const QuantizedFormat fv = Format(context, kVTable, -1);
     const BlocksFunction step = Pick(bits_, s.amsgrad, s.paper);

@@ -16,15 +16,20 @@
 // Encoding takes each value's nearest code, as quantization.encode: the
 // value is divided by its block's absmax; a lookup table indexed by the top
 // bits of its magnitude's float32 representation gives the nearest code to
-// the low end of its cell, and one comparison with the midpoint above it
-// settles the rest (Python builds the table so that no cell holds more than
-// that one midpoint). No TensorFlow here: quantized_adam_c.cc exposes it to
-// ctypes (the torch engine); a TensorFlow op may include it too.
+// the low end of its cell and the low bits of the one midpoint inside the
+// cell, if any, and one integer comparison settles the rest (Python builds
+// the table so that no cell holds more than that one midpoint).
+//
+// The loops here are portable C++ that compilers vectorize; on x86-64 with
+// AVX-512, quantized_adam_avx512.h runs the same operations by hand (its
+// comment says why). No TensorFlow here: quantized_adam_c.cc exposes the
+// step to ctypes (the torch engine) and quantized_adam.cc as a TF op.
 
 #ifndef KERAS_ADAM_KERNELS_QUANTIZED_ADAM_H_
 #define KERAS_ADAM_KERNELS_QUANTIZED_ADAM_H_
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -47,7 +52,9 @@ struct QuantizedFormat {
   int32_t zero;              // signed maps: the code of 0; unsigned: -1
   const float* table;        // code -> value in [-1, 1], ascending
   const float* mid;          // magnitude index k -> midpoint to k + 1 (+inf last)
-  const int32_t* lut;        // cell -> magnitude index nearest the cell's low end
+  // cell -> (low bits of the midpoint inside the cell, all ones if none) << 8
+  //         | the magnitude index nearest to the cell's low end
+  const int32_t* lut;
   int32_t lut_size;
   int32_t lut_shift;         // cell = (bits of |y| >> lut_shift) - lut_base
   int32_t lut_base;
@@ -63,9 +70,28 @@ struct QuantizedScalars {
   float alpha, one_minus_beta1, one_minus_beta2, epsilon;
   float weight_decay, learning_rate, bias_correction_2_sqrt;
   int32_t maximize, l2, decoupled, amsgrad, paper;
+
+  // Sets the floats from the 7 values the TensorFlow op and the XLA call
+  // receive (backends/engine.py's quantized_kernel_scalars, in its order).
+  void Read(const float* values) {
+    alpha = values[0];
+    one_minus_beta1 = values[1];
+    one_minus_beta2 = values[2];
+    epsilon = values[3];
+    weight_decay = values[4];
+    learning_rate = values[5];
+    bias_correction_2_sqrt = values[6];
+  }
 };
 
 namespace quantized {
+
+// Set (tests, through quantized_adam_c.cc) to run the portable loops even
+// where a faster path exists.
+inline std::atomic<bool>& PortableOnly() {
+  static std::atomic<bool> portable{false};
+  return portable;
+}
 
 template <int BITS>
 inline int Code(const uint8_t* codes, int64_t i) {
@@ -77,15 +103,16 @@ inline int Code(const uint8_t* codes, int64_t i) {
 }
 
 // The nearest code of y = value / absmax (|y| <= 1). Branch-free, so that
-// the encoding loops vectorize (gathers from `lut` and `mid`).
+// the encoding loops vectorize (a gather from `lut`).
 template <bool SIGNED>
 inline int Encode(float y, const QuantizedFormat& f) {
   const float a = std::fabs(y);
   const uint32_t u = __builtin_bit_cast(uint32_t, a);
   int cell = static_cast<int>(u >> f.lut_shift) - f.lut_base;
   cell = std::min(std::max(cell, 0), f.lut_size - 1);
-  int k = f.lut[cell];
-  k += a > f.mid[k];
+  const uint32_t entry = static_cast<uint32_t>(f.lut[cell]);
+  int k = static_cast<int>(entry & 0xffu);
+  k += (u & ((1u << f.lut_shift) - 1)) > (entry >> 8);
   if constexpr (SIGNED) {
     return f.zero + (y < 0 ? -k : k);
   } else {
@@ -135,6 +162,11 @@ inline void Store(uint8_t* __restrict__ codes, const float* __restrict__ values,
 }
 
 }  // namespace quantized
+}  // namespace keras_adam
+
+#include "quantized_adam_avx512.h"
+
+namespace keras_adam {
 
 // The step of the blocks [block_begin, block_end) of one variable of n values.
 template <int BITS, bool AMSGRAD, bool PAPER>
@@ -143,6 +175,13 @@ inline void QuantizedAdamBlocks(float* __restrict__ var, const float* __restrict
                                 QuantizedMomentData v_hat, int64_t n, const QuantizedFormat& fm,
                                 const QuantizedFormat& fv, const QuantizedScalars& s,
                                 int64_t block_begin, int64_t block_end) {
+#ifdef KERAS_ADAM_HAVE_AVX512_PATH
+  if (quantized::HasAvx512()) {
+    quantized::QuantizedAdamBlocksAvx512<BITS, AMSGRAD, PAPER>(var, grad, m, v, v_hat, n, fm, fv,
+                                                              s, block_begin, block_end);
+    return;
+  }
+#endif
   const int64_t block = fm.block;
   const float sign = s.maximize ? -1.0f : 1.0f;
   const float l2 = s.l2 ? -s.weight_decay : 0.0f;
