@@ -168,8 +168,9 @@ def _lookup(fmt: Format) -> dict[str, np.ndarray]:
     }
 
 
-#: The kernel's lookup cells: the top 8 mantissa bits of a float32 magnitude
-#: and its exponent, from 2**-40 (all smaller magnitudes share cell 0) to 1.
+#: The kernel's lookup cells: the top 7 mantissa bits of a float32 magnitude
+#: and its exponent, from 2**-32 (all smaller magnitudes share cell 0) to 1:
+#: the fewest cells (a 16 KB table) that keep one midpoint per cell.
 _CELL_BITS = 7
 _CELL_SHIFT = 23 - _CELL_BITS
 _CELL_BASE = (127 - 32) << _CELL_BITS
@@ -183,9 +184,8 @@ def _kernel_lookup(fmt: Format, table: np.ndarray) -> dict[str, Any]:
     last), which int4 searches directly, and a packed lookup table.
     A magnitude's cell is its float32 bit pattern shifted right by
     `_CELL_SHIFT`: its exponent and top mantissa bits. For each cell the
-    table holds, in the low 8 bits, the number of midpoints (between
-    consecutive magnitudes, with 0 first for a signed map) below the cell's
-    low end: the nearest magnitude there; and above them the low
+    table holds, in the low 8 bits, the number of midpoints below the
+    cell's low end: the nearest magnitude there; and above them the low
     `_CELL_SHIFT` bits of the midpoint inside the cell, or all ones if
     there is none. A value's nearest magnitude is the first number, plus
     one if its own low bits are above the second: midpoint and value share

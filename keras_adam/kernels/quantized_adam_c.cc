@@ -20,10 +20,7 @@ int32_t keras_adam_quantized_abi() { return 2; }
 int32_t keras_adam_quantized_portable_only(int32_t portable) {
   keras_adam::quantized::PortableOnly().store(portable != 0);
 #ifdef KERAS_ADAM_HAVE_AVX512_PATH
-  keras_adam::quantized::PortableOnly().store(false);
-  const bool fast = keras_adam::quantized::HasAvx512();
-  keras_adam::quantized::PortableOnly().store(portable != 0);
-  return fast;
+  return keras_adam::quantized::CpuHasAvx512();
 #else
   return 0;
 #endif

@@ -131,6 +131,8 @@ def test_frozen_heap_leaves_a_callers_freeze_alone():
         count = gc.get_freeze_count()
         with tuners.frozen_heap():
             pass
-        assert gc.get_freeze_count() == count
+        # Not unfrozen (0), nor frozen again (more); frozen objects that other
+        # threads free meanwhile leave the count, so it may fall a little.
+        assert count - 1000 < gc.get_freeze_count() <= count
     finally:
         gc.unfreeze()
