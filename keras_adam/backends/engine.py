@@ -174,6 +174,21 @@ def quantized_kernel_scalars(scalars: StepScalars) -> Any:
     return ops.stack([ops.cast(x, "float32") for x in values])
 
 
+def quantized_kernel_flags(hyper: Hyperparameters, amsgrad: bool) -> dict[str, bool]:
+    """The quantized kernels' flags: maximize, l2, decoupled, amsgrad and paper.
+
+    Weight decay is L2 or decoupled (one of the two where it is nonzero).
+    """
+    decay = bool(hyper.weight_decay)
+    return {
+        "maximize": bool(hyper.maximize),
+        "l2": decay and not hyper.decoupled_weight_decay,
+        "decoupled": decay and hyper.decoupled_weight_decay,
+        "amsgrad": amsgrad,
+        "paper": hyper.epsilon_mode == "paper",
+    }
+
+
 def moments(slots: Sequence[Any]) -> tuple[Any, Any, Any]:
     """`(m, v, v_hat)` of a variable's slot list (`v_hat` None without AMSGrad)."""
     return slots[0], slots[1], slots[2] if len(slots) > 2 else None

@@ -68,6 +68,7 @@ from keras_adam.backends.engine import (
     ScalarsCache,
     Update,
     moments,
+    quantized_kernel_flags,
     quantized_kernel_scalars,
 )
 from keras_adam.kernels import quantized_xla
@@ -135,14 +136,7 @@ class JaxEngine(Engine):
         hyper = update.hyper(variable)
         step = scalars("float32", hyper)
         m, v, v_hat = moments(slots)
-        decay = bool(hyper.weight_decay)
-        flags = (
-            quantized_xla.MAXIMIZE * hyper.maximize
-            | quantized_xla.L2 * (decay and not hyper.decoupled_weight_decay)
-            | quantized_xla.DECOUPLED * (decay and hyper.decoupled_weight_decay)
-            | quantized_xla.AMSGRAD * (v_hat is not None)
-            | quantized_xla.PAPER * (hyper.epsilon_mode == "paper")
-        )
+        flags = quantized_kernel_flags(hyper, amsgrad=v_hat is not None)
         stored = [m, v] if v_hat is None else [m, v, v_hat]
         value, new = quantized_xla.step(
             variable.value, grad, stored, quantized_kernel_scalars(step), flags

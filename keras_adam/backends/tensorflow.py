@@ -44,6 +44,7 @@ from keras_adam.backends.engine import (
     Update,
     compute_dtype,
     moments,
+    quantized_kernel_flags,
     quantized_kernel_scalars,
 )
 from keras_adam.quantization import QuantizedMoment
@@ -377,7 +378,6 @@ class TensorFlowEngine(Engine):
         assigned.
         """
         hyper = scalars.hyper
-        decay = bool(hyper.weight_decay)
         step_scalars = quantized_kernel_scalars(scalars)
         for param, grad, m, v, v_hat in zip(params, grads, ms, vs, v_hats, strict=True):
             m_lookup, v_lookup = m.fmt.lookup, v.fmt.lookup
@@ -403,11 +403,7 @@ class TensorFlowEngine(Engine):
                 m_zero=m_lookup["zero"],
                 lut_shift=m_lookup["lut_shift"],
                 lut_base=m_lookup["lut_base"],
-                maximize=hyper.maximize,
-                l2=decay and not hyper.decoupled_weight_decay,
-                decoupled=decay and hyper.decoupled_weight_decay,
-                amsgrad=v_hat is not None,
-                paper=hyper.epsilon_mode == "paper",
+                **quantized_kernel_flags(hyper, amsgrad=v_hat is not None),
             )
             self.assign(param, outputs[0])
             for k, moment in enumerate(moments):

@@ -65,6 +65,7 @@ from keras_adam.backends.engine import (
     ScalarsCache,
     Update,
     compute_dtype,
+    quantized_kernel_flags,
 )
 from keras_adam.kernels import quantized as quantized_kernel
 from keras_adam.quantization import QuantizedMoment
@@ -77,9 +78,6 @@ FUSED_DTYPES = ("float32", "float64")
 #: all threads (grain size 0): an OpenMP region per tensor, whose start and
 #: barrier cost more than a small tensor's update.
 SMALL = 32768
-#: Quantized steps of fewer values run on one thread (a thread's start costs
-#: about as much as stepping this many values).
-QUANTIZED_THREADED = 1 << 16
 #: The buffers of one variable the quantized kernel reads and writes, in order.
 _QUANTIZED_BUFFERS = (
     "var", "grad", "m_codes", "m_scales", "v_codes", "v_scales", "vh_codes", "vh_scales",
@@ -408,7 +406,9 @@ def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
             group_grads = [grads[i] for i in group.indices]
         else:
             members = [k for k, i in enumerate(group.indices) if grads[i] is not None]
-            group_grads = [_kernel_gradient(grads[group.indices[k]], group) for k in members]
+            group_grads = [
+                _dense(grads[group.indices[k]], group.dtype, group.device) for k in members
+            ]
         if not group_grads:
             continue
         params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = group.tensors(members)
@@ -483,13 +483,10 @@ def _quantized_step(
                 "weight_decay": hyper.weight_decay,
                 "learning_rate": scalars.learning_rate,
                 "bias_correction_2_sqrt": scalars.bias_correction_2_sqrt,
-                "maximize": hyper.maximize,
-                "l2": bool(hyper.weight_decay) and not hyper.decoupled_weight_decay,
-                "decoupled": bool(hyper.weight_decay) and hyper.decoupled_weight_decay,
-                "amsgrad": hyper.amsgrad,
-                "paper": hyper.epsilon_mode == "paper",
+                **quantized_kernel_flags(hyper, amsgrad=hyper.amsgrad),
             },
-            threads=torch.get_num_threads() if sum(sizes) >= QUANTIZED_THREADED else 1,
+            # The library starts a thread only for enough blocks of work.
+            threads=torch.get_num_threads(),
         )
     return rest
 
@@ -511,11 +508,6 @@ def _one_thread() -> Any:
         yield
     finally:
         torch.set_num_threads(threads)
-
-
-def _kernel_gradient(gradient: Any, group: _Group) -> torch.Tensor:
-    """`gradient` as the kernels read it: dense, contiguous, the group's dtype and device."""
-    return _dense(gradient, group.dtype, group.device)
 
 
 def _dense(gradient: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

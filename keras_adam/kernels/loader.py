@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -57,22 +58,46 @@ def load() -> Any | None:
     Builds it on first call if the cache does not hold it yet; the result
     (library or failure) is kept for the life of the process.
     """
+
+    def build() -> Any:
+        module, _state["library"] = _build_and_load()
+        return module
+
+    return load_once(
+        _state,
+        _lock,
+        "module",
+        build,
+        "keras_adam: the Adam kernels are unavailable (%s); using the keras.ops step "
+        f"instead (Keras's speed). Set {ENV_SWITCH}=0 to silence this.",
+    )
+
+
+def load_once(
+    state: dict[str, Any],
+    lock: threading.Lock,
+    key: str,
+    build: Callable[[], Any],
+    unavailable: str,
+) -> Any | None:
+    """`build()`'s result, built on the first call and kept in `state[key]`.
+
+    Shared by the kernels' loaders (this module's `load`, `quantized.load`,
+    `quantized_xla.available`): None where `KERAS_ADAM_KERNEL` disables the
+    kernels, or if `build` raised, which is logged once (`unavailable`, with
+    one `%s` for the error) and kept in `state["error"]`.
+    """
     if not enabled():
         return None
-    with _lock:
-        if "module" not in _state:
-            _state["module"] = None
+    with lock:
+        if key not in state:
+            state[key] = None
             try:
-                _state["module"], _state["library"] = _build_and_load()
+                state[key] = build()
             except Exception as error:  # noqa: BLE001 - any failure means: fall back
-                _state["error"] = error
-                _logger.warning(
-                    "keras_adam: the Adam kernels are unavailable (%s); using the "
-                    "keras.ops step instead (Keras's speed). Set %s=0 to silence this.",
-                    error,
-                    ENV_SWITCH,
-                )
-        return _state["module"]
+                state["error"] = error
+                _logger.warning(unavailable, error)
+        return state[key]
 
 
 def reset() -> None:

@@ -216,18 +216,11 @@ class QuantizedKernel:
 
 def load() -> QuantizedKernel | None:
     """The kernel, built on first use; None where it is disabled or unavailable (logged once)."""
-    if not loader.enabled():
-        return None
-    with _lock:
-        if "kernel" not in _state:
-            _state["kernel"] = None
-            try:
-                _state["kernel"] = QuantizedKernel(find_or_compile())
-            except Exception as error:  # noqa: BLE001 - any failure means: fall back
-                _state["error"] = error
-                _logger.warning(
-                    "keras_adam: the quantized Adam kernel is unavailable (%s); using the "
-                    "keras.ops step for quantized moments instead.",
-                    error,
-                )
-        return _state["kernel"]
+    return loader.load_once(
+        _state,
+        _lock,
+        "kernel",
+        lambda: QuantizedKernel(find_or_compile()),
+        "keras_adam: the quantized Adam kernel is unavailable (%s); using the keras.ops step "
+        "for quantized moments instead.",
+    )

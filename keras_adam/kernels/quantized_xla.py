@@ -16,7 +16,6 @@ step, which gives the same numbers to round-off.
 from __future__ import annotations
 
 import ctypes
-import logging
 import os
 import threading
 from typing import Any
@@ -31,10 +30,9 @@ from keras_adam.quantization import QuantizedMoment
 SOURCE = quantized._HERE / "quantized_adam_xla.cc"
 TARGET = "keras_adam_quantized_adam"
 
-#: Bits of the call's `flags` attribute.
-MAXIMIZE, L2, DECOUPLED, AMSGRAD, PAPER = 1, 2, 4, 8, 16
+#: The bit of each flag in the call's `flags` attribute (quantized_adam_xla.cc).
+FLAG_BITS = {"maximize": 1, "l2": 2, "decoupled": 4, "amsgrad": 8, "paper": 16}
 
-_logger = logging.getLogger("keras_adam")
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -45,27 +43,26 @@ def _flags() -> tuple[str, ...]:
 
 def available() -> bool:
     """Whether the custom call is registered (built and loaded on first use)."""
-    if not loader.enabled():
-        return False
-    with _lock:
-        if "registered" not in _state:
-            _state["registered"] = False
-            try:
-                path = quantized.find_or_compile(SOURCE, _flags(), "keras_adam_quantized_xla")
-                library = ctypes.CDLL(str(path))
-                jax.ffi.register_ffi_target(
-                    TARGET, jax.ffi.pycapsule(library.KerasAdamQuantizedAdamXla), platform="cpu"
-                )
-                _state["library"] = library
-                _state["registered"] = True
-            except Exception as error:  # noqa: BLE001 - any failure means: fall back
-                _state["error"] = error
-                _logger.warning(
-                    "keras_adam: the quantized Adam XLA kernel is unavailable (%s); using the "
-                    "keras.ops step for quantized moments instead.",
-                    error,
-                )
-        return _state["registered"]
+    return (
+        loader.load_once(
+            _state,
+            _lock,
+            "library",
+            _build_and_register,
+            "keras_adam: the quantized Adam XLA kernel is unavailable (%s); using the "
+            "keras.ops step for quantized moments instead.",
+        )
+        is not None
+    )
+
+
+def _build_and_register() -> ctypes.CDLL:
+    path = quantized.find_or_compile(SOURCE, _flags(), "keras_adam_quantized_xla")
+    library = ctypes.CDLL(str(path))
+    jax.ffi.register_ffi_target(
+        TARGET, jax.ffi.pycapsule(library.KerasAdamQuantizedAdamXla), platform="cpu"
+    )
+    return library
 
 
 def threads() -> int:
@@ -78,7 +75,7 @@ def step(
     grad: Any,
     moments: list[QuantizedMoment],
     scalars: Any,
-    flags: int,
+    flags: dict[str, bool],
 ) -> tuple[Any, list[tuple[Any, Any]]]:
     """One Adam step of one float32 variable with quantized moments.
 
@@ -87,7 +84,7 @@ def step(
         grad: Its dense gradient.
         moments: m, v and with AMSGrad v̂.
         scalars: The 7 float32 scalars (`engine.quantized_kernel_scalars`).
-        flags: `MAXIMIZE | L2 | DECOUPLED | AMSGRAD | PAPER`, those that apply.
+        flags: Which of `FLAG_BITS` apply (`engine.quantized_kernel_flags`).
 
     Returns:
         The new value and each moment's new `(codes, scales)`.
@@ -121,7 +118,7 @@ def step(
         m_zero=np.int32(m_lookup["zero"]),
         lut_shift=np.int32(m_lookup["lut_shift"]),
         lut_base=np.int32(m_lookup["lut_base"]),
-        flags=np.int32(flags),
+        flags=np.int32(sum(bit for name, bit in FLAG_BITS.items() if flags[name])),
         threads=np.int32(threads()),
     )
     pairs = [(outputs[1 + 2 * k], outputs[2 + 2 * k]) for k in range(len(moments))]
