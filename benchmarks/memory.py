@@ -67,9 +67,14 @@ BETA_1, BETA_2 = 0.9, 0.999
 TORCH_ADAM = "torch.optim.Adam (loop)"
 
 
-def ours(moment_dtype: str | None) -> str:
-    """The table label of `keras_adam.Adam(moment_dtype=...)`."""
-    return FLOAT32 if moment_dtype is None else f"keras_adam {moment_dtype}"
+#: Label suffix of a quantized optimizer with `quantize_embeddings=True`.
+TABLES = ", tables quantized"
+
+
+def ours(moment_dtype: str | None, tables: bool = False) -> str:
+    """The table label of `keras_adam.Adam(moment_dtype=..., quantize_embeddings=tables)`."""
+    label = FLOAT32 if moment_dtype is None else f"keras_adam {moment_dtype}"
+    return label + TABLES if tables else label
 
 
 @dataclass(frozen=True)
@@ -127,7 +132,7 @@ def settings(quick: bool = False, tiny: bool = False) -> Settings:
         return Settings(
             seeds=3,
             epochs=3,
-            samples={"convnet": 1280, "transformer": 320, "recommender": 3200},
+            samples={"convnet": 1280, "transformer": 320, "recommender": 100_000},
             error_shape=(512, 512),
             error_steps=100,
             state_widths=mlp,
@@ -139,7 +144,7 @@ def settings(quick: bool = False, tiny: bool = False) -> Settings:
     return Settings(
         seeds=3,
         epochs=8,
-        samples={"convnet": 8192, "transformer": 2048, "recommender": 32_768},
+        samples={"convnet": 8192, "transformer": 2048, "recommender": 100_000},
         error_shape=(1024, 1024),
         error_steps=100,
         state_widths=mlp,
@@ -173,8 +178,12 @@ def make_optimizer(label: str):
 
     if label == KERAS:
         return keras.optimizers.Adam(LEARNING_RATE, epsilon=EPSILON)
+    tables = label.endswith(TABLES)
+    label = label.removesuffix(TABLES)
     dtype = None if label == FLOAT32 else label.removeprefix("keras_adam ")
-    return keras_adam.Adam(learning_rate=LEARNING_RATE, epsilon=EPSILON, moment_dtype=dtype)
+    return keras_adam.Adam(
+        learning_rate=LEARNING_RATE, epsilon=EPSILON, moment_dtype=dtype, quantize_embeddings=tables
+    )
 
 
 def state_bytes(optimizer) -> int:
@@ -379,6 +388,8 @@ class QualityCase:
         data: Returns `(x, y)` for a number of samples.
         loss: The Keras loss name.
         batch_size: Batch size.
+        embeddings: Whether the model has embedding tables (then quantized
+            optimizers also run with `quantize_embeddings=True`).
     """
 
     name: str
@@ -386,11 +397,16 @@ class QualityCase:
     data: Callable
     loss: str
     batch_size: int
+    embeddings: bool = False
 
 
 def quality_cases() -> list[QualityCase]:
-    """The convnet, the transformer and the recommender of `benchmarks.models`."""
+    """The convnet, the transformer and the recommender (keras-io's MovieLens shape)."""
+    import functools
+
     from benchmarks import models
+
+    movielens = {"users": models.MOVIELENS_USERS, "movies": models.MOVIELENS_MOVIES}
 
     return [
         QualityCase(
@@ -406,9 +422,15 @@ def quality_cases() -> list[QualityCase]:
             models.transformer_data,
             "sparse_categorical_crossentropy",
             32,
+            embeddings=True,
         ),
         QualityCase(
-            "recommender", models.recommender, models.recommender_data, "binary_crossentropy", 64
+            "recommender",
+            functools.partial(models.recommender, **movielens),
+            functools.partial(models.recommender_data, **movielens),
+            "binary_crossentropy",
+            64,
+            embeddings=True,
         ),
     ]
 
@@ -445,11 +467,20 @@ def train_keras(
 
 
 def _our_quantized_share(model, label: str) -> float:
-    """Share of the trainable parameters whose moments are quantized (>= 4096 values)."""
-    sizes = [math.prod(v.shape) for v in model.trainable_variables]
-    if label in (KERAS, FLOAT32):
+    """Share of the trainable parameters whose moments are quantized."""
+    from keras_adam import quantization
+
+    variables = model.trainable_variables
+    if label == KERAS:
         return 0.0
-    return sum(n for n in sizes if n >= 4096) / sum(sizes)
+    optimizer = model.optimizer
+    quantized = [
+        v
+        for v in variables
+        if quantization.storage(optimizer.moment_dtype, v, optimizer.quantize_embeddings)
+        in quantization.QUANTIZED_DTYPES
+    ]
+    return sum(math.prod(v.shape) for v in quantized) / sum(math.prod(v.shape) for v in variables)
 
 
 def peer_quantized_share(optimizer, params: list) -> float:
@@ -464,7 +495,9 @@ def peer_quantized_share(optimizer, params: list) -> float:
     for param in params:
         state = optimizer.state.get(param, {})
         values = [v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0]
-        if any(hasattr(v, "dequantize") or v.dtype == torch.uint8 for v in values):
+        # torchao's state is a tensor subclass (OptimState8bit, ...), bitsandbytes' uint8;
+        # every tensor has a `dequantize` method, so that is no sign.
+        if any(type(v) is not torch.Tensor or v.dtype == torch.uint8 for v in values):
             quantized += param.numel()
     return quantized / sum(p.numel() for p in params)
 
@@ -512,17 +545,28 @@ def train_torch(case: QualityCase, factory: Callable, seed: int, data: tuple, ep
     return curves
 
 
-def run_quality(backend: str, config: Settings) -> tuple[list[dict], list[str]]:
-    """Train every case with every optimizer and seed; one row per (case, optimizer, seed)."""
+def run_quality(
+    backend: str, config: Settings, models: tuple[str, ...] | None = None
+) -> tuple[list[dict], list[str]]:
+    """Train every case (of `models`, default all) with every optimizer and seed.
+
+    Returns:
+        One row per (case, optimizer, seed), and notes on the torch peers.
+    """
     runs = []
     notes = []
     peers: dict[str, Callable] = {}
     if backend == "torch":
         peers, notes = torch_peers()
     for case in quality_cases():
+        if models is not None and case.name not in models:
+            continue
         for seed in range(config.seeds):
             data = split(case, config.samples[case.name], seed)
-            systems = [(ours(d), None) for d in our_dtypes()] + list(peers.items())
+            systems = [(ours(d), None) for d in our_dtypes()]
+            if case.embeddings:
+                systems += [(ours(d, tables=True), None) for d in quantized_available()]
+            systems += list(peers.items())
             for label, factory in systems:
                 start = time.perf_counter()
                 try:
@@ -569,7 +613,7 @@ def quality_table(backend: str, runs: list[dict], notes: list[str], config: Sett
         f"over the reference's seed-to-seed standard deviation (the reference: "
         f"`{FLOAT32}`; for torch's peers `{TORCH_ADAM}`; within ±2: indistinguishable "
         "from reseeding). *train loss*: the last epoch's mean training loss (the "
-        "recommender's held-out pairs are mostly users and items it never saw, so its "
+        "recommender's held-out pairs include movies rarely or never rated in training, so its "
         "training loss shows more). *quantized share*: the share of the parameters whose "
         "moments are stored in 8 or 4 bits (the rest keep float32 moments).",
         "",
@@ -588,6 +632,8 @@ def quality_table(backend: str, runs: list[dict], notes: list[str], config: Sett
                 for r in runs
                 if r["model"] == model and r["optimizer"] == label and "error" in r
             ]
+            if not finals and not errors:
+                continue  # not run on this model
             if not finals:
                 lines.append(f"| {model} | {label} | failed: {_cell(errors[0])} ||||||||")
                 continue
@@ -613,8 +659,8 @@ def quality_table(backend: str, runs: list[dict], notes: list[str], config: Sett
             "loss; keras_adam trains with `model.fit`. Peers get Keras's learning rate, "
             "β and ε, and weight_decay=0 (AdamW is then Adam). torchao keeps float32 "
             "state for a tensor whose size is not a multiple of its block size (256, 4-bit "
-            "128): see *quantized share* (the recommender's tables, 10 000 and 20 000 rows, "
-            "are not).",
+            "128): see *quantized share* (the recommender's tables, 610 and 9 724 rows of "
+            "50, are not).",
         ]
     lines += [f"- {note}" for note in notes]
     lines += [
@@ -994,8 +1040,17 @@ def _speed_reference(row: dict, rows: list[dict]) -> float | None:
 # ---------------------------------------------------------------- the report
 
 
-def measure(backend: str, parts: list[str], quick: bool, tiny: bool) -> tuple[str, dict]:
-    """Run the chosen parts in this process (of `backend`); the Markdown and the data."""
+def measure(
+    backend: str,
+    parts: list[str],
+    quick: bool,
+    tiny: bool,
+    models: tuple[str, ...] | None = None,
+) -> tuple[str, dict]:
+    """Run the chosen parts in this process (of `backend`); the Markdown and the data.
+
+    `models` limits the quality part to those cases (default: all).
+    """
     import keras
 
     if keras.backend.backend() != backend:
@@ -1033,7 +1088,7 @@ def measure(backend: str, parts: list[str], quick: bool, tiny: bool) -> tuple[st
             data["state"] = run_state(backend, config, quick, tiny)
             sections.append(state_table(backend, data["state"]))
         elif part == "quality":
-            data["quality"], notes = run_quality(backend, config)
+            data["quality"], notes = run_quality(backend, config, models)
             data["quality_notes"] = notes
             sections.append(quality_table(backend, data["quality"], notes, config))
         elif part == "error":
@@ -1098,6 +1153,12 @@ def main(argv: list[str] | None = None) -> str | None:
     parser.add_argument(
         "--part", nargs="+", choices=(*PARTS, "all"), default=["all"], help="one or more parts"
     )
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=("convnet", "transformer", "recommender"),
+        help="the quality part's models (default: all three)",
+    )
     parser.add_argument("--probe", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.probe:
@@ -1114,9 +1175,11 @@ def main(argv: list[str] | None = None) -> str | None:
             command = [sys.executable, "-m", "benchmarks.memory", "--backend", backend]
             command += ["--output", str(args.output), "--part", *args.part]
             command += ["--quick"] * args.quick + ["--tiny"] * args.tiny
+            command += ["--models", *args.models] if args.models else []
             subprocess.run(command, env={**os.environ, "KERAS_BACKEND": backend}, check=True)
             continue
-        table, data = measure(backend, parts, args.quick, args.tiny)
+        models = tuple(args.models) if args.models else None
+        table, data = measure(backend, parts, args.quick, args.tiny, models)
         print()
         print(table)
         for path in save(args.output, backend, table, data):

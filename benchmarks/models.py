@@ -119,28 +119,30 @@ def transformer_data(samples: int):
 
 
 USERS, MOVIES = 10_000, 20_000
+#: keras-io's dataset (MovieLens "small"): 610 users rated 9 724 movies 100 836 times.
+MOVIELENS_USERS, MOVIELENS_MOVIES = 610, 9_724
 
 
-def recommender():
+def recommender(users: int = USERS, movies: int = MOVIES):
     """keras-io's RecommenderNet: user and movie embeddings (50) and biases; sigmoid of the dot."""
     import keras
     from keras import layers, ops
 
     size = 50
     pair = keras.Input((2,), dtype="int32")
-    user = layers.Embedding(USERS, size, embeddings_regularizer=keras.regularizers.l2(1e-6))(
+    user = layers.Embedding(users, size, embeddings_regularizer=keras.regularizers.l2(1e-6))(
         pair[:, 0]
     )
-    movie = layers.Embedding(MOVIES, size, embeddings_regularizer=keras.regularizers.l2(1e-6))(
+    movie = layers.Embedding(movies, size, embeddings_regularizer=keras.regularizers.l2(1e-6))(
         pair[:, 1]
     )
-    user_bias = layers.Embedding(USERS, 1)(pair[:, 0])
-    movie_bias = layers.Embedding(MOVIES, 1)(pair[:, 1])
+    user_bias = layers.Embedding(users, 1)(pair[:, 0])
+    movie_bias = layers.Embedding(movies, 1)(pair[:, 1])
     score = ops.sum(user * movie, axis=1, keepdims=True) + user_bias + movie_bias
     return keras.Model(pair, ops.sigmoid(score))
 
 
-def recommender_data(samples: int):
+def recommender_data(samples: int, users: int = USERS, movies: int = MOVIES):
     """(user, movie) pairs with Zipf-like popularity; ratings from 8 hidden factors."""
     rng = np.random.default_rng(0)
 
@@ -148,11 +150,12 @@ def recommender_data(samples: int):
         p = 1.0 / np.arange(1, count + 1) ** 0.8
         return rng.choice(count, size=samples, p=p / p.sum())
 
-    users, movies = popular(USERS), popular(MOVIES)
-    u = rng.standard_normal((USERS, 8)).astype(np.float32)
-    m = rng.standard_normal((MOVIES, 8)).astype(np.float32)
-    rating = 1.0 / (1.0 + np.exp(-(u[users] * m[movies]).sum(axis=1) / 2))
-    return np.stack([users, movies], axis=1).astype(np.int32), rating.astype(np.float32)[:, None]
+    chosen_users, chosen_movies = popular(users), popular(movies)
+    u = rng.standard_normal((users, 8)).astype(np.float32)
+    m = rng.standard_normal((movies, 8)).astype(np.float32)
+    rating = 1.0 / (1.0 + np.exp(-(u[chosen_users] * m[chosen_movies]).sum(axis=1) / 2))
+    pairs = np.stack([chosen_users, chosen_movies], axis=1).astype(np.int32)
+    return pairs, rating.astype(np.float32)[:, None]
 
 
 def lstm():

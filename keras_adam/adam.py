@@ -111,7 +111,15 @@ class Adam(keras.optimizers.Optimizer):
             "float32", "float64", "bfloat16" or "float16"; or "int8" / "int4"
             for block-wise quantized moments, about 2 or 1 bytes of state
             per value instead of 8 (variables under 4096 values keep float32
-            moments). See the [memory page](../memory.md).
+            moments, and so do embedding tables unless
+            `quantize_embeddings`). See the [memory page](../memory.md).
+        quantize_embeddings: With a quantized `moment_dtype`, quantize the
+            moments of embedding tables too (variables named "embeddings",
+            as `keras.layers.Embedding` names its table). Off by default:
+            rows that a batch rarely touches share a block scale with rows
+            it touches often, and on an embedding recommender both int8 and
+            int4 tables ended measurably behind float32 moments (see the
+            [memory page](../memory.md#embedding-tables)).
         fused: None: each backend's fused path wherever it applies; True:
             demand it (`ValueError` where options or a variable rule it
             out); False: the `keras.ops` reference path, bit-identical to
@@ -146,6 +154,7 @@ class Adam(keras.optimizers.Optimizer):
         maximize: bool = False,
         lazy_sparse: bool = False,
         moment_dtype: str | None = None,
+        quantize_embeddings: bool = False,
         fused: bool | None = None,
         skip_nonfinite: bool = False,
         **kwargs: Any,
@@ -185,6 +194,14 @@ class Adam(keras.optimizers.Optimizer):
         maximize = validation.boolean("maximize", maximize)
         lazy_sparse = validation.boolean("lazy_sparse", lazy_sparse)
         moment_dtype = validation.choice("moment_dtype", moment_dtype, MOMENT_DTYPES)
+        quantize_embeddings = validation.boolean("quantize_embeddings", quantize_embeddings)
+        if quantize_embeddings and not quantization.is_quantized(moment_dtype):
+            raise ValueError(
+                "Argument `quantize_embeddings=True` needs a quantized `moment_dtype` "
+                f"({' or '.join(repr(d) for d in quantization.QUANTIZED_DTYPES)}). "
+                f"Received: quantize_embeddings={quantize_embeddings!r}, "
+                f"moment_dtype={moment_dtype!r}"
+            )
         if fused is not None:
             fused = validation.boolean("fused", fused)
         skip_nonfinite = validation.boolean("skip_nonfinite", skip_nonfinite)
@@ -225,6 +242,7 @@ class Adam(keras.optimizers.Optimizer):
         self.maximize = maximize
         self.lazy_sparse = lazy_sparse
         self.moment_dtype = moment_dtype
+        self.quantize_embeddings = quantize_embeddings
         self.fused = fused
         self.skip_nonfinite = skip_nonfinite
         self._skipped_steps: keras.Variable | None = None
@@ -337,7 +355,7 @@ class Adam(keras.optimizers.Optimizer):
             if strategy
             else contextlib.nullcontext()
         )
-        storage = quantization.storage(self.moment_dtype, reference)
+        storage = self._options().moment_storage(reference)
         with scope:
             if storage not in quantization.QUANTIZED_DTYPES:
                 return self.add_variable(
@@ -595,7 +613,9 @@ class Adam(keras.optimizers.Optimizer):
             rectify=self.rectify,
             maximize=self.maximize,
         )
-        return Options(hyper, self.fused, self.moment_dtype, self.lazy_sparse)
+        return Options(
+            hyper, self.fused, self.moment_dtype, self.lazy_sparse, self.quantize_embeddings
+        )
 
     def _update(self, grads: list, variables: list, learning_rate: Any) -> Update:
         """One step of `variables`, as the engine takes it."""
@@ -661,6 +681,7 @@ class Adam(keras.optimizers.Optimizer):
                 "maximize": self.maximize,
                 "lazy_sparse": self.lazy_sparse,
                 "moment_dtype": self.moment_dtype,
+                "quantize_embeddings": self.quantize_embeddings,
                 "fused": self.fused,
                 "skip_nonfinite": self.skip_nonfinite,
             }

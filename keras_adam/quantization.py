@@ -30,7 +30,9 @@ encodes them again (`decode`, `encode`), in `keras.ops`: under XLA and
 `jax.jit` these fuse into one pass. Variables smaller than
 `MIN_QUANTIZED_SIZE` values (biases, norms) keep float32 moments, as
 bitsandbytes does: they cost little and their moments are the most
-sensitive.
+sensitive. Embedding tables keep them too unless the optimizer has
+`quantize_embeddings=True`: measured on a recommender, their quantized
+moments cost more quality than reseeding does (docs/memory.md).
 
 State per value: int8 1 + 4/256 bytes, int4 0.5 + 4/128 bytes, against 4
 for float32.
@@ -52,6 +54,10 @@ QUANTIZED_DTYPES = ("int8", "int4")
 #: Variables with fewer values keep float32 moments.
 MIN_QUANTIZED_SIZE = 4096
 
+#: The name of an embedding table's variable (`keras.layers.Embedding`'s,
+#: and its subclasses'): float32 moments unless `quantize_embeddings`.
+EMBEDDINGS_NAME = "embeddings"
+
 
 @dataclasses.dataclass(frozen=True)
 class Format:
@@ -67,7 +73,7 @@ class Format:
     bits: int
     block_size: int
     signed: bool
-    #: The small arrays `nearest_codes` gathers from (built once, NumPy).
+    #: The code table and the arrays `nearest_codes` looks up in (built once, NumPy).
     lookup: dict = dataclasses.field(init=False, repr=False, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -119,18 +125,28 @@ def is_quantized(moment_dtype: str | None) -> bool:
     return moment_dtype in QUANTIZED_DTYPES
 
 
-def storage(moment_dtype: str | None, variable: Any) -> str | None:
+def storage(
+    moment_dtype: str | None, variable: Any, quantize_embeddings: bool = False
+) -> str | None:
     """How the moments of `variable` are stored under `moment_dtype`.
+
+    Args:
+        moment_dtype: The optimizer's `moment_dtype`.
+        variable: A model variable.
+        quantize_embeddings: Quantize an embedding table's moments too (a
+            variable named `EMBEDDINGS_NAME`).
 
     Returns:
         "int8" or "int4" for a variable of at least `MIN_QUANTIZED_SIZE`
-        values under a quantized `moment_dtype`; for a smaller one, float32
-        (float64 for a float64 variable); else `moment_dtype` itself (None:
-        the variable's dtype).
+        values under a quantized `moment_dtype` (an embedding table only
+        with `quantize_embeddings`); for another, float32 (float64 for a
+        float64 variable); else `moment_dtype` itself (None: the
+        variable's dtype).
     """
     if not is_quantized(moment_dtype):
         return moment_dtype
-    if math.prod(variable.shape) >= MIN_QUANTIZED_SIZE:
+    embedding = getattr(variable, "name", None) == EMBEDDINGS_NAME
+    if math.prod(variable.shape) >= MIN_QUANTIZED_SIZE and (quantize_embeddings or not embedding):
         return moment_dtype
     dtype = keras.backend.standardize_dtype(variable.dtype)
     return "float64" if dtype == "float64" else "float32"
@@ -145,27 +161,13 @@ def _magnitudes(counts: tuple[int, ...]) -> np.ndarray:
 
 
 def _lookup(fmt: Format) -> dict[str, np.ndarray]:
-    """The code table and the small arrays `nearest_codes` gathers from."""
-    counts = np.array(fmt.decade_counts)
+    """The code table and the arrays `nearest_codes` and the kernels look up in."""
     magnitudes = fmt.magnitudes
     if fmt.signed:
         table = np.concatenate([-magnitudes, [0.0], magnitudes[::-1]])
     else:
         table = magnitudes[::-1]
-    low = 10.0 ** (-np.arange(len(counts)) - 1)
-    midpoints = (table[:-1] + table[1:]) / 2
-    return {
-        **_kernel_lookup(fmt, table),
-        "table": table.astype(np.float32),
-        "low": low.astype(np.float32),
-        "step": (9 * low / counts).astype(np.float32),
-        "count": counts.astype(np.float32),
-        "offset": np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.float32),
-        # mid_above[i]: between codes i and i+1 (+inf past the last);
-        # mid_below[i]: between codes i-1 and i (-inf before the first).
-        "mid_above": np.append(midpoints, np.inf).astype(np.float32),
-        "mid_below": np.insert(midpoints, 0, -np.inf).astype(np.float32),
-    }
+    return {**_kernel_lookup(fmt, table), "table": table.astype(np.float32)}
 
 
 #: The kernel's lookup cells: the top 7 mantissa bits of a float32 magnitude
@@ -177,7 +179,7 @@ _CELL_BASE = (127 - 32) << _CELL_BITS
 
 
 def _kernel_lookup(fmt: Format, table: np.ndarray) -> dict[str, Any]:
-    """The arrays of the C++ kernel's encoder (`kernels/quantized_adam.h`).
+    """The arrays of the encoder (`nearest_codes`, `kernels/quantized_adam.h`).
 
     The midpoints between consecutive magnitudes (ascending, with 0 first
     for a signed map; float32, as `encode` compares with; +inf after the
@@ -222,34 +224,24 @@ def _kernel_lookup(fmt: Format, table: np.ndarray) -> dict[str, Any]:
 
 
 def nearest_codes(normalized: Any, fmt: Format) -> Any:
-    """The code nearest to each value of `normalized` (in [-1, 1]), as int32.
+    """The code nearest to each value of `normalized` (float32, in [-1, 1]), as int32.
 
-    A first guess from the decade and the even steps inside it is off by
-    at most one code (at a decade's edge, or below the smallest decade);
-    one comparison with the midpoints on each side settles it.
+    From the packed lookup table (`_kernel_lookup`), as the C++ kernels
+    encode: the cell of a magnitude's float32 bits gives the nearest
+    magnitude at the cell's low end and the low bits of the one midpoint
+    inside the cell; one integer comparison settles the rest. A value
+    exactly at a midpoint gets the smaller magnitude; NaN the largest.
     """
-    names = ("low", "step", "count", "offset", "mid_above", "mid_below")
-    arrays = {name: ops.convert_to_tensor(fmt.lookup[name]) for name in names}
-    decades = len(fmt.decade_counts)
-    magnitude = ops.abs(normalized)
-    tiny = np.float32(10.0 ** (-decades - 1))
-    decade = ops.floor(ops.negative(ops.log10(ops.maximum(magnitude, tiny))))
-    decade = ops.cast(ops.clip(decade, 0, decades - 1), "int32")
-    low = ops.take(arrays["low"], decade)
-    step = ops.take(arrays["step"], decade)
-    count = ops.take(arrays["count"], decade)
-    j = ops.clip(ops.round(ops.divide(ops.subtract(magnitude, low), step)), 0.0, count)
-    # Index among the magnitudes from the largest down (P: below them all).
-    rank = ops.subtract(ops.add(ops.take(arrays["offset"], decade), count), j)
-    positives = float(sum(fmt.decade_counts))
-    if fmt.signed:
-        guess = ops.where(ops.less(normalized, 0.0), rank, ops.subtract(2.0 * positives, rank))
-    else:
-        guess = ops.clip(ops.subtract(positives - 1.0, rank), 0.0, positives - 1.0)
-    guess = ops.cast(guess, "int32")
-    up = ops.greater(normalized, ops.take(arrays["mid_above"], guess))
-    down = ops.less(normalized, ops.take(arrays["mid_below"], guess))
-    return ops.add(guess, ops.subtract(ops.cast(up, "int32"), ops.cast(down, "int32")))
+    lookup = fmt.lookup
+    shift, base = lookup["lut_shift"], lookup["lut_base"]
+    bits = ops.bitwise_and(ops.view(normalized, "int32"), 0x7FFFFFFF)  # |x|, NaN included
+    cell = ops.clip(ops.subtract(ops.right_shift(bits, shift), base), 0, lookup["lut"].size - 1)
+    entry = ops.take(ops.convert_to_tensor(lookup["lut"]), cell)
+    above = ops.greater(ops.bitwise_and(bits, (1 << shift) - 1), ops.right_shift(entry, 8))
+    k = ops.add(ops.bitwise_and(entry, 0xFF), ops.cast(above, "int32"))
+    if not fmt.signed:
+        return k
+    return ops.add(ops.where(ops.less(normalized, 0.0), ops.negative(k), k), lookup["zero"])
 
 
 def _blocks(flat: Any, size: int, block_size: int) -> Any:

@@ -121,7 +121,8 @@ def check_layout(optimizer: Any, saved: dict | None, arrays: list[np.ndarray]) -
         raise ValueError(
             f"{where}: the saved state has {len(entries)} variables but this optimizer "
             f"has {len(own['variables'])}. Was it saved for another model, or with other "
-            "options (amsgrad, skip_nonfinite, use_ema, gradient_accumulation_steps)?"
+            "options (amsgrad, quantize_embeddings, skip_nonfinite, use_ema, "
+            "gradient_accumulation_steps)?"
         )
     for i, (entry, mine, array) in enumerate(zip(entries, own["variables"], arrays, strict=True)):
         if not _same_variable(entry["name"], mine["name"]) or entry["shape"] != mine["shape"]:

@@ -49,16 +49,18 @@ class Options:
         moment_dtype: dtype of the moments, or None for the variable's;
             "int8" or "int4" for quantized moments (`moment_storage`).
         lazy_sparse: Update only the rows a sparse gradient touches.
+        quantize_embeddings: Quantize embedding tables' moments too.
     """
 
     hyper: Hyperparameters
     fused: bool | None = None
     moment_dtype: str | None = None
     lazy_sparse: bool = False
+    quantize_embeddings: bool = False
 
     def moment_storage(self, variable: Any) -> str | None:
         """How the moments of `variable` are stored (`quantization.storage`)."""
-        return quantization.storage(self.moment_dtype, variable)
+        return quantization.storage(self.moment_dtype, variable, self.quantize_embeddings)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,20 +1,46 @@
 """`python -m keras_adam.kernels build` (`keras-adam-kernels build`): compile ahead.
 
-For Docker images and CI: run it once after installing keras_adam (and
-TensorFlow), and the first training step loads the library instead of
-waiting for the compiler. It prints the library's path and exits with
-status 0 (at once if the cache already holds it), or prints one line
-saying why it cannot build and exits with status 1. The cache directory is
-`$KERAS_ADAM_CACHE_DIR`, else `$XDG_CACHE_HOME/keras_adam`, else
-`~/.cache/keras_adam`; copy it along (or set the variable to a directory
-inside the image) if the image runs as another user.
+For Docker images and CI: run it once after installing keras_adam and the
+backends you use, and the first training step loads the kernels instead of
+waiting for the compiler. It builds every library that applies here: the
+TensorFlow ops (if TensorFlow is installed), the quantized-moments library
+(PyTorch's path; it needs only a compiler) and its XLA custom call (if JAX
+is installed). It prints each library's path, one per line, and exits with
+status 0 (at once if the cache already holds them), or prints one line per
+library it cannot build, saying why, and exits with status 1. The cache
+directory is `$KERAS_ADAM_CACHE_DIR`, else `$XDG_CACHE_HOME/keras_adam`,
+else `~/.cache/keras_adam`; copy it along (or set the variable to a
+directory inside the image) if the image runs as another user.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
+from collections.abc import Callable
+from pathlib import Path
+
+
+def _libraries() -> list[tuple[str, Callable[[], Path]]]:
+    """(what, build) for each library that applies to the installed backends."""
+    from keras_adam import kernels
+    from keras_adam.kernels import quantized
+
+    libraries: list[tuple[str, Callable[[], Path]]] = []
+    if importlib.util.find_spec("tensorflow") is not None:
+        libraries.append(("the kernels", kernels.build))
+    libraries.append(("the quantized Adam kernel", quantized.build))
+    if importlib.util.find_spec("jax") is not None:
+
+        def xla() -> Path:
+            from keras_adam.kernels import quantized_xla
+
+            return quantized_xla.build()
+
+        libraries.append(("the quantized Adam XLA kernel", xla))
+    return libraries
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,15 +50,15 @@ def main(argv: list[str] | None = None) -> int:
         argv: The arguments (default: `sys.argv[1:]`).
 
     Returns:
-        The exit status: 0 if the library is built and loads, 1 if not.
+        The exit status: 0 if every library is built and loads, 1 if not.
     """
     parser = argparse.ArgumentParser(
         prog="python -m keras_adam.kernels",
-        description="Build keras_adam's TensorFlow kernels ahead of their first use.",
+        description="Build keras_adam's C++ kernels ahead of their first use.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     build = commands.add_parser(
-        "build", help="compile the kernels unless cached; print the library's path"
+        "build", help="compile the kernels unless cached; print each library's path"
     )
     build.add_argument(
         "-v", "--verbose", action="store_true", help="on failure, print the whole error"
@@ -43,19 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(format="%(message)s", level=logging.WARNING)
-    from keras_adam import kernels
-
-    try:
-        library = kernels.build()
-    except Exception as error:  # noqa: BLE001 - any failure is reported, not raised
-        text = str(error).strip() or type(error).__name__
-        lines = text.splitlines()
-        print(f"keras_adam.kernels: cannot build the kernels: {lines[0]}", file=sys.stderr)
-        if args.verbose and len(lines) > 1:
-            print("\n".join(lines[1:]), file=sys.stderr)
-        return 1
-    print(library)
-    return 0
+    status = 0
+    for what, build_library in _libraries():
+        try:
+            library = build_library()
+        except Exception as error:  # noqa: BLE001 - any failure is reported, not raised
+            text = str(error).strip() or type(error).__name__
+            lines = text.splitlines()
+            print(f"keras_adam.kernels: cannot build {what}: {lines[0]}", file=sys.stderr)
+            if args.verbose and len(lines) > 1:
+                print("\n".join(lines[1:]), file=sys.stderr)
+            status = 1
+            continue
+        print(library, flush=True)
+    return status
 
 
 if __name__ == "__main__":

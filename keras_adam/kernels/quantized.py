@@ -214,6 +214,21 @@ class QuantizedKernel:
             raise RuntimeError(f"the quantized Adam kernel failed ({result})")
 
 
+def build() -> Path:
+    """Build the library unless the cache holds it, and check that it loads.
+
+    What `python -m keras_adam.kernels build` runs for this library.
+
+    Returns:
+        Its path in the kernels' cache.
+
+    Raises:
+        RuntimeError: If there is no compiler, the compile fails or the
+            library is of another ABI.
+    """
+    return QuantizedKernel(find_or_compile()).path
+
+
 def load() -> QuantizedKernel | None:
     """The kernel, built on first use; None where it is disabled or unavailable (logged once)."""
     return loader.load_once(

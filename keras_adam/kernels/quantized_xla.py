@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -56,9 +57,23 @@ def available() -> bool:
     )
 
 
-def _build_and_register() -> ctypes.CDLL:
+def build() -> Path:
+    """Build the library unless the cache holds it (`python -m keras_adam.kernels build`).
+
+    Returns:
+        Its path in the kernels' cache.
+
+    Raises:
+        RuntimeError: If there is no compiler or the compile fails.
+        OSError: If the library does not load.
+    """
     path = quantized.find_or_compile(SOURCE, _flags(), "keras_adam_quantized_xla")
-    library = ctypes.CDLL(str(path))
+    ctypes.CDLL(str(path)).KerasAdamQuantizedAdamXla  # noqa: B018 - it must resolve
+    return path
+
+
+def _build_and_register() -> ctypes.CDLL:
+    library = ctypes.CDLL(str(build()))
     jax.ffi.register_ffi_target(
         TARGET, jax.ffi.pycapsule(library.KerasAdamQuantizedAdamXla), platform="cpu"
     )

@@ -83,6 +83,40 @@ def test_encoding_is_the_nearest_code_of_each_block(moment_dtype, signed, size):
     assert mismatched.mean() < 1e-3
 
 
+@pytest.mark.parametrize(("moment_dtype", "signed"), FORMATS)
+def test_each_value_gets_the_code_below_which_no_midpoint_lies(moment_dtype, signed):
+    # The rule every path shares (keras.ops here, the C++ kernels, the XLA
+    # call): the magnitude index is the number of float32 midpoints strictly
+    # below |y| (a value at a midpoint takes the smaller magnitude; NaN the
+    # largest), the sign from y < 0. Checked where it is hardest: at every
+    # midpoint, one ulp either side, 0, -0, denormals, 1, ±inf and NaN.
+    fmt = _format(moment_dtype, signed)
+    table = fmt.table.astype(np.float64)
+    # Midpoints of the exact (float64) map, rounded to float32.
+    magnitudes = np.sort(np.append(fmt.magnitudes, [0.0] if signed else []))
+    midpoints = ((magnitudes[:-1] + magnitudes[1:]) / 2).astype(np.float32)
+    special = np.float32([0.0, -0.0, 1e-45, 1e-40, 2.0**-33, 1.0, np.inf, np.nan, 1e-3])
+    y = np.concatenate(
+        [midpoints, np.nextafter(midpoints, 2), np.nextafter(midpoints, 0), special]
+        + [_heavy_tailed(np.random.default_rng(0), 5000, signed=False).clip(0, 1)]
+    )
+    if signed:
+        y = np.concatenate([y, -y])
+    codes = ops.convert_to_numpy(quantization.nearest_codes(ops.convert_to_tensor(y), fmt))
+    k = np.searchsorted(midpoints, np.abs(y), side="left")
+    k = np.where(np.isnan(y), len(midpoints), k)
+    if signed:
+        zero = int(np.flatnonzero(table == 0)[0])
+        expected = zero + np.where(y < 0, -k, k)
+    else:
+        expected = k
+    np.testing.assert_array_equal(codes, expected)
+    # And it is a nearest code wherever the midpoint's rounding allows.
+    finite = np.isfinite(y)
+    gap = np.abs(table[codes[finite]] - y[finite]) - np.abs(table[None] - y[finite, None]).min(1)
+    assert gap.max() <= 2.0**-24 * np.abs(y[finite]).max()
+
+
 @settings(max_examples=30, deadline=None)
 @given(
     x=hnp.arrays(
@@ -308,8 +342,67 @@ def test_a_skipped_step_leaves_quantized_state_exactly():
         ({"moment_dtype": "int2"}, "moment_dtype='int2'"),
         ({"moment_dtype": "int8", "lazy_sparse": True}, "lazy_sparse=True, moment_dtype='int8'"),
         ({"moment_dtype": "int4", "fused": True}, "fused=True, moment_dtype='int4'"),
+        (
+            {"moment_dtype": "bfloat16", "quantize_embeddings": True},
+            "quantize_embeddings=True, moment_dtype='bfloat16'",
+        ),
+        ({"quantize_embeddings": True}, "quantize_embeddings=True, moment_dtype=None"),
+        ({"moment_dtype": "int8", "quantize_embeddings": "yes"}, "quantize_embeddings='yes'"),
     ],
 )
 def test_combinations_that_cannot_work_are_refused(arguments, message):
     with pytest.raises(ValueError, match=message):
         keras_adam.Adam(**arguments)
+
+
+# -- embedding tables ---------------------------------------------------------------------
+
+
+def _embedding_model():
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((3,), dtype="int32")
+    rows = keras.layers.Embedding(1000, 8, name="table")(ids)  # 8000 values
+    return keras.Model(ids, keras.layers.Dense(4096, name="wide")(rows))
+
+
+def _moment_kinds(optimizer, model):
+    return {
+        variable.name: type(optimizer._momentums[optimizer._get_variable_index(variable)])
+        for variable in model.trainable_variables
+    }
+
+
+@pytest.mark.parametrize("moment_dtype", ["int8", "int4"])
+def test_embedding_tables_keep_float32_moments_unless_asked(moment_dtype):
+    model = _embedding_model()
+    plain = keras_adam.Adam(moment_dtype=moment_dtype)
+    plain.build(model.trainable_variables)
+    kinds = _moment_kinds(plain, model)
+    assert kinds["embeddings"] is not quantization.QuantizedMoment
+    assert kinds["kernel"] is quantization.QuantizedMoment  # 8 x 4096 values
+    assert kinds["bias"] is quantization.QuantizedMoment  # 4096 values
+    table = plain._momentums[plain._get_variable_index(model.get_layer("table").embeddings)]
+    assert keras.backend.standardize_dtype(table.dtype) == "float32"
+
+    asked = keras_adam.Adam(moment_dtype=moment_dtype, quantize_embeddings=True)
+    asked.build(model.trainable_variables)
+    assert set(_moment_kinds(asked, model).values()) == {quantization.QuantizedMoment}
+    assert keras_adam.Adam.from_config(asked.get_config()).quantize_embeddings is True
+
+
+def test_an_embedding_table_steps_as_float_adam_next_to_quantized_moments():
+    # Varied gradients: quantized moments of the table would miss by about 1e-3.
+    rng = np.random.default_rng(0)
+    model, reference = _embedding_model(), _embedding_model()
+    steps = [[rng.standard_normal(v.shape).astype(np.float32) for v in model.trainable_variables]]
+    steps *= 3
+    for optimizer, net in (
+        (keras_adam.Adam(learning_rate=0.1, moment_dtype="int8"), model),
+        (keras_adam.Adam(learning_rate=0.1), reference),
+    ):
+        for grads in steps:
+            optimizer.apply([ops.convert_to_tensor(g) for g in grads], net.trainable_variables)
+    table, expected = model.get_layer("table").embeddings, reference.get_layer("table").embeddings
+    np.testing.assert_allclose(table.numpy(), expected.numpy(), rtol=1e-6, atol=1e-7)
+    kernel, other = model.get_layer("wide").kernel, reference.get_layer("wide").kernel
+    assert np.abs(kernel.numpy() - other.numpy()).max() > 1e-5  # quantized: not float Adam

@@ -160,6 +160,22 @@ def test_keras_numbering_of_layers_is_not_an_edit():
     renumbered.optimizer.load_own_variables(store)
 
 
+def test_state_saved_with_quantized_embeddings_is_refused_without_them():
+    def recommender(**options):
+        keras.utils.set_random_seed(3)
+        ids = keras.Input((1,), dtype="int32")
+        rows = keras.layers.Embedding(600, 8)(ids)
+        model = keras.Model(ids, keras.layers.Dense(10)(keras.layers.Flatten()(rows)))
+        model.compile(optimizer=keras_adam.Adam(moment_dtype="int8", **options), loss=LOSS)
+        return model
+
+    store = {}
+    saving = recommender(quantize_embeddings=True)
+    saving.fit(np.arange(64)[:, None], np.arange(64) % 10, epochs=1, verbose=0)
+    saving.optimizer.save_own_variables(store)
+    _refused(recommender(), store, "quantize_embeddings")
+
+
 def test_state_of_another_shape_is_refused():
     store = {}
     _trained(compiled("int8")).optimizer.save_own_variables(store)

@@ -41,6 +41,23 @@ def test_memory_benchmark_reports_every_part(tmp_path):
                 assert len(run["val_loss"]) == config.epochs
                 assert all(math.isfinite(v) for v in run["val_loss"] + run["loss"])
             assert f"| {model} | {label} | " in table
+    # Embedding tables keep float32 moments by default; the tables' variants quantize them.
+    for dtype in memory.quantized_available():
+        for model in ("transformer", "recommender"):
+            mine = [r for r in data["quality"] if r["model"] == model]
+            default = {r["quantized_share"] for r in mine if r["optimizer"] == memory.ours(dtype)}
+            tables = {
+                r["quantized_share"]
+                for r in mine
+                if r["optimizer"] == memory.ours(dtype, tables=True)
+            }
+            assert len(tables) == 1 and max(tables) > max(default), (model, default, tables)
+        recommender = {
+            r["quantized_share"]
+            for r in data["quality"]
+            if r["model"] == "recommender" and r["optimizer"] == memory.ours(dtype)
+        }
+        assert recommender == {0.0}  # nothing but embedding tables
 
     assert [r["optimizer"] for r in data["error"]] == ours
     for row in data["error"]:
@@ -58,3 +75,22 @@ def test_memory_benchmark_reports_every_part(tmp_path):
         "## Optimizer state and peak memory (tensorflow)"
         in (tmp_path / "memory_state.md").read_text()
     )
+
+
+def test_a_peers_quantized_share_counts_only_low_bit_state():
+    import torch
+
+    class OptimState8bit(torch.Tensor):  # how torchao's state looks: a tensor subclass
+        pass
+
+    params = [torch.zeros(300), torch.zeros(100), torch.zeros(600)]
+    quantized = torch.zeros(300).as_subclass(OptimState8bit)
+
+    class Optimizer:
+        state = {
+            params[0]: {"exp_avg": quantized, "step": torch.tensor(1.0)},
+            params[1]: {"exp_avg": torch.zeros(100), "exp_avg_sq": torch.zeros(100)},
+            params[2]: {"state1": torch.zeros(600, dtype=torch.uint8)},  # bitsandbytes'
+        }
+
+    assert memory.peer_quantized_share(Optimizer(), params) == 0.9

@@ -3,9 +3,11 @@
 - A cold cache compiles once, with one WARNING when the compile starts
   (naming the library's path) and one with its duration when it ends, seen
   on stderr by a user who configured no logging; a warm cache loads quietly.
-- `python -m keras_adam.kernels build` builds ahead (Docker images, CI): it
-  prints the library's path and exits 0, again at once when cached; it exits
-  1 with one line saying why when it cannot build.
+- `python -m keras_adam.kernels build` builds ahead (Docker images, CI):
+  the TensorFlow library, the quantized-moments library and its XLA call
+  (TensorFlow and JAX are installed here). It prints their paths, one per
+  line, and exits 0, again at once when cached; it exits 1 with one line per
+  library saying why when it cannot build.
 - Where no compiler is found, a library built ahead is loaded.
 - The cache key is what changes the binary: the sources, TensorFlow's
   version and flags, the compiler's version; not where TensorFlow, the
@@ -86,37 +88,62 @@ def test_a_warm_cache_loads_without_a_word(cold):
     assert START not in result.stderr and DONE not in result.stderr
 
 
+#: The libraries' file name stems, in the order the build command prints them.
+STEMS = ("keras_adam_kernels-", "keras_adam_quantized-", "keras_adam_quantized_xla-")
+
+
+def _printed(result):
+    return result.stdout.strip().splitlines()
+
+
 @needs_compiler
-def test_build_command_prints_the_path_and_is_idempotent(cold, tmp_path):
+def test_build_command_prints_the_paths_and_is_idempotent(cold, tmp_path):
     cache, first = cold
-    library = first.stdout.strip()
+    library = first.stdout.strip()  # the TensorFlow library load() built
+    printed = None
     for _ in range(2):
         result, _ = python(["-m", "keras_adam.kernels", "build"], cache)
         assert result.returncode == 0, result.stderr[-3000:]
-        assert result.stdout.strip() == library
+        assert _printed(result)[0] == library
+        assert printed in (None, _printed(result))
+        printed = _printed(result)
         assert START not in result.stderr
-    assert len(list(cache.glob("*.so"))) == 1
+    names = sorted(os.path.basename(p) for p in printed)
+    assert sorted(p.name for p in cache.glob("*.so")) == names
 
 
 @needs_compiler
-def test_build_command_builds_into_an_empty_cache(tmp_path):
+def test_build_command_builds_every_library_into_an_empty_cache(tmp_path):
     result, _ = python(["-m", "keras_adam.kernels", "build"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    library = result.stdout.strip()
-    assert os.path.dirname(library) == str(tmp_path) and os.path.isfile(library)
+    libraries = _printed(result)
+    assert all(
+        os.path.basename(p).startswith(stem) for p, stem in zip(libraries, STEMS, strict=True)
+    )
+    for library in libraries:
+        assert os.path.dirname(library) == str(tmp_path) and os.path.isfile(library)
     assert result.stderr.count(START) == 1 and result.stderr.count(DONE) == 1
     again, _ = python(["-m", "keras_adam.kernels", "build"], tmp_path)
-    assert again.returncode == 0 and again.stdout.strip() == library
+    assert again.returncode == 0 and _printed(again) == libraries
     assert START not in again.stderr
+    # What the build made is what the backends then load, without compiling.
+    loaded, _ = python(
+        ["-c", "from keras_adam.kernels import quantized; print(quantized.load().path)"], tmp_path
+    )
+    assert loaded.stdout.strip() == libraries[1], loaded.stderr[-3000:]
 
 
-def test_build_command_fails_with_one_line_and_status_1(tmp_path):
+def test_build_command_fails_with_one_line_per_library_and_status_1(tmp_path):
     # No compiler on an empty PATH, and nothing built ahead in the cache.
     result, _ = python(["-m", "keras_adam.kernels", "build"], tmp_path, PATH="", CXX="")
     assert result.returncode == 1
     lines = [line for line in result.stderr.splitlines() if "keras_adam" in line]
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("keras_adam.kernels: cannot build the kernels: no C++ compiler")
+    assert [line.split(":")[1] for line in lines] == [
+        " cannot build the kernels",
+        " cannot build the quantized Adam kernel",
+        " cannot build the quantized Adam XLA kernel",
+    ], result.stderr
+    assert all("no C++ compiler" in line for line in lines)
     assert result.stdout == ""
 
 
@@ -222,11 +249,13 @@ def test_a_compile_error_is_one_line_from_the_build_command(monkeypatch, tmp_pat
     finally:
         kernels.reset()  # the next load() (unpatched) finds the real library
     captured = capsys.readouterr()
-    assert captured.out == ""
     lines = [line for line in captured.err.splitlines() if line.startswith("keras_adam.kernels")]
     assert len(lines) == 1
     assert "cannot build the kernels: compiling multi_tensor_adam.cc failed" in lines[0]
-    assert not list((tmp_path / "cache").glob("*.so"))  # nothing half-written is left
+    # The other libraries still build; nothing of the broken one is left half-written.
+    built = sorted(p.name for p in (tmp_path / "cache").glob("*.so"))
+    assert [os.path.basename(p) for p in sorted(captured.out.split())] == built
+    assert [name.startswith(STEMS[0]) for name in built] == [False, False]
 
 
 def test_a_process_that_waits_for_another_ones_compile_says_so(tmp_path, caplog):
