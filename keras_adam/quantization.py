@@ -26,13 +26,15 @@ of Dettmers et al. (2022, arXiv:2110.02861) and Li et al. (NeurIPS 2023):
 - int4 codes are packed two per byte, the first value in the low nibble.
 
 A step decodes the moments, runs the float32 step of `update_rule`, and
-encodes them again (`decode`, `encode`), in `keras.ops`: under XLA and
-`jax.jit` these fuse into one pass. Variables smaller than
+encodes them again (`decode`, `encode`), in `keras.ops` (XLA fuses them
+into a few passes), or in one pass per block in the C++ kernels
+(`keras_adam/kernels`). Variables smaller than
 `MIN_QUANTIZED_SIZE` values (biases, norms) keep float32 moments, as
 bitsandbytes does: they cost little and their moments are the most
 sensitive. Embedding tables keep them too unless the optimizer has
-`quantize_embeddings=True`: measured on a recommender, their quantized
-moments cost more quality than reseeding does (docs/memory.md).
+`quantize_embeddings=True`: measured on a recommender, quantized tables
+take a different path from Adam's, ahead early and behind at the end
+(docs/memory.md, "Embedding tables").
 
 State per value: int8 1 + 4/256 bytes, int4 0.5 + 4/128 bytes, against 4
 for float32.

@@ -66,6 +66,7 @@ def build() -> Path:
     Raises:
         RuntimeError: If there is no compiler or the compile fails.
         OSError: If the library does not load.
+        AttributeError: If it lacks the handler.
     """
     path = quantized.find_or_compile(SOURCE, _flags(), "keras_adam_quantized_xla")
     ctypes.CDLL(str(path)).KerasAdamQuantizedAdamXla  # noqa: B018 - it must resolve
