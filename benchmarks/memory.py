@@ -10,8 +10,10 @@ on one Keras backend per process (Keras reads `KERAS_BACKEND` once):
   a few steps, each configuration in a fresh process of its own;
 - `quality`: three models shaped like keras-io examples (`benchmarks.models`:
   the MNIST convnet, the transformer text classifier, the embedding
-  recommender) on synthetic data, several seeds: final validation loss and
-  per-epoch loss curves of int8 and int4 beside float32's seed-to-seed spread.
+  recommender at keras-io's MovieLens shape) on synthetic data, several
+  seeds: final validation loss and per-epoch loss curves of int8 and int4
+  beside float32's seed-to-seed spread; on the models with embedding tables
+  also with `quantize_embeddings=True` ("tables quantized").
   On the torch backend, torch's own low-bit Adams (torchao's `AdamW8bit` and
   `AdamW4bit`, bitsandbytes' `Adam8bit`, whichever import) train the same
   models, from the same weights, in the same data order, in a plain torch loop;
@@ -26,13 +28,15 @@ Usage::
 
     python -m benchmarks.memory [--backend tensorflow|jax|torch|all] [--quick]
         [--output DIR] [--part state|quality|error|speed|all ...]
+        [--models convnet|transformer|recommender ...]
 
 Writes `memory_<backend>.md` (the tables), `memory_<backend>.json` (every
 number, the loss curves included) and `memory_<backend>_loss.png` (with
 matplotlib), and `memory_state.md`, the state tables of every backend
 measured so far side by side, under `--output` (default benchmarks/results).
-Until `keras_adam` has `moment_dtype="int8"`/`"int4"`, their rows are left
-out and the report says so.
+`--models` limits the quality part to some models. Until `keras_adam` has
+`moment_dtype="int8"`/`"int4"`, their rows are left out and the report
+says so.
 """
 
 from __future__ import annotations
