@@ -176,17 +176,18 @@ def quantized_kernel_scalars(scalars: StepScalars) -> Any:
     return ops.stack([ops.cast(x, "float32") for x in values])
 
 
-def quantized_kernel_flags(hyper: Hyperparameters, amsgrad: bool) -> dict[str, bool]:
+def quantized_kernel_flags(hyper: Hyperparameters) -> dict[str, bool]:
     """The quantized kernels' flags: maximize, l2, decoupled, amsgrad and paper.
 
-    Weight decay is L2 or decoupled (one of the two where it is nonzero).
+    Weight decay is L2 or decoupled (one of the two where it is nonzero);
+    with AMSGrad every variable has a v̂ (`Adam._add_moments`).
     """
     decay = bool(hyper.weight_decay)
     return {
         "maximize": bool(hyper.maximize),
         "l2": decay and not hyper.decoupled_weight_decay,
         "decoupled": decay and hyper.decoupled_weight_decay,
-        "amsgrad": amsgrad,
+        "amsgrad": bool(hyper.amsgrad),
         "paper": hyper.epsilon_mode == "paper",
     }
 

@@ -67,7 +67,6 @@ from keras_adam.backends.engine import (
     KerasApply,
     ScalarsCache,
     Update,
-    moments,
     quantized_kernel_flags,
     quantized_kernel_scalars,
 )
@@ -135,12 +134,9 @@ class JaxEngine(Engine):
             return
         hyper = update.hyper(variable)
         step = scalars("float32", hyper)
-        m, v, v_hat = moments(slots)
-        flags = quantized_kernel_flags(hyper, amsgrad=v_hat is not None)
-        stored = [m, v] if v_hat is None else [m, v, v_hat]
-        value, new = quantized_xla.step(
-            variable.value, grad, stored, quantized_kernel_scalars(step), flags
-        )
+        stored = list(slots)  # m, v and with AMSGrad v̂
+        scalars_in, flags = quantized_kernel_scalars(step), quantized_kernel_flags(hyper)
+        value, new = quantized_xla.step(variable.value, grad, stored, scalars_in, flags)
         variable.assign(value)
         for moment, (codes, scales) in zip(stored, new, strict=True):
             moment.codes.assign(codes)

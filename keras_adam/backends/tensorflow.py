@@ -403,7 +403,7 @@ class TensorFlowEngine(Engine):
                 m_zero=m_lookup["zero"],
                 lut_shift=m_lookup["lut_shift"],
                 lut_base=m_lookup["lut_base"],
-                **quantized_kernel_flags(hyper, amsgrad=v_hat is not None),
+                **quantized_kernel_flags(hyper),
             )
             self.assign(param, outputs[0])
             for k, moment in enumerate(moments):

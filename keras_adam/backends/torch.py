@@ -483,7 +483,7 @@ def _quantized_step(
                 "weight_decay": hyper.weight_decay,
                 "learning_rate": scalars.learning_rate,
                 "bias_correction_2_sqrt": scalars.bias_correction_2_sqrt,
-                **quantized_kernel_flags(hyper, amsgrad=hyper.amsgrad),
+                **quantized_kernel_flags(hyper),
             },
             # The library starts a thread only for enough blocks of work.
             threads=torch.get_num_threads(),
