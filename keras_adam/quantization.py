@@ -8,15 +8,25 @@ of Dettmers et al. (2022, arXiv:2110.02861) and Li et al. (NeurIPS 2023):
   `Format.block_size` values (256 for int8, 128 for int4); the last block
   may be short. Each block keeps its largest magnitude, its *absmax*, as a
   float32 scale, and each value is stored as the code nearest to
-  value / absmax, a number in [-1, 1].
+  value × (1 / absmax), a number in [-1, 1].
 - **Codes.** A code is an index into a table of `2**bits` (or fewer)
-  values in [-1, 1], a non-linear *decade map*: the magnitudes of decade
-  $k$ lie in $(10^{-k-1}, 10^{-k}]$, $c_k$ of them evenly spaced,
-  $10^{-k-1}(1 + 9j/c_k)$ for $j = 1..c_k$, and each decade gets half the
-  codes of the one above. Large values get fine steps, small values keep
-  their order of magnitude: the shape of Adam's moments, which span
-  decades inside a block. 1 is a code, so each block's largest value is
-  stored exactly.
+  values in [-1, 1], its *map*. Both maps put their codes densest near
+  1 and keep small values' order of magnitude: Adam's moments span
+  decades inside a block. 1 is a code of both, so each block's largest
+  value is stored exactly.
+  - int8 uses a **float map**: the float32 numbers with 3 mantissa bits,
+    counted down from 1 (1, 0.9375, 0.875, ..., 0.5, 0.46875, ...), the
+    grid of an 8-bit float format placed below each block's absmax. Every
+    value keeps its relative precision (a step of 1/8 to 1/16 of its
+    binade) down to $2^{-16}$ for m and $2^{-32}$ for v, and a code is a
+    few integer operations on the value's float32 bits (`nearest_codes`):
+    the kernels encode and decode without tables.
+  - int4 uses a **decade map**: the magnitudes of decade $k$ lie in
+    $(10^{-k-1}, 10^{-k}]$, $c_k$ of them evenly spaced,
+    $10^{-k-1}(1 + 9j/c_k)$ for $j = 1..c_k$, and each decade gets half the
+    codes of the one above: with 7 or 16 magnitudes, a float grid would
+    have steps of a third or more of the value, or reach no lower than
+    $2^{-8}$.
 - **m** (signed) uses a map symmetric about a code at exactly 0.
 - **v and v̂** (non-negative) use a map **without zero**: a small but
   nonzero v stored as 0 would make $m/(\sqrt{v}+\epsilon)$ explode (the
@@ -43,6 +53,7 @@ for float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -52,6 +63,9 @@ from keras import ops
 
 #: `moment_dtype` values that quantize.
 QUANTIZED_DTYPES = ("int8", "int4")
+
+#: Mantissa bits of the float map (int8).
+FLOAT_MANTISSA_BITS = 3
 
 #: Variables with fewer values keep float32 moments.
 MIN_QUANTIZED_SIZE = 4096
@@ -82,8 +96,18 @@ class Format:
         object.__setattr__(self, "lookup", _lookup(self))
 
     @property
+    def mantissa_bits(self) -> int | None:
+        """The float map's mantissa bits (int8), or None for the decade map (int4)."""
+        return FLOAT_MANTISSA_BITS if self.bits == 8 else None
+
+    @property
+    def magnitude_count(self) -> int:
+        """Nonzero magnitudes: `2**(bits-1) - 1` signed (beside ± and 0), `2**bits` unsigned."""
+        return 2 ** (self.bits - 1) - 1 if self.signed else 2**self.bits
+
+    @property
     def decade_counts(self) -> tuple[int, ...]:
-        """Codes per decade, from (0.1, 1] down: each decade half the one above.
+        """The decade map's (int4's) codes per decade, from (0.1, 1] down: each half the one above.
 
         Signed: `bits - 1` magnitude bits give 2**(bits-1) - 1 positive codes
         (and as many negative, and 0). Unsigned without zero: `bits` bits give
@@ -97,7 +121,11 @@ class Format:
     @property
     def magnitudes(self) -> np.ndarray:
         """The positive codes' values, from 1 down (float64)."""
-        return _magnitudes(self.decade_counts)
+        if self.mantissa_bits is None:
+            return _magnitudes(self.decade_counts)
+        shift, base = _float_map(self)
+        k = np.arange(self.magnitude_count, 0, -1, dtype=np.uint32) - (0 if self.signed else 1)
+        return ((k + base) << shift).view(np.float32).astype(np.float64)
 
     @property
     def table(self) -> np.ndarray:
@@ -110,8 +138,9 @@ class Format:
         return math.ceil(size * self.bits / 8), blocks
 
 
+@functools.cache
 def formats(moment_dtype: str) -> tuple[Format, Format]:
-    """`(format of m, format of v and v̂)` for `moment_dtype` "int8" or "int4"."""
+    """`(format of m, format of v and v̂)` for `moment_dtype` "int8" or "int4" (built once)."""
     if moment_dtype == "int8":
         return Format(8, 256, True), Format(8, 256, False)
     if moment_dtype == "int4":
@@ -162,6 +191,17 @@ def _magnitudes(counts: tuple[int, ...]) -> np.ndarray:
     return np.array(values)
 
 
+def _float_map(fmt: Format) -> tuple[int, int]:
+    """`(shift, base)` of the float map.
+
+    Magnitude index k (0 the smallest unsigned, 1 signed) is the float32 of
+    bit pattern `(k + base) << shift`, and 1 (bits `127 << 23`) the largest.
+    """
+    shift = 23 - FLOAT_MANTISSA_BITS
+    largest = fmt.magnitude_count if fmt.signed else fmt.magnitude_count - 1
+    return shift, (127 << FLOAT_MANTISSA_BITS) - largest
+
+
 def _lookup(fmt: Format) -> dict[str, np.ndarray]:
     """The code table and the arrays `nearest_codes` and the kernels look up in."""
     magnitudes = fmt.magnitudes
@@ -169,12 +209,26 @@ def _lookup(fmt: Format) -> dict[str, np.ndarray]:
         table = np.concatenate([-magnitudes, [0.0], magnitudes[::-1]])
     else:
         table = magnitudes[::-1]
-    return {**_kernel_lookup(fmt, table), "table": table.astype(np.float32)}
+    if fmt.mantissa_bits is None:
+        lookup = _kernel_lookup(fmt, table)
+    else:
+        shift, base = _float_map(fmt)
+        ascending = table[len(magnitudes) :] if fmt.signed else table
+        midpoints = ((ascending[:-1] + ascending[1:]) / 2).astype(np.float32)
+        lookup = {
+            "zero": len(magnitudes) if fmt.signed else -1,
+            "magnitude_mid": np.append(midpoints, np.float32(np.inf)).astype(np.float32),
+            "lut": np.zeros((0,), np.int32),  # none: the kernels compute the code
+            "lut_shift": shift,
+            "lut_base": base,
+        }
+    return {**lookup, "table": table.astype(np.float32)}
 
 
-#: The kernel's lookup cells: the top 7 mantissa bits of a float32 magnitude
-#: and its exponent, from 2**-32 (all smaller magnitudes share cell 0) to 1:
-#: the fewest cells (a 16 KB table) that keep one midpoint per cell.
+#: The decade map's lookup cells: the top 7 mantissa bits of a float32
+#: magnitude and its exponent, from 2**-32 (all smaller magnitudes share
+#: cell 0) to 1 (a 16 KB table; `_kernel_lookup` checks that no cell holds
+#: two midpoints).
 _CELL_BITS = 7
 _CELL_SHIFT = 23 - _CELL_BITS
 _CELL_BASE = (127 - 32) << _CELL_BITS
@@ -228,19 +282,32 @@ def _kernel_lookup(fmt: Format, table: np.ndarray) -> dict[str, Any]:
 def nearest_codes(normalized: Any, fmt: Format) -> Any:
     """The code nearest to each value of `normalized` (float32, in [-1, 1]), as int32.
 
-    From the packed lookup table (`_kernel_lookup`), as the C++ kernels
-    encode: the cell of a magnitude's float32 bits gives the nearest
-    magnitude at the cell's low end and the low bits of the one midpoint
-    inside the cell; one integer comparison settles the rest. A value
-    exactly at a midpoint gets the smaller magnitude; NaN the largest.
+    As the C++ kernels encode. Float map (int8): the magnitude's float32
+    bits, rounded to `mantissa_bits` and offset, are its index; a signed
+    magnitude at most half the smallest is 0. Decade map (int4): the cell
+    of the magnitude's bits in the packed lookup table (`_kernel_lookup`)
+    gives the nearest magnitude at the cell's low end and the low bits of
+    the one midpoint inside the cell; one integer comparison settles the
+    rest. Either way, a value exactly at a midpoint gets the smaller
+    magnitude and NaN the largest.
     """
     lookup = fmt.lookup
     shift, base = lookup["lut_shift"], lookup["lut_base"]
     bits = ops.bitwise_and(ops.view(normalized, "int32"), 0x7FFFFFFF)  # |x|, NaN included
-    cell = ops.clip(ops.subtract(ops.right_shift(bits, shift), base), 0, lookup["lut"].size - 1)
-    entry = ops.take(ops.convert_to_tensor(lookup["lut"]), cell)
-    above = ops.greater(ops.bitwise_and(bits, (1 << shift) - 1), ops.right_shift(entry, 8))
-    k = ops.add(ops.bitwise_and(entry, 0xFF), ops.cast(above, "int32"))
+    if fmt.mantissa_bits is None:
+        cell = ops.clip(ops.subtract(ops.right_shift(bits, shift), base), 0, lookup["lut"].size - 1)
+        entry = ops.take(ops.convert_to_tensor(lookup["lut"]), cell)
+        above = ops.greater(ops.bitwise_and(bits, (1 << shift) - 1), ops.right_shift(entry, 8))
+        k = ops.add(ops.bitwise_and(entry, 0xFF), ops.cast(above, "int32"))
+    else:
+        # NaN as inf (no int32 overflow below); a tie rounds down.
+        rounded = ops.add(ops.minimum(bits, 0x7F800000), (1 << (shift - 1)) - 1)
+        k = ops.subtract(ops.right_shift(rounded, shift), base)
+        if fmt.signed:
+            half_smallest = int(np.float32(fmt.magnitudes[-1] / 2).view(np.int32))
+            k = ops.where(ops.greater(bits, half_smallest), ops.clip(k, 1, fmt.magnitude_count), 0)
+        else:
+            k = ops.clip(k, 0, fmt.magnitude_count - 1)
     if not fmt.signed:
         return k
     return ops.add(ops.where(ops.less(normalized, 0.0), ops.negative(k), k), lookup["zero"])
@@ -270,7 +337,8 @@ def encode(value: Any, fmt: Format) -> tuple[Any, Any]:
     blocks = _blocks(ops.reshape(ops.cast(value, "float32"), (-1,)), size, fmt.block_size)
     scales = ops.max(ops.abs(blocks), axis=1)
     safe = ops.where(ops.greater(scales, 0.0), scales, ops.ones_like(scales))
-    codes = nearest_codes(ops.divide(blocks, ops.expand_dims(safe, 1)), fmt)
+    inverse = ops.divide(ops.ones_like(safe), safe)  # one division per block, as the kernels
+    codes = nearest_codes(ops.multiply(blocks, ops.expand_dims(inverse, 1)), fmt)
     codes = ops.reshape(codes, (-1,))
     if fmt.bits == 4:
         pairs = ops.reshape(codes, (-1, 2))
@@ -287,7 +355,20 @@ def decode(codes: Any, scales: Any, shape: tuple, fmt: Format) -> Any:
         indices = ops.reshape(
             ops.stack([ops.mod(indices, 16), ops.floor_divide(indices, 16)], axis=1), (-1,)
         )
-    values = ops.take(ops.convert_to_tensor(fmt.table), indices)
+    if fmt.mantissa_bits is None:
+        values = ops.take(ops.convert_to_tensor(fmt.table), indices)
+    else:  # the float map's values from their bits, as the kernels decode
+        shift, base = fmt.lookup["lut_shift"], fmt.lookup["lut_base"]
+        if fmt.signed:
+            k = ops.subtract(indices, fmt.lookup["zero"])
+            magnitude = ops.abs(k)
+            bits = ops.where(
+                ops.equal(magnitude, 0), 0, ops.left_shift(ops.add(magnitude, base), shift)
+            )
+            bits = ops.bitwise_or(bits, ops.where(ops.less(k, 0), -(2**31), 0))
+        else:
+            bits = ops.left_shift(ops.add(indices, base), shift)
+        values = ops.view(ops.cast(bits, "int32"), "float32")
     if values.shape[0] != size:  # int4 of an odd size: one nibble of padding
         values = values[:size]
     blocks = _blocks(values, size, fmt.block_size)

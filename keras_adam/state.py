@@ -28,8 +28,10 @@ from keras_adam.quantization import QuantizedMoment
 #: The store entry of a quantized optimizer's layout.
 LAYOUT_KEY = "layout"
 
-#: Version of the code tables (`quantization.Format.table`) in saved layouts.
-FORMAT = "keras_adam.decade_map/1"
+#: Version of the code tables (`quantization.Format.table`) in saved layouts:
+#: version 2 has int8's float map; version 1 ("keras_adam.decade_map/1",
+#: unreleased development versions) had a decade map for int8 too.
+FORMAT = "keras_adam.code_maps/2"
 
 _MOMENT_NAMES = ("momentum", "velocity", "velocity_hat")
 

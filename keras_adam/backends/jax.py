@@ -126,21 +126,37 @@ class JaxEngine(Engine):
 
     # -- quantized moments ------------------------------------------------------
 
-    def update_one(self, grad: Any, variable: Any, update: Update, scalars: ScalarsCache) -> None:
-        """One variable: quantized moments in the XLA custom call where it may, else `Engine`'s."""
-        slots = update.slots(variable)
-        if not self._quantized_kernel(grad, variable, slots, update):
-            super().update_one(grad, variable, update, scalars)
-            return
-        hyper = update.hyper(variable)
-        step = scalars("float32", hyper)
-        stored = list(slots)  # m, v and with AMSGrad v̂
-        scalars_in, flags = quantized_kernel_scalars(step), quantized_kernel_flags(hyper)
-        value, new = quantized_xla.step(variable.value, grad, stored, scalars_in, flags)
-        variable.assign(value)
-        for moment, (codes, scales) in zip(stored, new, strict=True):
-            moment.codes.assign(codes)
-            moment.scales.assign(scales)
+    def update(self, update: Update) -> None:
+        """One step: quantized moments in XLA custom calls, the rest on `Engine`'s path.
+
+        The variables with quantized moments go to one custom call per set
+        of hyperparameters (their blocks split over threads); the others
+        each take `update_one`.
+        """
+        scalars = ScalarsCache(update)
+        groups: dict[Any, list] = {}
+        for grad, variable in zip(update.grads, update.variables, strict=True):
+            if grad is None:
+                continue
+            slots = update.slots(variable)
+            if self._quantized_kernel(grad, variable, slots, update):
+                groups.setdefault(update.hyper(variable), []).append((variable, grad, slots))
+            else:
+                self.update_one(grad, variable, update, scalars)
+        for hyper, members in groups.items():
+            variables, grads, slots = zip(*members, strict=True)
+            stepped = quantized_xla.step(
+                [variable.value for variable in variables],
+                list(grads),
+                [list(s) for s in slots],  # m, v and with AMSGrad v̂
+                quantized_kernel_scalars(scalars("float32", hyper)),
+                quantized_kernel_flags(hyper),
+            )
+            for variable, stored, (value, new) in zip(variables, slots, stepped, strict=True):
+                variable.assign(value)
+                for moment, (codes, scales) in zip(stored, new, strict=True):
+                    moment.codes.assign(codes)
+                    moment.scales.assign(scales)
 
     def _quantized_kernel(self, grad: Any, variable: Any, slots: list, update: Update) -> bool:
         """Whether `variable`, with moments `slots`, takes the quantized custom call.

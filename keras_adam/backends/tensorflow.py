@@ -86,6 +86,29 @@ def _kernel_scalars(scalars: StepScalars) -> dict:
     )
 
 
+#: The quantized ops' table inputs, in their order.
+_TABLE_INPUTS = ("m_table", "m_mid", "m_lut", "v_table", "v_mid", "v_lut")
+
+
+def _quantized_lookups(m_lookup: dict, v_lookup: dict) -> dict:
+    """The quantized ops' table inputs and format attributes, by name.
+
+    From the formats' lookups (`quantization.Format.lookup`).
+    """
+    return {
+        "m_table": m_lookup["table"],
+        "m_mid": m_lookup["magnitude_mid"],
+        "m_lut": m_lookup["lut"],
+        "v_table": v_lookup["table"],
+        "v_mid": v_lookup["magnitude_mid"],
+        "v_lut": v_lookup["lut"],
+        "m_zero": m_lookup["zero"],
+        "lut_shift": m_lookup["lut_shift"],
+        "m_lut_base": m_lookup["lut_base"],
+        "v_lut_base": v_lookup["lut_base"],
+    }
+
+
 def _coalesce_rows(gradient: Any) -> tuple[Any, Any]:
     """Sum the slices of repeated indices of a `tf.IndexedSlices`.
 
@@ -226,12 +249,20 @@ class TensorFlowEngine(Engine):
         # gradient in a process-wide registry that is never emptied, keeping
         # every traced train step alive (TensorFlow issue #97697).
         groups: dict[tuple, tuple[list, ...]] = {}
+        quantized: dict[Any, tuple[list, ...]] = {}
         for grad, variable in zip(update.grads, update.variables, strict=True):
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices) and not update.options.lazy_sparse:
                 grad = tf.convert_to_tensor(grad)
             slots = update.slots(variable)
+            if not isinstance(grad, tf.IndexedSlices) and self._quantized_kernel(
+                variable, slots, update
+            ):
+                group = quantized.setdefault(update.hyper(variable), ([], [], [], [], []))
+                for members, x in zip(group, (variable, grad, *moments(slots)), strict=True):
+                    members.append(x)
+                continue
             if isinstance(grad, tf.IndexedSlices) or not self._fused(variable, slots, update):
                 self.update_one(grad, variable, update, scalars)
                 continue
@@ -243,6 +274,8 @@ class TensorFlowEngine(Engine):
                 members.append(x)
         for (dtype, _, hyper), group in groups.items():
             self.multi_tensor(*group, scalars(dtype.name, hyper))
+        for hyper, group in quantized.items():
+            self.quantized_multi_tensor(*group, scalars("float32", hyper))
 
     def _update_distributed(self, update: Update, scalars: ScalarsCache) -> None:
         """`update` under a tf.distribute strategy (Keras's `_backend_update_step`)."""
@@ -368,6 +401,39 @@ class TensorFlowEngine(Engine):
             **_kernel_scalars(scalars),
         )
 
+    def quantized_multi_tensor(
+        self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars
+    ) -> None:
+        """Quantized moments in one `KerasAdamMultiTensorQuantizedAdam` op.
+
+        It decodes, steps (every option but RAdam) and encodes one pass per
+        block, in place, over every variable of the group (one set of
+        hyperparameters): the variables and their codes and scales go in as
+        resource handles, so nothing is assigned afterwards.
+        """
+        hyper = scalars.hyper
+        m_lookup, v_lookup = ms[0].fmt.lookup, vs[0].fmt.lookup
+        amsgrad = hyper.amsgrad
+
+        def handles(moments: list, part: str) -> list:
+            return [_tensor(getattr(moment, part)).handle for moment in moments]
+
+        kernels.load().keras_adam_multi_tensor_quantized_adam(
+            var=[_tensor(param).handle for param in params],
+            m_codes=handles(ms, "codes"),
+            m_scales=handles(ms, "scales"),
+            v_codes=handles(vs, "codes"),
+            v_scales=handles(vs, "scales"),
+            v_hat_codes=handles(v_hats, "codes") if amsgrad else [],
+            v_hat_scales=handles(v_hats, "scales") if amsgrad else [],
+            grad=[tf.cast(grad, tf.float32) for grad in grads],
+            **_quantized_lookups(m_lookup, v_lookup),
+            scalars=quantized_kernel_scalars(scalars),
+            bits=ms[0].fmt.bits,
+            block=ms[0].fmt.block_size,
+            **quantized_kernel_flags(hyper),
+        )
+
     def quantized(
         self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars
     ) -> None:
@@ -387,22 +453,16 @@ class TensorFlowEngine(Engine):
                 stored += [moment.codes.value, moment.scales.value]
             if v_hat is None:
                 stored += [tf.zeros([0], tf.uint8), tf.zeros([0], tf.float32)]
+            lookups = _quantized_lookups(m_lookup, v_lookup)
             outputs = kernels.load().keras_adam_quantized_adam(
                 tf.convert_to_tensor(_tensor(param)),
                 tf.cast(grad, tf.float32),
                 *stored,
-                m_lookup["table"],
-                m_lookup["magnitude_mid"],
-                m_lookup["lut"],
-                v_lookup["table"],
-                v_lookup["magnitude_mid"],
-                v_lookup["lut"],
+                *(lookups.pop(name) for name in _TABLE_INPUTS),
                 step_scalars,
                 bits=m.fmt.bits,
                 block=m.fmt.block_size,
-                m_zero=m_lookup["zero"],
-                lut_shift=m_lookup["lut_shift"],
-                lut_base=m_lookup["lut_base"],
+                **lookups,
                 **quantized_kernel_flags(hyper),
             )
             self.assign(param, outputs[0])

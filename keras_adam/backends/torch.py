@@ -142,6 +142,27 @@ class _Group:
 
 
 @dataclass
+class _QuantizedGroup:
+    """Variables with quantized moments stepped by one call of the quantized kernel.
+
+    Attributes:
+        hyper: Their hyperparameters.
+        indices: Their positions in the step's variable list.
+        pointers: Each buffer's data pointers (`_QUANTIZED_BUFFERS` but the
+            gradient), in the order of `indices`.
+        sizes: Each variable's number of values.
+        written: Per variable, the tensors the kernel writes (the variable,
+            codes and scales): their versions are bumped, as in-place ops do.
+    """
+
+    hyper: Hyperparameters
+    indices: list[int] = field(default_factory=list)
+    pointers: dict[str, list[int]] = field(default_factory=dict)
+    sizes: list[int] = field(default_factory=list)
+    written: list[list[torch.Tensor]] = field(default_factory=list)
+
+
+@dataclass
 class _Plan:
     """How the variables of a step run: fused groups, and the rest.
 
@@ -151,6 +172,7 @@ class _Plan:
     Attributes:
         key: What it was computed for (variable identities and options).
         groups: The fused kernel calls.
+        quantized: The quantized kernel's calls.
         rest: Positions of the variables that take the reference path.
         dtypes: Each variable's torch dtype, in order.
         devices: Each variable's device, in order.
@@ -161,6 +183,7 @@ class _Plan:
 
     key: tuple
     groups: list[_Group]
+    quantized: list[_QuantizedGroup]
     rest: tuple[int, ...]
     dtypes: tuple[torch.dtype, ...]
     devices: tuple[torch.device, ...]
@@ -313,6 +336,7 @@ class TorchEngine(Engine):
         if plan is not None and plan.key == key and plan.is_current():
             return plan
         groups: dict[tuple, _Group] = {}
+        quantized: dict[Hyperparameters, _QuantizedGroup] = {}
         rest: list[int] = []
         dtypes, devices = [], []
         bound_variables, bound_tensors = [], []
@@ -320,10 +344,29 @@ class TorchEngine(Engine):
             param = _tensor(variable)
             dtypes.append(getattr(param, "dtype", None))
             devices.append(getattr(param, "device", None))
+            slots = update.slots(variable)
+            if self._quantized_kernel_takes(param, slots):
+                group = quantized.setdefault(
+                    update.hyper(variable), _QuantizedGroup(update.hyper(variable))
+                )
+                storage = [param]
+                for slot in slots:
+                    storage += [_tensor(slot.codes), _tensor(slot.scales)]
+                group.indices.append(index)
+                for name, tensor in zip(
+                    (name for name in _QUANTIZED_BUFFERS if name != "grad"), storage, strict=False
+                ):
+                    group.pointers.setdefault(name, []).append(tensor.data_ptr())
+                group.sizes.append(param.numel())
+                group.written.append(storage)
+                bound_variables += [variable]
+                for slot in slots:
+                    bound_variables += [slot.codes, slot.scales]
+                bound_tensors += storage
+                continue
             if self.variable_blocker(variable, update.options) is not None:
                 rest.append(index)
                 continue
-            slots = update.slots(variable)
             tensors = [param, *(_tensor(x) for x in slots)]
             if not self._fusable(tensors):
                 rest.append(index)
@@ -351,6 +394,7 @@ class TorchEngine(Engine):
         plan = _Plan(
             key,
             list(groups.values()),
+            list(quantized.values()),
             tuple(rest),
             tuple(dtypes),
             tuple(devices),
@@ -359,6 +403,22 @@ class TorchEngine(Engine):
         )
         self._cached_plan = plan
         return plan
+
+    def _quantized_kernel_takes(self, param: Any, slots: list) -> bool:
+        """Whether the quantized kernel steps a variable.
+
+        That is: quantized moments, a float32 contiguous CPU tensor, and the
+        kernel built.
+        """
+        return (
+            bool(slots)
+            and isinstance(slots[0], QuantizedMoment)
+            and isinstance(param, torch.Tensor)
+            and param.dtype == torch.float32
+            and param.device.type == "cpu"
+            and param.is_contiguous()
+            and quantized_kernel.load() is not None
+        )
 
     def _fusable(self, tensors: list) -> bool:
         """Whether a variable's tensors (it, then its moments) can join a fused call."""
@@ -393,7 +453,7 @@ def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
         # Values live in the scope (or are symbolic): only `keras.ops` writes there.
         return [i for i, g in enumerate(grads) if g is not None]
     plan = engine._plan(update)
-    if not plan.groups and not quantization.is_quantized(update.options.moment_dtype):
+    if not plan.groups and not plan.quantized:
         return [i for i in plan.rest if grads[i] is not None]
     # t = iterations + 1, as the kernels see it: a float32 (torch's `state_steps`).
     # (`iterations` counts updates: with gradient accumulation it is a tensor.)
@@ -421,74 +481,62 @@ def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
             update_rule.host_step_scalars(group.hyper, t, learning_rate, group.compute_dtype),
             single_threaded=group.single_threaded,
         )
-    rest = list(plan.rest) if ready else [i for i in plan.rest if grads[i] is not None]
-    return _quantized_step(update, rest, t, learning_rate)
+    for group in plan.quantized:
+        _quantized_step(group, grads, ready, update.options.moment_dtype, t, learning_rate)
+    return list(plan.rest) if ready else [i for i in plan.rest if grads[i] is not None]
 
 
 def _quantized_step(
-    update: Update, indices: list[int], t: float, learning_rate: float
-) -> list[int]:
-    r"""Run the quantized kernel on the variables at `indices` it takes; return the others.
+    group: _QuantizedGroup,
+    grads: list,
+    ready: bool,
+    moment_dtype: str,
+    t: float,
+    learning_rate: float,
+) -> None:
+    """One call of the quantized kernel over the variables of `group` that have a gradient.
 
-    It takes a float32 CPU variable with quantized moments and a dense
-    gradient (`kernels.quantized`: decode, float32 Adam, encode, one pass
-    per block), grouped by hyperparameters; without its library, the
-    reference path does the step.
+    `kernels.quantized`: decode, float32 Adam, encode, one pass per block.
+    The pointers come from the plan; only the gradients' are read here.
     """
-    options = update.options
-    if not quantization.is_quantized(options.moment_dtype) or not indices:
-        return indices
-    kernel = quantized_kernel.load()
-    if kernel is None:
-        return indices
-    groups: dict[Hyperparameters, tuple[dict, list]] = {}
-    rest = []
-    for i in indices:
-        variable, grad = update.variables[i], update.grads[i]
-        slots = update.slots(variable)
-        param = _tensor(variable)
-        if not (
-            isinstance(slots[0], QuantizedMoment)
-            and isinstance(param, torch.Tensor)
-            and param.dtype == torch.float32
-            and param.device.type == "cpu"
-            and param.is_contiguous()
-        ):
-            rest.append(i)
-            continue
-        grad = _dense(grad, param.dtype, param.device)
-        pointers, sizes = groups.setdefault(update.hyper(variable), ({}, []))
-        storage = [param, grad]
-        for slot in slots:
-            storage += [_tensor(slot.codes), _tensor(slot.scales)]
-        for name, tensor in zip(_QUANTIZED_BUFFERS, storage, strict=False):
-            pointers.setdefault(name, []).append(tensor.data_ptr())
-        sizes.append(param.numel())
-        pointers.setdefault("_keep", []).append(grad)  # alive until the call
-        # Written through raw pointers: mark them modified, as in-place ops do.
-        pointers.setdefault("_written", []).extend(t for k, t in enumerate(storage) if k != 1)
-    for hyper, (pointers, sizes) in groups.items():
-        pointers.pop("_keep")
-        increment_version(pointers.pop("_written"))
-        scalars = update_rule.host_step_scalars(hyper, t, learning_rate, "float32")
-        kernel.step(
-            pointers,
-            sizes,
-            quantization.formats(options.moment_dtype),
-            {
-                "alpha": scalars.alpha,
-                "one_minus_beta1": scalars.one_minus_beta_1,
-                "one_minus_beta2": scalars.one_minus_beta_2,
-                "epsilon": hyper.epsilon,
-                "weight_decay": hyper.weight_decay,
-                "learning_rate": scalars.learning_rate,
-                "bias_correction_2_sqrt": scalars.bias_correction_2_sqrt,
-                **quantized_kernel_flags(hyper),
-            },
-            # The library starts a thread only for enough blocks of work.
-            threads=torch.get_num_threads(),
-        )
-    return rest
+    if ready:
+        members = range(len(group.indices))
+        group_grads = [grads[i] for i in group.indices]
+    else:
+        members = [k for k, i in enumerate(group.indices) if grads[i] is not None]
+        group_grads = [
+            _dense(grads[group.indices[k]], torch.float32, torch.device("cpu")) for k in members
+        ]
+    if not group_grads:
+        return
+    if len(members) == len(group.indices):
+        pointers, sizes, written = dict(group.pointers), group.sizes, group.written
+    else:
+        pointers = {name: [p[k] for k in members] for name, p in group.pointers.items()}
+        sizes = [group.sizes[k] for k in members]
+        written = [group.written[k] for k in members]
+    pointers["grad"] = [grad.data_ptr() for grad in group_grads]
+    # Written through raw pointers: mark them modified, as in-place ops do.
+    increment_version([tensor for tensors in written for tensor in tensors])
+    hyper = group.hyper
+    scalars = update_rule.host_step_scalars(hyper, t, learning_rate, "float32")
+    quantized_kernel.load().step(
+        pointers,
+        sizes,
+        quantization.formats(moment_dtype),
+        {
+            "alpha": scalars.alpha,
+            "one_minus_beta1": scalars.one_minus_beta_1,
+            "one_minus_beta2": scalars.one_minus_beta_2,
+            "epsilon": hyper.epsilon,
+            "weight_decay": hyper.weight_decay,
+            "learning_rate": scalars.learning_rate,
+            "bias_correction_2_sqrt": scalars.bias_correction_2_sqrt,
+            **quantized_kernel_flags(hyper),
+        },
+        # The library starts a thread only for enough blocks of work.
+        threads=torch.get_num_threads(),
+    )
 
 
 @contextlib.contextmanager

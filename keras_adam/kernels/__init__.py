@@ -40,6 +40,7 @@ from keras_adam.kernels.loader import _WRAPPERS as _WRAPPERS
 from keras_adam.kernels.loader import (
     ENV_SWITCH,
     OP_NAME,
+    QUANTIZED_MULTI_TENSOR_OP_NAME,
     QUANTIZED_OP_NAME,
     SPARSE_OP_NAME,
     build,
@@ -57,6 +58,7 @@ __all__ = [
     "HEADERS",
     "OP_NAME",
     "SOURCES",
+    "QUANTIZED_MULTI_TENSOR_OP_NAME",
     "QUANTIZED_OP_NAME",
     "SPARSE_OP_NAME",
     "build",

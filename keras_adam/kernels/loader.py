@@ -29,8 +29,10 @@ from keras_adam.kernels import builder
 OP_NAME = "KerasAdamMultiTensorApplyAdam"
 #: Name of the sparse-rows op, as it appears in traced graphs.
 SPARSE_OP_NAME = "KerasAdamSparseApplyAdam"
-#: Name of the quantized-moments op.
+#: Name of the quantized-moments op of one variable (functional; tf.distribute).
 QUANTIZED_OP_NAME = "KerasAdamQuantizedAdam"
+#: Name of the quantized-moments op of many variables (in place, without a strategy).
+QUANTIZED_MULTI_TENSOR_OP_NAME = "KerasAdamMultiTensorQuantizedAdam"
 #: Set to "0" (or "false", "no", "off") to disable the kernels.
 ENV_SWITCH = "KERAS_ADAM_KERNEL"
 
@@ -39,6 +41,7 @@ _WRAPPERS = {
     OP_NAME: "keras_adam_multi_tensor_apply_adam",
     SPARSE_OP_NAME: "keras_adam_sparse_apply_adam",
     QUANTIZED_OP_NAME: "keras_adam_quantized_adam",
+    QUANTIZED_MULTI_TENSOR_OP_NAME: "keras_adam_multi_tensor_quantized_adam",
 }
 
 _logger = logging.getLogger("keras_adam")

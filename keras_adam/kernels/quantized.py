@@ -38,7 +38,7 @@ HEADERS = tuple(
     for name in ("quantized_adam.h", "quantized_adam_avx512.h", "quantized_adam_threads.h")
 )
 FLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-pthread", "-w")
-ABI = 2
+ABI = 3
 
 _logger = logging.getLogger("keras_adam")
 _lock = threading.Lock()

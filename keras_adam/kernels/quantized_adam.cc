@@ -1,8 +1,16 @@
-// Adam on block-wise quantized moments as a TensorFlow CPU op: one pass per
+// Adam on block-wise quantized moments as TensorFlow CPU ops: one pass per
 // block (quantized_adam.h: decode, float32 Adam, encode), on the device's
-// intra-op thread pool.
+// intra-op thread pool. Two ops:
 //
-// Functional: the op reads the variable's value, its gradient and the
+// KerasAdamMultiTensorQuantizedAdam updates the resource variables of N
+// model variables (each variable, and its moments' codes and scales) in
+// one call, in place, with the resource semantics of TensorFlow's training
+// ops (as multi_tensor_adam.cc): every variable's mutex held for the whole
+// update, locked in address order; a buffer shared with a pending read is
+// copied first and the copy updated.
+//
+// KerasAdamQuantizedAdam is functional, for one variable (tf.distribute
+// steps each variable's components on their own): it reads the variable's value, its gradient and the
 // moments' codes and scales, and returns their new values, which the caller
 // assigns (keras_adam/backends/tensorflow.py). Each output reuses its
 // input's buffer where TensorFlow allows it, else is a copy made block by
@@ -14,13 +22,20 @@
 #include <cstdint>
 #include <cstring>
 
+#include <memory>
+#include <vector>
+
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
+#include "tensorflow/core/framework/resource_mgr.h"
+#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
+#include "tensorflow/core/lib/core/refcount.h"
+#include "tensorflow/core/platform/mutex.h"
 #include "tensorflow/core/platform/threadpool.h"
 
-#include "quantized_adam.h"
+#include "quantized_adam_threads.h"
 
 namespace keras_adam {
 
@@ -71,40 +86,66 @@ BlocksFunction Pick(int bits, bool amsgrad, bool paper) {
 
 }  // namespace
 
+// The attributes both ops take: the formats' and the flags.
+struct FormatAttrs {
+  int bits, block, m_zero, lut_shift, m_lut_base, v_lut_base;
+  QuantizedScalars flags{};
+
+  absl::Status Read(OpKernelConstruction* context) {
+    TF_RETURN_IF_ERROR(context->GetAttr("bits", &bits));
+    TF_RETURN_IF_ERROR(context->GetAttr("block", &block));
+    TF_RETURN_IF_ERROR(context->GetAttr("m_zero", &m_zero));
+    TF_RETURN_IF_ERROR(context->GetAttr("lut_shift", &lut_shift));
+    TF_RETURN_IF_ERROR(context->GetAttr("m_lut_base", &m_lut_base));
+    TF_RETURN_IF_ERROR(context->GetAttr("v_lut_base", &v_lut_base));
+    int32_t* const targets[5] = {&flags.maximize, &flags.l2, &flags.decoupled, &flags.amsgrad,
+                                 &flags.paper};
+    const char* const names[5] = {"maximize", "l2", "decoupled", "amsgrad", "paper"};
+    for (int k = 0; k < 5; ++k) {
+      bool flag;
+      TF_RETURN_IF_ERROR(context->GetAttr(names[k], &flag));
+      *targets[k] = flag;
+    }
+    if (!((bits == 8 || bits == 4) && block > 0 && block <= 256 && block % 2 == 0)) {
+      return errors::InvalidArgument("bits must be 8 or 4 and block even, at most 256");
+    }
+    return absl::OkStatus();
+  }
+
+  // The format of m (or of v) whose table, midpoints and lookup are the
+  // inputs from `table` on.
+  QuantizedFormat Format(OpKernelContext* context, int table, bool m) const {
+    QuantizedFormat f;
+    f.bits = bits;
+    f.block = block;
+    f.zero = m ? m_zero : -1;
+    f.table = context->input(table).flat<float>().data();
+    f.mid = context->input(table + 1).flat<float>().data();
+    const Tensor& lut = context->input(table + 2);
+    f.lut = lut.flat<int32_t>().data();
+    f.lut_size = static_cast<int32_t>(lut.NumElements());
+    f.lut_shift = lut_shift;
+    f.lut_base = m ? m_lut_base : v_lut_base;
+    return f;
+  }
+};
+
 class QuantizedAdamOp : public OpKernel {
  public:
   explicit QuantizedAdamOp(OpKernelConstruction* context) : OpKernel(context) {
-    OP_REQUIRES_OK(context, context->GetAttr("bits", &bits_));
-    OP_REQUIRES_OK(context, context->GetAttr("block", &block_));
-    OP_REQUIRES_OK(context, context->GetAttr("m_zero", &m_zero_));
-    OP_REQUIRES_OK(context, context->GetAttr("lut_shift", &lut_shift_));
-    OP_REQUIRES_OK(context, context->GetAttr("lut_base", &lut_base_));
-    bool flag;
-    OP_REQUIRES_OK(context, context->GetAttr("maximize", &flag));
-    flags_.maximize = flag;
-    OP_REQUIRES_OK(context, context->GetAttr("l2", &flag));
-    flags_.l2 = flag;
-    OP_REQUIRES_OK(context, context->GetAttr("decoupled", &flag));
-    flags_.decoupled = flag;
-    OP_REQUIRES_OK(context, context->GetAttr("amsgrad", &flag));
-    flags_.amsgrad = flag;
-    OP_REQUIRES_OK(context, context->GetAttr("paper", &flag));
-    flags_.paper = flag;
-    OP_REQUIRES(context, (bits_ == 8 || bits_ == 4) && block_ > 0 && block_ <= 256 &&
-                             block_ % 2 == 0,
-                errors::InvalidArgument("bits must be 8 or 4 and block even, at most 256"));
+    OP_REQUIRES_OK(context, attrs_.Read(context));
   }
 
   void Compute(OpKernelContext* context) override {
     const Tensor& var = context->input(kVar);
     const Tensor& grad = context->input(kGrad);
     const int64_t n = var.NumElements();
-    const int64_t blocks = (n + block_ - 1) / block_;
-    const int64_t code_bytes = bits_ == 8 ? n : (n + 1) / 2;
+    const int64_t blocks = (n + attrs_.block - 1) / attrs_.block;
+    const int64_t code_bytes = attrs_.bits == 8 ? n : (n + 1) / 2;
     OP_REQUIRES(context, grad.shape() == var.shape(),
                 errors::InvalidArgument("grad has shape ", grad.shape().DebugString(),
                                         " but var has ", var.shape().DebugString()));
-    const int moments = flags_.amsgrad ? 3 : 2;
+    const int moments = attrs_.flags.amsgrad ? 3 : 2;
     for (int k = 0; k < moments; ++k) {
       const Tensor& codes = context->input(kMCodes + 2 * k);
       const Tensor& scales = context->input(kMScales + 2 * k);
@@ -129,13 +170,13 @@ class QuantizedAdamOp : public OpKernel {
       forwarded[k] = forwarded_from == sources[k];
     }
 
-    QuantizedScalars s = flags_;
+    QuantizedScalars s = attrs_.flags;
     s.Read(scalars.flat<float>().data());
-    const QuantizedFormat fm = Format(context, kMTable, m_zero_);
-    const QuantizedFormat fv = Format(context, kVTable, -1);
-    const BlocksFunction step = Pick(bits_, s.amsgrad, s.paper);
-    const int bits = bits_;
-    const int64_t block = block_;
+    const QuantizedFormat fm = attrs_.Format(context, kMTable, true);
+    const QuantizedFormat fv = attrs_.Format(context, kVTable, false);
+    const BlocksFunction step = Pick(attrs_.bits, s.amsgrad, s.paper);
+    const int bits = attrs_.bits;
+    const int64_t block = attrs_.block;
 
     auto work = [&](int64_t begin, int64_t end) {
       // Copy this range's inputs where the outputs are not their buffers.
@@ -165,28 +206,129 @@ class QuantizedAdamOp : public OpKernel {
     if (blocks == 0) return;
     // Cycles per block: about 60 per value (decode, step, encode of 2 or 3 moments).
     auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
-    pool->ParallelFor(blocks, 60 * block_, work);
+    pool->ParallelFor(blocks, 60 * attrs_.block, work);
   }
 
  private:
-  // The format whose table, midpoints and lookup are the inputs from `table` on.
-  QuantizedFormat Format(OpKernelContext* context, int table, int zero) const {
-    QuantizedFormat f;
-    f.bits = bits_;
-    f.block = block_;
-    f.zero = zero;
-    f.table = context->input(table).flat<float>().data();
-    f.mid = context->input(table + 1).flat<float>().data();
-    const Tensor& lut = context->input(table + 2);
-    f.lut = lut.flat<int32_t>().data();
-    f.lut_size = static_cast<int32_t>(lut.NumElements());
-    f.lut_shift = lut_shift_;
-    f.lut_base = lut_base_;
-    return f;
+
+  FormatAttrs attrs_;
+};
+
+class MultiTensorQuantizedAdamOp : public OpKernel {
+ public:
+  explicit MultiTensorQuantizedAdamOp(OpKernelConstruction* context) : OpKernel(context) {
+    OP_REQUIRES_OK(context, context->GetAttr("N", &n_));
+    OP_REQUIRES_OK(context, context->GetAttr("M", &hat_count_));
+    OP_REQUIRES_OK(context, attrs_.Read(context));
+    OP_REQUIRES(context, hat_count_ == (attrs_.flags.amsgrad ? n_ : 0),
+                errors::InvalidArgument("M must be N with amsgrad, else 0"));
   }
 
-  int bits_, block_, m_zero_, lut_shift_, lut_base_;
-  QuantizedScalars flags_{};
+  void Compute(OpKernelContext* context) override {
+    const int n = n_;
+    const int moments = attrs_.flags.amsgrad ? 3 : 2;
+    // Resources: var[0..n), then codes and scales of each moment, n each.
+    const int resources = (1 + 2 * moments) * n;
+    const int grad_input = resources;
+    const int table_input = grad_input + n;
+    const Tensor& scalars = context->input(table_input + 6);
+    OP_REQUIRES(context, scalars.NumElements() == 7,
+                errors::InvalidArgument("scalars must hold 7 values"));
+
+    std::vector<tensorflow::core::RefCountPtr<tensorflow::Var>> vars(resources);
+    for (int i = 0; i < resources; ++i) {
+      OP_REQUIRES_OK(context, tensorflow::LookupResource(
+                                  context, tensorflow::HandleFromInput(context, i), &vars[i]));
+    }
+    std::vector<tensorflow::Var*> order(resources);
+    for (int i = 0; i < resources; ++i) order[i] = vars[i].get();
+    std::sort(order.begin(), order.end());
+    OP_REQUIRES(context, std::adjacent_find(order.begin(), order.end()) == order.end(),
+                errors::InvalidArgument("A variable is passed more than once."));
+    std::vector<tensorflow::mutex_lock> locks;
+    locks.reserve(order.size());
+    for (tensorflow::Var* var : order) locks.emplace_back(*var->mu());
+
+    // Validate before touching anything. Resource r of variable i is
+    // vars[r * n + i]: r = 0 the variable, then codes and scales per moment.
+    const int64_t block = attrs_.block;
+    for (int i = 0; i < n; ++i) {
+      const Tensor& grad = context->input(grad_input + i);
+      const int64_t size = grad.NumElements();
+      const int64_t blocks = (size + block - 1) / block;
+      const int64_t code_bytes = attrs_.bits == 8 ? size : (size + 1) / 2;
+      for (int r = 0; r < 1 + 2 * moments; ++r) {
+        tensorflow::Var* var = vars[r * n + i].get();
+        OP_REQUIRES(context, var->is_initialized && var->tensor()->IsInitialized(),
+                    errors::FailedPrecondition("resource ", r, " of variable ", i,
+                                               " is uninitialized"));
+        const Tensor* t = var->tensor();
+        const bool codes = r > 0 && r % 2 == 1;
+        const tensorflow::DataType dtype = codes ? tensorflow::DT_UINT8 : tensorflow::DT_FLOAT;
+        const int64_t expected = r == 0 ? size : codes ? code_bytes : blocks;
+        OP_REQUIRES(context, t->dtype() == dtype && t->NumElements() == expected &&
+                                 (r != 0 || t->shape() == grad.shape()),
+                    errors::InvalidArgument(
+                        "resource ", r, " of variable ", i, " has dtype ",
+                        tensorflow::DataTypeString(t->dtype()), " and shape ",
+                        t->shape().DebugString(), "; expected ", tensorflow::DataTypeString(dtype),
+                        " of ", expected, " values for a gradient of shape ",
+                        grad.shape().DebugString()));
+      }
+    }
+    // Copy-on-write where a buffer is shared (as PrepareToUpdateVariable):
+    // the copy holds the old values and is updated in place.
+    for (int j = 0; j < resources; ++j) {
+      tensorflow::Var* var = vars[j].get();
+      if (var->copy_on_read_mode.load() || !var->tensor()->RefCountIsOne()) {
+        Tensor fresh;
+        tsl::AllocatorAttributes attr;
+        attr.set_gpu_compatible(true);
+        attr.set_nic_compatible(true);
+        OP_REQUIRES_OK(context, context->allocate_temp(var->tensor()->dtype(),
+                                                       var->tensor()->shape(), &fresh, attr));
+        std::memcpy(fresh.data(), var->tensor()->data(), fresh.TotalBytes());
+        *var->tensor() = fresh;
+      }
+    }
+
+    std::vector<float*> var(n), m_s(n), v_s(n), vh_s(n);
+    std::vector<const float*> grad(n);
+    std::vector<uint8_t*> m_c(n), v_c(n), vh_c(n);
+    std::vector<int64_t> sizes(n);
+    auto data = [&](int r, int i) { return vars[r * n + i]->tensor()->data(); };
+    for (int i = 0; i < n; ++i) {
+      sizes[i] = context->input(grad_input + i).NumElements();
+      grad[i] = context->input(grad_input + i).flat<float>().data();
+      var[i] = static_cast<float*>(data(0, i));
+      m_c[i] = static_cast<uint8_t*>(data(1, i));
+      m_s[i] = static_cast<float*>(data(2, i));
+      v_c[i] = static_cast<uint8_t*>(data(3, i));
+      v_s[i] = static_cast<float*>(data(4, i));
+      vh_c[i] = attrs_.flags.amsgrad ? static_cast<uint8_t*>(data(5, i)) : nullptr;
+      vh_s[i] = attrs_.flags.amsgrad ? static_cast<float*>(data(6, i)) : nullptr;
+    }
+    QuantizedScalars s = attrs_.flags;
+    s.Read(scalars.flat<float>().data());
+    const QuantizedFormat fm = attrs_.Format(context, table_input, true);
+    const QuantizedFormat fv = attrs_.Format(context, table_input + 3, false);
+    const quantized_threads::Tensors t{var.data(), grad.data(), m_c.data(),  m_s.data(),
+                                       v_c.data(), v_s.data(),  vh_c.data(), vh_s.data(),
+                                       sizes.data(), n};
+    int64_t total = 0;
+    for (int i = 0; i < n; ++i) total += quantized_threads::Blocks(sizes[i], block);
+    if (total == 0) return;
+    // Cycles per block: about 60 per value (decode, step, encode of 2 or 3 moments).
+    auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
+    pool->ParallelFor(total, 60 * block, [&](int64_t begin, int64_t end) {
+      quantized_threads::Range(t, fm, fv, s, begin, end);
+    });
+  }
+
+ private:
+
+  int n_, hat_count_;
+  FormatAttrs attrs_;
 };
 
 }  // namespace keras_adam
@@ -220,7 +362,8 @@ REGISTER_OP("KerasAdamQuantizedAdam")
     .Attr("block: int")
     .Attr("m_zero: int")
     .Attr("lut_shift: int")
-    .Attr("lut_base: int")
+    .Attr("m_lut_base: int")
+    .Attr("v_lut_base: int")
     .Attr("maximize: bool")
     .Attr("l2: bool")
     .Attr("decoupled: bool")
@@ -240,5 +383,47 @@ encode; returns the new variable, codes and scales. scalars holds alpha,
 
 REGISTER_KERNEL_BUILDER(Name("KerasAdamQuantizedAdam").Device(DEVICE_CPU),
                         ::keras_adam::QuantizedAdamOp);
+
+REGISTER_OP("KerasAdamMultiTensorQuantizedAdam")
+    .Input("var: N * resource")
+    .Input("m_codes: N * resource")
+    .Input("m_scales: N * resource")
+    .Input("v_codes: N * resource")
+    .Input("v_scales: N * resource")
+    .Input("v_hat_codes: M * resource")
+    .Input("v_hat_scales: M * resource")
+    .Input("grad: N * float")
+    .Input("m_table: float")
+    .Input("m_mid: float")
+    .Input("m_lut: int32")
+    .Input("v_table: float")
+    .Input("v_mid: float")
+    .Input("v_lut: int32")
+    .Input("scalars: float")
+    .Attr("N: int >= 1")
+    .Attr("M: int >= 0")
+    .Attr("bits: int")
+    .Attr("block: int")
+    .Attr("m_zero: int")
+    .Attr("lut_shift: int")
+    .Attr("m_lut_base: int")
+    .Attr("v_lut_base: int")
+    .Attr("maximize: bool")
+    .Attr("l2: bool")
+    .Attr("decoupled: bool")
+    .Attr("amsgrad: bool")
+    .Attr("paper: bool")
+    .SetIsStateful()
+    .SetShapeFn(shape_inference::NoOutputs)
+    .Doc(R"doc(
+Adam on block-wise quantized moments of N variables at once, in place:
+var, and each moment's codes (uint8) and scales (float32), are resource
+variables (M = N v_hat ones with amsgrad, else none); grad one dense tensor
+per variable. scalars holds alpha, 1 - beta1, 1 - beta2, epsilon, lambda,
+lr and sqrt(1 - beta2^t).
+)doc");
+
+REGISTER_KERNEL_BUILDER(Name("KerasAdamMultiTensorQuantizedAdam").Device(DEVICE_CPU),
+                        ::keras_adam::MultiTensorQuantizedAdamOp);
 
 }  // namespace tensorflow

@@ -14,11 +14,14 @@
 //   var <- var - alpha * (m / (sqrt(v) / bias_correction_2_sqrt + eps)) (paper)
 //
 // Encoding takes each value's nearest code, as quantization.encode: the
-// value is divided by its block's absmax; a lookup table indexed by the top
-// bits of its magnitude's float32 representation gives the nearest code to
-// the low end of its cell and the low bits of the one midpoint inside the
-// cell, if any, and one integer comparison settles the rest (Python builds
-// the table so that no cell holds more than that one midpoint).
+// value is multiplied by the inverse of its block's absmax. int8's float map
+// rounds the float32 bits of its magnitude to 3 mantissa bits, and the
+// rounded bits, shifted and offset, are its magnitude's index. For int4's
+// decade map, a lookup table indexed by the top bits of the magnitude's
+// float32 representation gives the nearest code to the low end of its cell
+// and the low bits of the one midpoint inside the cell, if any, and one
+// integer comparison settles the rest (Python builds the table so that no
+// cell holds more than that one midpoint).
 //
 // The loops here are portable C++ that compilers vectorize; on x86-64 with
 // AVX-512, quantized_adam_avx512.h runs the same operations by hand (its
@@ -46,17 +49,20 @@
 namespace keras_adam {
 
 // How one moment is quantized (quantization.Format and its lookup arrays).
+// int8 has the float map (no lut), int4 the decade map.
 struct QuantizedFormat {
   int32_t bits;              // 8 or 4 (two codes per byte, low nibble first)
   int32_t block;             // values per scale (<= 256)
   int32_t zero;              // signed maps: the code of 0; unsigned: -1
   const float* table;        // code -> value in [-1, 1], ascending
-  const float* mid;          // magnitude index k -> midpoint to k + 1 (+inf last)
-  // cell -> (low bits of the midpoint inside the cell, all ones if none) << 8
-  //         | the magnitude index nearest to the cell's low end
+  const float* mid;          // decade map: magnitude index k -> midpoint to k + 1 (+inf last)
+  // Decade map: cell -> (low bits of the midpoint inside the cell, all ones
+  // if none) << 8 | the magnitude index nearest to the cell's low end.
   const int32_t* lut;
   int32_t lut_size;
-  int32_t lut_shift;         // cell = (bits of |y| >> lut_shift) - lut_base
+  // Decade map: cell = (bits of |y| >> lut_shift) - lut_base. Float map:
+  // magnitude index k has the bits (k + lut_base) << lut_shift.
+  int32_t lut_shift;
   int32_t lut_base;
 };
 
@@ -102,17 +108,43 @@ inline int Code(const uint8_t* codes, int64_t i) {
   }
 }
 
-// The nearest code of y = value / absmax (|y| <= 1). Branch-free, so that
-// the encoding loops vectorize (a gather from `lut`).
+// The float map's magnitudes: 127 beside 0 (signed), 256 (unsigned).
 template <bool SIGNED>
+constexpr int kFloatMagnitudes = SIGNED ? 127 : 256;
+
+// The float map's magnitude index of a magnitude's bits `u`: rounded to
+// the map's mantissa bits (a tie down; NaN, above every finite value, to
+// the largest), clamped to the map; signed, 0 for at most half the
+// smallest magnitude.
+template <bool SIGNED>
+inline int FloatMapIndex(uint32_t u, const QuantizedFormat& f) {
+  const int shift = f.lut_shift;
+  int k = static_cast<int>((u + ((1u << (shift - 1)) - 1)) >> shift) - f.lut_base;
+  if constexpr (SIGNED) {
+    const uint32_t half_smallest = ((1u + f.lut_base) << shift) - (1u << 23);
+    k = std::min(std::max(k, 1), kFloatMagnitudes<true>);
+    return u > half_smallest ? k : 0;
+  } else {
+    return std::min(std::max(k, 0), kFloatMagnitudes<false> - 1);
+  }
+}
+
+// The nearest code of y = value * (1 / absmax) (|y| <= 1). Branch-free, so
+// that the encoding loops vectorize (the decade map: a gather from `lut`).
+template <int BITS, bool SIGNED>
 inline int Encode(float y, const QuantizedFormat& f) {
   const float a = std::fabs(y);
   const uint32_t u = __builtin_bit_cast(uint32_t, a);
-  int cell = static_cast<int>(u >> f.lut_shift) - f.lut_base;
-  cell = std::min(std::max(cell, 0), f.lut_size - 1);
-  const uint32_t entry = static_cast<uint32_t>(f.lut[cell]);
-  int k = static_cast<int>(entry & 0xffu);
-  k += (u & ((1u << f.lut_shift) - 1)) > (entry >> 8);
+  int k;
+  if constexpr (BITS == 8) {
+    k = FloatMapIndex<SIGNED>(u, f);
+  } else {
+    int cell = static_cast<int>(u >> f.lut_shift) - f.lut_base;
+    cell = std::min(std::max(cell, 0), f.lut_size - 1);
+    const uint32_t entry = static_cast<uint32_t>(f.lut[cell]);
+    k = static_cast<int>(entry & 0xffu);
+    k += (u & ((1u << f.lut_shift) - 1)) > (entry >> 8);
+  }
   if constexpr (SIGNED) {
     return f.zero + (y < 0 ? -k : k);
   } else {
@@ -131,10 +163,32 @@ inline float AbsMax(const float* x, int64_t count) {
   return __builtin_bit_cast(float, top);
 }
 
-template <int BITS>
+// The float map's value of `code` (FloatMapIndex's inverse): code 127 + k
+// is ±magnitude k (0 for k = 0) signed, code k magnitude k unsigned.
+template <bool SIGNED>
+inline float FloatMapValue(int code, const QuantizedFormat& f) {
+  if constexpr (SIGNED) {
+    const int k = code - kFloatMagnitudes<true>;
+    const uint32_t a = static_cast<uint32_t>(k < 0 ? -k : k);
+    const uint32_t bits = a == 0 ? 0u : (a + f.lut_base) << f.lut_shift;
+    return __builtin_bit_cast(float, bits | (k < 0 ? 0x80000000u : 0u));
+  } else {
+    return __builtin_bit_cast(float, static_cast<uint32_t>(code + f.lut_base) << f.lut_shift);
+  }
+}
+
+// Decodes codes [begin, begin + count) with their block's scale.
+template <int BITS, bool SIGNED>
 inline void Load(float* out, const uint8_t* codes, float scale, int64_t begin, int64_t count,
-                 const float* table) {
-  for (int64_t j = 0; j < count; ++j) out[j] = table[Code<BITS>(codes, begin + j)] * scale;
+                 const QuantizedFormat& f) {
+  for (int64_t j = 0; j < count; ++j) {
+    const int code = Code<BITS>(codes, begin + j);
+    if constexpr (BITS == 8) {
+      out[j] = FloatMapValue<SIGNED>(code, f) * scale;
+    } else {
+      out[j] = f.table[code] * scale;
+    }
+  }
 }
 
 // Encodes `values` with their block's absmax into codes [begin, begin + count).
@@ -143,16 +197,16 @@ inline void Store(uint8_t* __restrict__ codes, const float* __restrict__ values,
                   int64_t begin, int64_t count, const QuantizedFormat& format) {
   // A copy: stores through `codes` (bytes) could alias the caller's struct.
   const QuantizedFormat f = format;
-  const float scale = absmax > 0 ? absmax : 1.0f;
+  const float inverse = 1.0f / (absmax > 0 ? absmax : 1.0f);
   // Codes first as 32-bit integers (a loop of one element width, which
   // vectorizes, gathers included), then narrowed to bytes.
   alignas(64) int32_t code[258];
-  for (int64_t j = 0; j < count; ++j) code[j] = Encode<SIGNED>(values[j] / scale, f);
+  for (int64_t j = 0; j < count; ++j) code[j] = Encode<BITS, SIGNED>(values[j] * inverse, f);
   if constexpr (BITS == 8) {
     for (int64_t j = 0; j < count; ++j) codes[begin + j] = static_cast<uint8_t>(code[j]);
   } else {
     // Blocks start at even positions; an odd tail pads with the code of 0.
-    code[count] = Encode<SIGNED>(0.0f, f);
+    code[count] = Encode<BITS, SIGNED>(0.0f, f);
     uint8_t* __restrict__ out = codes + (begin >> 1);
     const int64_t pairs = (count + 1) / 2;
     for (int64_t j = 0; j < pairs; ++j) {
@@ -192,10 +246,10 @@ inline void QuantizedAdamBlocks(float* __restrict__ var, const float* __restrict
     const int64_t count = std::min(block, n - begin);
     float* __restrict__ p = var + begin;
     const float* __restrict__ g = grad + begin;
-    quantized::Load<BITS>(mb, m.codes, m.scales[b], begin, count, fm.table);
-    quantized::Load<BITS>(vb, v.codes, v.scales[b], begin, count, fv.table);
+    quantized::Load<BITS, true>(mb, m.codes, m.scales[b], begin, count, fm);
+    quantized::Load<BITS, false>(vb, v.codes, v.scales[b], begin, count, fv);
     if constexpr (AMSGRAD) {
-      quantized::Load<BITS>(hb, v_hat.codes, v_hat.scales[b], begin, count, fv.table);
+      quantized::Load<BITS, false>(hb, v_hat.codes, v_hat.scales[b], begin, count, fv);
     }
     for (int64_t j = 0; j < count; ++j) {
       float pj = p[j];

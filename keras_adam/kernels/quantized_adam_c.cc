@@ -13,7 +13,7 @@ using keras_adam::QuantizedScalars;
 extern "C" {
 
 // The ABI version; quantized.py checks it before any call.
-int32_t keras_adam_quantized_abi() { return 2; }
+int32_t keras_adam_quantized_abi() { return 3; }
 
 // Nonzero: run the portable loops even where a faster path exists (tests
 // compare both). Returns whether the faster path exists on this machine.

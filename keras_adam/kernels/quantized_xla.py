@@ -87,55 +87,64 @@ def threads() -> int:
 
 
 def step(
-    param: Any,
-    grad: Any,
-    moments: list[QuantizedMoment],
+    params: list[Any],
+    grads: list[Any],
+    moments: list[list[QuantizedMoment]],
     scalars: Any,
     flags: dict[str, bool],
-) -> tuple[Any, list[tuple[Any, Any]]]:
-    """One Adam step of one float32 variable with quantized moments.
+) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+    """One Adam step of float32 variables with quantized moments, in one call.
+
+    The variables share their hyperparameters (`scalars`, `flags`) and
+    moment format; the call splits their blocks over `threads()`.
 
     Args:
-        param: The variable's value.
-        grad: Its dense gradient.
-        moments: m, v and with AMSGrad v̂.
+        params: The variables' values.
+        grads: Their dense gradients.
+        moments: Each variable's m, v and with AMSGrad v̂.
         scalars: The 7 float32 scalars (`engine.quantized_kernel_scalars`).
         flags: Which of `FLAG_BITS` apply (`engine.quantized_kernel_flags`).
 
     Returns:
-        The new value and each moment's new `(codes, scales)`.
+        Each variable's new value and its moments' new `(codes, scales)`.
     """
-    m, v = moments[0], moments[1]
-    stored = []
-    for moment in moments:
-        stored += [moment.codes.value, moment.scales.value]
-    if len(moments) == 2:
-        stored += [jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)]
+    m, v = moments[0][0], moments[0][1]
     m_lookup, v_lookup = m.fmt.lookup, v.fmt.lookup
-    results = [jax.ShapeDtypeStruct(param.shape, jnp.float32)]
-    results += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stored]
-    call = jax.ffi.ffi_call(
-        TARGET,
-        results,
-        input_output_aliases={0: 0, **{2 + k: 1 + k for k in range(6)}},
-    )
+    inputs, results, aliases = [], [], {}
+    fixed = 7  # the lookups and the scalars come first
+    for param, grad, slots in zip(params, grads, moments, strict=True):
+        stored = []
+        for moment in slots:
+            stored += [moment.codes.value, moment.scales.value]
+        if len(slots) == 2:
+            stored += [jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)]
+        first_input, first_result = fixed + len(inputs), len(results)
+        inputs += [jnp.asarray(param, jnp.float32), jnp.asarray(grad, jnp.float32), *stored]
+        results += [jax.ShapeDtypeStruct(param.shape, jnp.float32)]
+        results += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stored]
+        # The variable, then its codes and scales (after the gradient).
+        aliases[first_input] = first_result
+        aliases.update({first_input + 2 + k: first_result + 1 + k for k in range(6)})
+    call = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases)
     outputs = call(
-        jnp.asarray(param, jnp.float32),
-        jnp.asarray(grad, jnp.float32),
-        *stored,
         *(
             jnp.asarray(lookup[name])
             for lookup in (m_lookup, v_lookup)
             for name in ("table", "magnitude_mid", "lut")
         ),  # fmt: skip
         jnp.asarray(scalars, jnp.float32),
+        *inputs,
         bits=np.int32(m.fmt.bits),
         block=np.int32(m.fmt.block_size),
         m_zero=np.int32(m_lookup["zero"]),
         lut_shift=np.int32(m_lookup["lut_shift"]),
-        lut_base=np.int32(m_lookup["lut_base"]),
+        m_lut_base=np.int32(m_lookup["lut_base"]),
+        v_lut_base=np.int32(v_lookup["lut_base"]),
         flags=np.int32(sum(bit for name, bit in FLAG_BITS.items() if flags[name])),
         threads=np.int32(threads()),
     )
-    pairs = [(outputs[1 + 2 * k], outputs[2 + 2 * k]) for k in range(len(moments))]
-    return outputs[0], pairs
+    stepped = []
+    for k, slots in enumerate(moments):
+        out = outputs[7 * k : 7 * (k + 1)]
+        stepped.append((out[0], [(out[1 + 2 * j], out[2 + 2 * j]) for j in range(len(slots))]))
+    return stepped

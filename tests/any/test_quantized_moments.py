@@ -39,7 +39,7 @@ def _heavy_tailed(rng, size, signed=True):
 
 
 @pytest.mark.parametrize(("moment_dtype", "signed"), FORMATS)
-def test_code_tables_are_the_decade_maps(moment_dtype, signed):
+def test_code_tables_are_the_float_and_decade_maps(moment_dtype, signed):
     expected = nq.table(nq.SIZES[moment_dtype][0], signed)
     np.testing.assert_array_equal(_format(moment_dtype, signed).table, expected)
     assert len(expected) <= 2 ** nq.SIZES[moment_dtype][0]

@@ -1,10 +1,10 @@
 """A NumPy transcription of block-wise quantized moments, for tests.
 
 Written from the description in `keras_adam.quantization`'s docstring,
-independently of its code: the code tables are built from the decade
-definition as sets, and each value takes the nearest code by brute force
-(an argmin over the whole table), where the library computes a guess and
-corrects it.
+independently of its code: the code tables are built from their
+definitions as sets (int8: numbers with 3 mantissa bits below 1; int4:
+decades), and each value takes the nearest code by brute force (an argmin
+over the whole table), where the library computes it from the value's bits.
 """
 
 import math
@@ -18,11 +18,19 @@ SIZES = {"int8": (8, 256), "int4": (4, 128)}
 
 
 def table(bits, signed):
-    """The code values, ascending: decades (0.1, 1], (0.01, 0.1], ... halving their count.
+    """The code values, ascending.
 
-    Signed: `bits - 1` magnitude bits, 0 and ± each magnitude. Unsigned (no
-    zero): `bits` magnitude bits, and one more decade of one code.
+    int8: the largest numbers 2**e * (1 + j/8) (e <= 0, j = 0..7) up to 1:
+    127 of them, 0 and their negatives signed; 256 unsigned. int4: decades
+    (0.1, 1], (0.01, 0.1], ... halving their count; signed: 3 magnitude
+    bits, 0 and ± each magnitude; unsigned (no zero): 4 magnitude bits, and
+    one more decade of one code.
     """
+    if bits == 8:
+        grid = {2.0**e * (1 + j / 8) for e in range(-40, 0) for j in range(8)} | {1.0}
+        magnitudes = set(sorted(grid)[-(127 if signed else 256) :])
+        values = sorted(magnitudes | ({0.0} | {-x for x in magnitudes} if signed else set()))
+        return np.array(values, dtype=np.float32)
     magnitude_bits = bits - 1 if signed else bits
     counts = [2 ** (magnitude_bits - 1 - k) for k in range(magnitude_bits)]
     if not signed:
@@ -45,7 +53,8 @@ def quantize(x, moment_dtype, signed):
     padded[: flat.size] = flat
     padded = padded.reshape(blocks, block)
     scales = np.abs(padded).max(axis=1)
-    normalized = (padded / np.where(scales > 0, scales, 1)[:, None]).reshape(-1)[: flat.size]
+    inverse = np.float32(1) / np.where(scales > 0, scales, np.float32(1))
+    normalized = (padded * inverse[:, None]).reshape(-1)[: flat.size]
     codes = np.abs(normalized[:, None] - codes_table[None, :]).argmin(axis=1)
     return codes, scales
 

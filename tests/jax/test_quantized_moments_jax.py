@@ -56,9 +56,9 @@ def kernel_calls(monkeypatch):
     calls = []
     step = quantized_xla.step
 
-    def counting(param, *args, **kwargs):
-        calls.append(tuple(param.shape))
-        return step(param, *args, **kwargs)
+    def counting(params, *args, **kwargs):
+        calls.append(tuple(tuple(param.shape) for param in params))
+        return step(params, *args, **kwargs)
 
     monkeypatch.setattr(quantized_xla, "step", counting)
     return calls
@@ -97,13 +97,39 @@ def run_apply(moment_dtype, options, **fused):
 def test_the_custom_call_gives_the_keras_ops_step(kernel_calls, moment_dtype, options):
     """Default path (the C++ kernel in XLA) against fused=False (keras.ops), from the same state."""
     weights, state = run_apply(moment_dtype, options)
-    # Both large variables; the first step op by op (it builds the
-    # optimizer), then traced once into the compiled eager step.
-    assert kernel_calls == [SHAPES[0], SHAPES[1]] * 2
+    # Both large variables in one call; the first step op by op (it builds
+    # the optimizer), then traced once into the compiled eager step.
+    assert kernel_calls == [(SHAPES[0], SHAPES[1])] * 2
     reference_weights, reference_state = run_apply(moment_dtype, options, fused=False)
-    assert len(kernel_calls) == 4
+    assert len(kernel_calls) == 2
     assert_same_but_for_flipped_codes(weights, reference_weights, 1e-4)
     assert_same_state_but_for_flipped_codes(state, reference_state)
+
+
+def test_one_call_per_hyperparameters(kernel_calls):
+    """A variable excluded from weight decay steps in a call of its own, with its own decay."""
+    values, grads = values_and_grads(3)
+
+    def run(**fused):
+        variables = [keras.Variable(v, name=f"w{i}") for i, v in enumerate(values)]
+        optimizer = keras_adam.Adam(0.01, moment_dtype="int8", weight_decay=0.5, **fused)
+        optimizer.exclude_from_weight_decay(var_names=["w1"])
+        for step_grads in grads:
+            optimizer.apply(step_grads, variables)
+        return [v.numpy() for v in variables], [np.asarray(v.numpy()) for v in optimizer.variables]
+
+    weights, state = run()
+    assert sorted(kernel_calls[:2]) == sorted([(SHAPES[0],), (SHAPES[1],)])
+    reference_weights, reference_state = run(fused=False)
+    assert_same_but_for_flipped_codes(weights, reference_weights, 1e-4)
+    assert_same_state_but_for_flipped_codes(state, reference_state)
+    # The decay reached w0 only: w1 alone would not tell a missing decay.
+    undecayed = keras_adam.Adam(0.01, moment_dtype="int8")
+    plain = [keras.Variable(v) for v in values]
+    for step_grads in grads:
+        undecayed.apply(step_grads, plain)
+    assert np.abs(weights[0] - plain[0].numpy()).max() > 1e-3
+    assert_same_but_for_flipped_codes(weights[1:2], [plain[1].numpy()], 1e-4)
 
 
 @pytest.mark.parametrize("moment_dtype", ["int8", "int4"])
@@ -118,7 +144,7 @@ def test_jitted_stateless_apply_with_donated_state(kernel_calls, moment_dtype):
     params = [v.value for v in variables]
     for step_grads in grads:
         params, state = step(state, [jax.numpy.asarray(g) for g in step_grads], params)
-    assert kernel_calls == [SHAPES[0], SHAPES[1]]  # traced once
+    assert kernel_calls == [(SHAPES[0], SHAPES[1])]  # traced once
     variables = [keras.Variable(v) for v in values]
     eager = keras_adam.Adam(0.01, moment_dtype=moment_dtype, amsgrad=True)
     for step_grads in grads:

@@ -112,11 +112,79 @@ def test_the_op_gives_the_keras_ops_step(moment_dtype, options):
         return [v.numpy() for v in variables], state, ops_used
 
     weights, state, ops_used = run()
-    assert kernels.QUANTIZED_OP_NAME in ops_used
+    assert kernels.QUANTIZED_MULTI_TENSOR_OP_NAME in ops_used  # both large variables, in place
+    assert kernels.QUANTIZED_OP_NAME not in ops_used
     reference_weights, reference_state, reference_ops = run(fused=False)
-    assert kernels.QUANTIZED_OP_NAME not in reference_ops
+    assert kernels.QUANTIZED_MULTI_TENSOR_OP_NAME not in reference_ops
     assert_same_but_for_flipped_codes(weights, reference_weights, 1e-4)
     assert_same_state_but_for_flipped_codes(state, reference_state)
+
+
+def test_the_op_of_many_variables_leaves_values_read_before_it_unchanged():
+    # In one tf.function, a read of the variable and of its codes before the
+    # step shares their buffers with them: the op must update copies.
+    rng = np.random.default_rng(0)
+    kernel = keras.Variable(rng.normal(size=(80, 64)).astype(np.float32))
+    optimizer = keras_adam.Adam(0.01, moment_dtype="int8")
+    optimizer.build([kernel])
+    codes = optimizer._momentums[0].codes
+    gradient = tf.constant(rng.normal(size=(80, 64)), tf.float32)
+    optimizer.apply([gradient], [kernel])
+    first_value, first_codes = kernel.numpy(), codes.numpy()
+
+    @tf.function
+    def step(g):
+        before = (tf.identity(kernel.value), tf.identity(codes.value))
+        optimizer.apply([g], [kernel])
+        return before
+
+    before_value, before_codes = step(tf.constant(rng.normal(size=(80, 64)), tf.float32))
+    np.testing.assert_array_equal(before_value.numpy(), first_value)
+    np.testing.assert_array_equal(before_codes.numpy(), first_codes)
+    assert np.abs(kernel.numpy() - first_value).max() > 1e-3  # and the step happened
+    assert np.mean(codes.numpy() != first_codes) > 0.5
+
+
+def test_the_op_of_many_variables_refuses_a_wrong_resource():
+    kernel = keras.Variable(np.ones((80, 64), np.float32))
+    optimizer = keras_adam.Adam(moment_dtype="int8")
+    optimizer.build([kernel])
+    m, v = optimizer._momentums[0], optimizer._velocities[0]
+    lookups = {"m": m.fmt.lookup, "v": v.fmt.lookup}
+    before = [np.asarray(x.numpy()) for x in optimizer.variables]
+    wrong = tf.Variable(tf.zeros(m.codes.shape, tf.float32))
+    with pytest.raises(tf.errors.InvalidArgumentError, match="resource 1 of variable 0"):
+        kernels.load().keras_adam_multi_tensor_quantized_adam(
+            var=[kernel.value.handle],
+            m_codes=[wrong.handle],  # float32 where uint8 codes belong
+            m_scales=[m.scales.value.handle],
+            v_codes=[v.codes.value.handle],
+            v_scales=[v.scales.value.handle],
+            v_hat_codes=[],
+            v_hat_scales=[],
+            grad=[tf.ones((80, 64))],
+            m_table=lookups["m"]["table"],
+            m_mid=lookups["m"]["magnitude_mid"],
+            m_lut=lookups["m"]["lut"],
+            v_table=lookups["v"]["table"],
+            v_mid=lookups["v"]["magnitude_mid"],
+            v_lut=lookups["v"]["lut"],
+            scalars=tf.ones(7),
+            bits=8,
+            block=256,
+            m_zero=lookups["m"]["zero"],
+            lut_shift=lookups["m"]["lut_shift"],
+            m_lut_base=lookups["m"]["lut_base"],
+            v_lut_base=lookups["v"]["lut_base"],
+            maximize=False,
+            l2=False,
+            decoupled=False,
+            amsgrad=False,
+            paper=False,
+        )
+    for a, b in zip(before, optimizer.variables, strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+    np.testing.assert_array_equal(kernel.numpy(), 1.0)
 
 
 def test_under_xla_the_keras_ops_step_runs():
