@@ -461,14 +461,7 @@ def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
     learning_rate = float(_tensor(update.learning_rate))
     ready = plan.gradients_ready(grads)
     for group in plan.groups:
-        if ready:
-            members = range(len(group.indices))
-            group_grads = [grads[i] for i in group.indices]
-        else:
-            members = [k for k, i in enumerate(group.indices) if grads[i] is not None]
-            group_grads = [
-                _dense(grads[group.indices[k]], group.dtype, group.device) for k in members
-            ]
+        members, group_grads = _members(group.indices, grads, ready, group.dtype, group.device)
         if not group_grads:
             continue
         params, exp_avgs, exp_avg_sqs, max_exp_avg_sqs = group.tensors(members)
@@ -486,6 +479,21 @@ def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
     return list(plan.rest) if ready else [i for i in plan.rest if grads[i] is not None]
 
 
+def _members(
+    indices: list[int], grads: list, ready: bool, dtype: torch.dtype, device: torch.device
+) -> tuple[Any, list]:
+    """The members of a group (positions in it) that have a gradient, and their gradients.
+
+    With `ready` (`_Plan.gradients_ready`) all of them, their gradients as
+    they are; else those whose gradient is not None, made dense tensors of
+    `dtype` on `device`.
+    """
+    if ready:
+        return range(len(indices)), [grads[i] for i in indices]
+    members = [k for k, i in enumerate(indices) if grads[i] is not None]
+    return members, [_dense(grads[indices[k]], dtype, device) for k in members]
+
+
 def _quantized_step(
     group: _QuantizedGroup,
     grads: list,
@@ -499,14 +507,7 @@ def _quantized_step(
     `kernels.quantized`: decode, float32 Adam, encode, one pass per block.
     The pointers come from the plan; only the gradients' are read here.
     """
-    if ready:
-        members = range(len(group.indices))
-        group_grads = [grads[i] for i in group.indices]
-    else:
-        members = [k for k, i in enumerate(group.indices) if grads[i] is not None]
-        group_grads = [
-            _dense(grads[group.indices[k]], torch.float32, torch.device("cpu")) for k in members
-        ]
+    members, group_grads = _members(group.indices, grads, ready, torch.float32, torch.device("cpu"))
     if not group_grads:
         return
     if len(members) == len(group.indices):

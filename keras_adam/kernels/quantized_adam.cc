@@ -335,6 +335,16 @@ class MultiTensorQuantizedAdamOp : public OpKernel {
 
 namespace tensorflow {
 
+// The inputs and attributes both ops share (FormatAttrs reads the attributes).
+#define KERAS_ADAM_QUANTIZED_TABLE_INPUTS                                              \
+  .Input("m_table: float").Input("m_mid: float").Input("m_lut: int32")                \
+      .Input("v_table: float").Input("v_mid: float").Input("v_lut: int32")            \
+      .Input("scalars: float")
+#define KERAS_ADAM_QUANTIZED_FORMAT_ATTRS                                              \
+  .Attr("bits: int").Attr("block: int").Attr("m_zero: int").Attr("lut_shift: int")    \
+      .Attr("m_lut_base: int").Attr("v_lut_base: int").Attr("maximize: bool")         \
+      .Attr("l2: bool").Attr("decoupled: bool").Attr("amsgrad: bool").Attr("paper: bool")
+
 REGISTER_OP("KerasAdamQuantizedAdam")
     .Input("var: float")
     .Input("grad: float")
@@ -344,13 +354,7 @@ REGISTER_OP("KerasAdamQuantizedAdam")
     .Input("v_scales: float")
     .Input("v_hat_codes: uint8")
     .Input("v_hat_scales: float")
-    .Input("m_table: float")
-    .Input("m_mid: float")
-    .Input("m_lut: int32")
-    .Input("v_table: float")
-    .Input("v_mid: float")
-    .Input("v_lut: int32")
-    .Input("scalars: float")
+    KERAS_ADAM_QUANTIZED_TABLE_INPUTS
     .Output("var_out: float")
     .Output("m_codes_out: uint8")
     .Output("m_scales_out: float")
@@ -358,17 +362,7 @@ REGISTER_OP("KerasAdamQuantizedAdam")
     .Output("v_scales_out: float")
     .Output("v_hat_codes_out: uint8")
     .Output("v_hat_scales_out: float")
-    .Attr("bits: int")
-    .Attr("block: int")
-    .Attr("m_zero: int")
-    .Attr("lut_shift: int")
-    .Attr("m_lut_base: int")
-    .Attr("v_lut_base: int")
-    .Attr("maximize: bool")
-    .Attr("l2: bool")
-    .Attr("decoupled: bool")
-    .Attr("amsgrad: bool")
-    .Attr("paper: bool")
+    KERAS_ADAM_QUANTIZED_FORMAT_ATTRS
     .SetShapeFn([](shape_inference::InferenceContext* c) {
       const int sources[7] = {0, 2, 3, 4, 5, 6, 7};
       for (int k = 0; k < 7; ++k) c->set_output(k, c->input(sources[k]));
@@ -393,26 +387,10 @@ REGISTER_OP("KerasAdamMultiTensorQuantizedAdam")
     .Input("v_hat_codes: M * resource")
     .Input("v_hat_scales: M * resource")
     .Input("grad: N * float")
-    .Input("m_table: float")
-    .Input("m_mid: float")
-    .Input("m_lut: int32")
-    .Input("v_table: float")
-    .Input("v_mid: float")
-    .Input("v_lut: int32")
-    .Input("scalars: float")
+    KERAS_ADAM_QUANTIZED_TABLE_INPUTS
     .Attr("N: int >= 1")
     .Attr("M: int >= 0")
-    .Attr("bits: int")
-    .Attr("block: int")
-    .Attr("m_zero: int")
-    .Attr("lut_shift: int")
-    .Attr("m_lut_base: int")
-    .Attr("v_lut_base: int")
-    .Attr("maximize: bool")
-    .Attr("l2: bool")
-    .Attr("decoupled: bool")
-    .Attr("amsgrad: bool")
-    .Attr("paper: bool")
+    KERAS_ADAM_QUANTIZED_FORMAT_ATTRS
     .SetIsStateful()
     .SetShapeFn(shape_inference::NoOutputs)
     .Doc(R"doc(
