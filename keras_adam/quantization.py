@@ -10,8 +10,8 @@ of Dettmers et al. (2022, arXiv:2110.02861) and Li et al. (NeurIPS 2023):
   float32 scale, and each value is stored as the code nearest to
   value × (1 / absmax), a number in [-1, 1].
 - **Codes.** A code is an index into a table of `2**bits` (or fewer)
-  values in [-1, 1], its *map*. Both maps put their codes densest near
-  1 and keep small values' order of magnitude: Adam's moments span
+  values in [-1, 1], its *map*. Both maps are non-linear: a small value
+  keeps its order of magnitude, as it must, since Adam's moments span
   decades inside a block. 1 is a code of both, so each block's largest
   value is stored exactly.
   - int8 uses a **float map**: the float32 numbers with 3 mantissa bits,

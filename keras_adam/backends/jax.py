@@ -50,6 +50,13 @@ variable instead of branching (`Engine.apply_skipping_nonfinite`): a
 Sparse gradients (`jax.experimental.sparse.BCOO`, which Keras's optimizers
 accept) take the reference path, whose `keras.ops` combine them with the
 dense moments as Keras does.
+
+Quantized moments (`moment_dtype="int8"` or `"int4"`) of float32 variables
+step in the C++ kernel as an XLA custom call (`kernels.quantized_xla`),
+traced like the rest: one call per step and set of hyperparameters over
+all such variables, its results in its inputs' buffers. Under
+`keras.distribution` (the call has no sharding rule), with `fused=False`
+and with RAdam they take the reference path.
 """
 
 from __future__ import annotations

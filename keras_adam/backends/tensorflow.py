@@ -10,6 +10,11 @@
 - `tf.IndexedSlices` gradients (Embedding layers): densified, or with
   `lazy_sparse=True` only the touched rows: one `KerasAdamSparseApplyAdam`
   op outside XLA on CPU, else gathers and scatters of `keras.ops`.
+- Quantized moments (`moment_dtype="int8"` or `"int4"`) of float32
+  variables, outside XLA on CPU: one `KerasAdamMultiTensorQuantizedAdam` op
+  per set of hyperparameters updates the variables and their moments'
+  codes and scales in place; under tf.distribute one `KerasAdamQuantizedAdam`
+  per variable component, whose results are assigned.
 - Everything else: the `keras.ops` transcription of `keras_adam.update_rule`.
 - `skip_nonfinite`: the whole step under `tf.cond`, with one verdict summed
   over the replicas (and workers) of a tf.distribute strategy.

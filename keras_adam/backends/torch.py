@@ -12,6 +12,10 @@ r"""What runs on the PyTorch backend.
   natively, Keras's $\hat\epsilon$ (the default) as the per-step
   $\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}$, AMSGrad (`velocity_hat`),
   maximize, L2 and decoupled weight decay.
+- Quantized moments (`moment_dtype="int8"` or `"int4"`) of contiguous
+  float32 CPU variables: our C++ kernel through ctypes
+  (`kernels.quantized`), one call per step and set of hyperparameters,
+  its pointers planned with the fused groups (`_Plan.quantized`).
 - Everything else goes through Keras's per-variable loop to the `keras.ops`
   transcription of `keras_adam.update_rule`: `fused=False`, `rectify=True`
   (RAdam, which the kernels lack), bfloat16/float16 weights (computed in
