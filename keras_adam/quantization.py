@@ -203,26 +203,36 @@ def _float_map(fmt: Format) -> tuple[int, int]:
 
 
 def _lookup(fmt: Format) -> dict[str, np.ndarray]:
-    """The code table and the arrays `nearest_codes` and the kernels look up in."""
+    """The code table and the arrays `nearest_codes` and the kernels look up in.
+
+    Both maps: "table", "zero" (the code of 0; -1 unsigned) and
+    "magnitude_mid", the midpoints between consecutive magnitudes
+    (ascending, with 0 first for a signed map; float32, as `encode`
+    compares with; +inf after the last), which int4 searches directly. Then
+    "lut" (the decade map's packed table, `_kernel_lookup`; empty for the
+    float map, whose kernels compute the code), "lut_shift" and "lut_base".
+    """
     magnitudes = fmt.magnitudes
     if fmt.signed:
         table = np.concatenate([-magnitudes, [0.0], magnitudes[::-1]])
     else:
         table = magnitudes[::-1]
+    zero = len(magnitudes) if fmt.signed else -1
+    ascending = table[max(zero, 0) :]
+    midpoints = ((ascending[:-1] + ascending[1:]) / 2).astype(np.float32)
     if fmt.mantissa_bits is None:
-        lookup = _kernel_lookup(fmt, table)
+        lut, shift, base = _kernel_lookup(fmt, midpoints)
     else:
+        lut = np.zeros((0,), np.int32)
         shift, base = _float_map(fmt)
-        ascending = table[len(magnitudes) :] if fmt.signed else table
-        midpoints = ((ascending[:-1] + ascending[1:]) / 2).astype(np.float32)
-        lookup = {
-            "zero": len(magnitudes) if fmt.signed else -1,
-            "magnitude_mid": np.append(midpoints, np.float32(np.inf)).astype(np.float32),
-            "lut": np.zeros((0,), np.int32),  # none: the kernels compute the code
-            "lut_shift": shift,
-            "lut_base": base,
-        }
-    return {**lookup, "table": table.astype(np.float32)}
+    return {
+        "table": table.astype(np.float32),
+        "zero": zero,
+        "magnitude_mid": np.append(midpoints, np.float32(np.inf)).astype(np.float32),
+        "lut": lut,
+        "lut_shift": shift,
+        "lut_base": base,
+    }
 
 
 #: The decade map's lookup cells: the top 7 mantissa bits of a float32
@@ -234,30 +244,21 @@ _CELL_SHIFT = 23 - _CELL_BITS
 _CELL_BASE = (127 - 32) << _CELL_BITS
 
 
-def _kernel_lookup(fmt: Format, table: np.ndarray) -> dict[str, Any]:
-    """The arrays of the encoder (`nearest_codes`, `kernels/quantized_adam.h`).
+def _kernel_lookup(fmt: Format, midpoints: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """The decade map's packed lookup table, its shift and its base.
 
-    The midpoints between consecutive magnitudes (ascending, with 0 first
-    for a signed map; float32, as `encode` compares with; +inf after the
-    last), which int4 searches directly, and a packed lookup table.
     A magnitude's cell is its float32 bit pattern shifted right by
     `_CELL_SHIFT`: its exponent and top mantissa bits. For each cell the
-    table holds, in the low 8 bits, the number of midpoints below the
-    cell's low end: the nearest magnitude there; and above them the low
-    `_CELL_SHIFT` bits of the midpoint inside the cell, or all ones if
-    there is none. A value's nearest magnitude is the first number, plus
-    one if its own low bits are above the second: midpoint and value share
-    the cell's top bits, so comparing the rest compares the floats. So no
-    cell may hold two midpoints, and the first and last cells (where
-    smaller and larger magnitudes are clamped) none; both are checked here.
+    table holds, in the low 8 bits, the number of `midpoints` (ascending,
+    float32) below the cell's low end: the nearest magnitude there; and
+    above them the low `_CELL_SHIFT` bits of the midpoint inside the cell,
+    or all ones if there is none. A value's nearest magnitude is the first
+    number, plus one if its own low bits are above the second: midpoint
+    and value share the cell's top bits, so comparing the rest compares the
+    floats. So no cell may hold two midpoints, and the first and last cells
+    (where smaller and larger magnitudes are clamped) none; both are
+    checked here.
     """
-    if fmt.signed:
-        zero = int(np.flatnonzero(table == 0)[0])
-        magnitudes = table[zero:]
-    else:
-        zero = -1
-        magnitudes = table
-    midpoints = ((magnitudes[:-1] + magnitudes[1:]) / 2).astype(np.float32)
     cells = np.arange(((127 << _CELL_BITS) - _CELL_BASE) + 1, dtype=np.uint32)
     low = ((cells + _CELL_BASE) << _CELL_SHIFT).view(np.float32)
     high = ((cells + 1 + _CELL_BASE) << _CELL_SHIFT).view(np.float32)
@@ -265,18 +266,12 @@ def _kernel_lookup(fmt: Format, table: np.ndarray) -> dict[str, Any]:
     inside = np.searchsorted(midpoints, high, side="left") - below
     if inside.max() > 1 or inside[0] or inside[-1]:
         raise AssertionError(f"{fmt}: a lookup cell holds two midpoints, or an end cell one")
-    if len(magnitudes) > 256:
+    if len(midpoints) + 1 > 256:
         raise AssertionError(f"{fmt}: more than 256 magnitudes do not fit the packed table")
     none = (1 << _CELL_SHIFT) - 1
     low_bits = midpoints.view(np.uint32)[np.minimum(below, len(midpoints) - 1)] & none
     threshold = np.where(inside == 1, low_bits, none).astype(np.int64)
-    return {
-        "zero": zero,
-        "magnitude_mid": np.append(midpoints, np.float32(np.inf)).astype(np.float32),
-        "lut": (below | threshold << 8).astype(np.int32),
-        "lut_shift": _CELL_SHIFT,
-        "lut_base": _CELL_BASE,
-    }
+    return (below | threshold << 8).astype(np.int32), _CELL_SHIFT, _CELL_BASE
 
 
 def nearest_codes(normalized: Any, fmt: Format) -> Any:

@@ -350,9 +350,10 @@ class TorchEngine(Engine):
             devices.append(getattr(param, "device", None))
             slots = update.slots(variable)
             if self._quantized_kernel_takes(param, slots):
-                group = quantized.setdefault(
-                    update.hyper(variable), _QuantizedGroup(update.hyper(variable))
-                )
+                hyper = update.hyper(variable)
+                group = quantized.get(hyper)
+                if group is None:
+                    group = quantized[hyper] = _QuantizedGroup(hyper)
                 storage = [param]
                 for slot in slots:
                     storage += [_tensor(slot.codes), _tensor(slot.scales)]

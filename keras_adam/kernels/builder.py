@@ -46,7 +46,13 @@ SOURCES = (
     _HERE / "quantized_adam.cc",
 )
 #: Headers the sources include (part of the cache key).
-HEADERS = (_HERE / "adam_step.h", _HERE / "quantized_adam.h", _HERE / "quantized_adam_avx512.h")
+HEADERS = (
+    _HERE / "adam_step.h",
+    _HERE / "resource_variables.h",
+    _HERE / "quantized_adam.h",
+    _HERE / "quantized_adam_avx512.h",
+    _HERE / "quantized_adam_threads.h",
+)
 # No -march: the library may be cached on a shared home directory. The
 # elementwise loop is cloned for AVX-512/AVX2/baseline and picked at load time.
 FLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-w")

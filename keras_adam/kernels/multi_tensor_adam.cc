@@ -44,6 +44,7 @@
 #include "tensorflow/core/platform/threadpool.h"
 
 #include "adam_step.h"
+#include "resource_variables.h"
 
 namespace keras_adam {
 
@@ -105,24 +106,10 @@ class MultiTensorApplyAdamOp : public OpKernel {
     s.one_minus_beta2 = scalar[kOneMinusBeta2];
     s.epsilon = scalar[kEpsilon];
 
-    // Look up the 3N variables; each may appear once only.
-    std::vector<tensorflow::core::RefCountPtr<Var>> vars(3 * n);
-    for (int i = 0; i < 3 * n; ++i) {
-      OP_REQUIRES_OK(context, tensorflow::LookupResource(
-                                  context, tensorflow::HandleFromInput(context, i), &vars[i]));
-    }
-    std::vector<Var*> order(3 * n);
-    for (int i = 0; i < 3 * n; ++i) order[i] = vars[i].get();
-    std::sort(order.begin(), order.end());
-    OP_REQUIRES(context, std::adjacent_find(order.begin(), order.end()) == order.end(),
-                errors::InvalidArgument(
-                    "A variable is passed more than once (as a variable or a moment)."));
-
-    // Lock every variable's mutex, in address order (as TensorFlow's
-    // MaybeLockVariableInputMutexesInOrder does), for the whole update.
+    // Look up and lock the 3N variables; each may appear once only.
+    std::vector<tensorflow::core::RefCountPtr<Var>> vars;
     std::vector<tensorflow::mutex_lock> locks;
-    locks.reserve(order.size());
-    for (Var* var : order) locks.emplace_back(*var->mu());
+    OP_REQUIRES_OK(context, LockResourceInputs(context, 3 * n, &vars, &locks));
 
     // Validate before touching anything.
     static const char* const kRole[3] = {"var", "m", "v"};

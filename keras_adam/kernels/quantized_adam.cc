@@ -5,37 +5,34 @@
 // KerasAdamMultiTensorQuantizedAdam updates the resource variables of N
 // model variables (each variable, and its moments' codes and scales) in
 // one call, in place, with the resource semantics of TensorFlow's training
-// ops (as multi_tensor_adam.cc): every variable's mutex held for the whole
+// ops (resource_variables.h): every variable's mutex held for the whole
 // update, locked in address order; a buffer shared with a pending read is
 // copied first and the copy updated.
 //
 // KerasAdamQuantizedAdam is functional, for one variable (tf.distribute
-// steps each variable's components on their own): it reads the variable's value, its gradient and the
-// moments' codes and scales, and returns their new values, which the caller
-// assigns (keras_adam/backends/tensorflow.py). Each output reuses its
-// input's buffer where TensorFlow allows it, else is a copy made block by
-// block, just before the block is stepped. The code tables come in as
-// inputs (keras_adam/quantization.py builds them), as do the scalars:
-// alpha, 1 - beta1, 1 - beta2, epsilon, lambda, lr and sqrt(1 - beta2^t).
+// steps each variable's components on their own): it reads the variable's
+// value, its gradient and the moments' codes and scales, and returns their
+// new values, which the caller assigns (keras_adam/backends/tensorflow.py).
+// Each output reuses its input's buffer where TensorFlow allows it, else is
+// a copy made block by block, just before the block is stepped.
+//
+// The code tables come in as inputs (keras_adam/quantization.py builds
+// them), as do the scalars: alpha, 1 - beta1, 1 - beta2, epsilon, lambda,
+// lr and sqrt(1 - beta2^t).
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
-
-#include <memory>
 #include <vector>
 
 #include "tensorflow/core/framework/op.h"
 #include "tensorflow/core/framework/op_kernel.h"
-#include "tensorflow/core/framework/resource_mgr.h"
-#include "tensorflow/core/framework/resource_var.h"
 #include "tensorflow/core/framework/shape_inference.h"
 #include "tensorflow/core/framework/tensor.h"
-#include "tensorflow/core/lib/core/refcount.h"
-#include "tensorflow/core/platform/mutex.h"
 #include "tensorflow/core/platform/threadpool.h"
 
 #include "quantized_adam_threads.h"
+#include "resource_variables.h"
 
 namespace keras_adam {
 
@@ -210,7 +207,6 @@ class QuantizedAdamOp : public OpKernel {
   }
 
  private:
-
   FormatAttrs attrs_;
 };
 
@@ -235,19 +231,9 @@ class MultiTensorQuantizedAdamOp : public OpKernel {
     OP_REQUIRES(context, scalars.NumElements() == 7,
                 errors::InvalidArgument("scalars must hold 7 values"));
 
-    std::vector<tensorflow::core::RefCountPtr<tensorflow::Var>> vars(resources);
-    for (int i = 0; i < resources; ++i) {
-      OP_REQUIRES_OK(context, tensorflow::LookupResource(
-                                  context, tensorflow::HandleFromInput(context, i), &vars[i]));
-    }
-    std::vector<tensorflow::Var*> order(resources);
-    for (int i = 0; i < resources; ++i) order[i] = vars[i].get();
-    std::sort(order.begin(), order.end());
-    OP_REQUIRES(context, std::adjacent_find(order.begin(), order.end()) == order.end(),
-                errors::InvalidArgument("A variable is passed more than once."));
+    std::vector<tensorflow::core::RefCountPtr<tensorflow::Var>> vars;
     std::vector<tensorflow::mutex_lock> locks;
-    locks.reserve(order.size());
-    for (tensorflow::Var* var : order) locks.emplace_back(*var->mu());
+    OP_REQUIRES_OK(context, LockResourceInputs(context, resources, &vars, &locks));
 
     // Validate before touching anything. Resource r of variable i is
     // vars[r * n + i]: r = 0 the variable, then codes and scales per moment.
@@ -326,7 +312,6 @@ class MultiTensorQuantizedAdamOp : public OpKernel {
   }
 
  private:
-
   int n_, hat_count_;
   FormatAttrs attrs_;
 };
