@@ -14,13 +14,18 @@ of Dettmers et al. (2022, arXiv:2110.02861) and Li et al. (NeurIPS 2023):
   keeps its order of magnitude, as it must, since Adam's moments span
   decades inside a block. 1 is a code of both, so each block's largest
   value is stored exactly.
-  - int8 uses a **float map**: the float32 numbers with 3 mantissa bits,
-    counted down from 1 (1, 0.9375, 0.875, ..., 0.5, 0.46875, ...), the
-    grid of an 8-bit float format placed below each block's absmax. Every
-    value keeps its relative precision (a step of 1/8 to 1/16 of its
-    binade) down to $2^{-16}$ for m and $2^{-32}$ for v, and a code is a
-    few integer operations on the value's float32 bits (`nearest_codes`):
-    the kernels encode and decode without tables.
+  - int8 uses a **float map** (`FloatMap`): float32 numbers with few
+    mantissa bits, counted down from 1, the grid of an 8-bit float format
+    placed below each block's absmax. m has 3 mantissa bits (1, 0.9375,
+    0.875, ..., 0.5, 0.46875, ...), a step of 1/16 to 1/8 of each value,
+    down to $2^{-16}$. v and v̂ have 4 in the 8 binades below 1 (1,
+    0.96875, ..., a step of 1/32 to 1/16) and 3 below them, down to
+    $2^{-24}$: with β2 = 0.999 a step moves v by 0.1% of itself, far
+    less than a code's step, so v keeps its code for many steps, and the
+    finer grid near the block's largest value shortens that lag
+    (docs/memory.md, "How it works"). A code is a few integer operations
+    on the value's float32 bits (`nearest_codes`): the kernels encode and
+    decode without tables.
   - int4 uses a **decade map**: the magnitudes of decade $k$ lie in
     $(10^{-k-1}, 10^{-k}]$, $c_k$ of them evenly spaced,
     $10^{-k-1}(1 + 9j/c_k)$ for $j = 1..c_k$, and each decade gets half the
@@ -64,8 +69,6 @@ from keras import ops
 #: `moment_dtype` values that quantize.
 QUANTIZED_DTYPES = ("int8", "int4")
 
-#: Mantissa bits of the float map (int8).
-FLOAT_MANTISSA_BITS = 3
 
 #: Variables with fewer values keep float32 moments.
 MIN_QUANTIZED_SIZE = 4096
@@ -73,6 +76,45 @@ MIN_QUANTIZED_SIZE = 4096
 #: The name of an embedding table's variable (`keras.layers.Embedding`'s,
 #: and its subclasses'): float32 moments unless `quantize_embeddings`.
 EMBEDDINGS_NAME = "embeddings"
+
+
+@dataclasses.dataclass(frozen=True)
+class FloatMap:
+    """int8's map: float32 numbers with `fine_bits` mantissa bits in the
+    `fine_binades` binades below 1 (and 1 itself), `coarse_bits` below them.
+
+    Magnitude index k (1 the smallest signed, 0 unsigned; `largest` is 1.0)
+    is a float32 bit pattern: `(k + fine_base) << fine_shift` from
+    `split_index` up (the magnitudes from `2**-fine_binades`), else
+    `(k + coarse_base) << coarse_shift`. The two grids meet at
+    `2**-fine_binades` (bit pattern `split_bits`), so the indices run on
+    without a gap, and rounding a value's bits to its grid's mantissa bits
+    gives its nearest magnitude's index (`nearest_codes`).
+    """
+
+    fine_bits: int
+    fine_binades: int
+    coarse_bits: int
+
+    def parameters(self, largest: int) -> tuple[int, int, int, int, int, int]:
+        """`(fine_shift, fine_base, coarse_shift, coarse_base, split_bits, split_index)`.
+
+        Args:
+            largest: The index of 1.0: the number of magnitudes, less one
+                unsigned (whose smallest is index 0).
+        """
+        fine_shift = 23 - self.fine_bits
+        fine_base = (127 << self.fine_bits) - largest
+        split_exponent = 127 - self.fine_binades
+        split_index = (split_exponent << self.fine_bits) - fine_base
+        coarse_base = (split_exponent << self.coarse_bits) - split_index
+        split_bits = split_exponent << 23
+        return fine_shift, fine_base, 23 - self.coarse_bits, coarse_base, split_bits, split_index
+
+
+#: int8's maps: m's, and v's and v̂'s.
+M_FLOAT_MAP = FloatMap(fine_bits=3, fine_binades=0, coarse_bits=3)
+V_FLOAT_MAP = FloatMap(fine_bits=4, fine_binades=8, coarse_bits=3)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,9 +138,11 @@ class Format:
         object.__setattr__(self, "lookup", _lookup(self))
 
     @property
-    def mantissa_bits(self) -> int | None:
-        """The float map's mantissa bits (int8), or None for the decade map (int4)."""
-        return FLOAT_MANTISSA_BITS if self.bits == 8 else None
+    def float_map(self) -> FloatMap | None:
+        """int8's float map (`M_FLOAT_MAP` or `V_FLOAT_MAP`), or None: int4's decade map."""
+        if self.bits != 8:
+            return None
+        return M_FLOAT_MAP if self.signed else V_FLOAT_MAP
 
     @property
     def magnitude_count(self) -> int:
@@ -121,11 +165,10 @@ class Format:
     @property
     def magnitudes(self) -> np.ndarray:
         """The positive codes' values, from 1 down (float64)."""
-        if self.mantissa_bits is None:
+        if self.float_map is None:
             return _magnitudes(self.decade_counts)
-        shift, base = _float_map(self)
-        k = np.arange(self.magnitude_count, 0, -1, dtype=np.uint32) - (0 if self.signed else 1)
-        return ((k + base) << shift).view(np.float32).astype(np.float64)
+        k = np.arange(self.magnitude_count, 0, -1, dtype=np.int32) - (0 if self.signed else 1)
+        return _float_map_bits(k, self, np).view(np.float32).astype(np.float64)
 
     @property
     def table(self) -> np.ndarray:
@@ -191,15 +234,23 @@ def _magnitudes(counts: tuple[int, ...]) -> np.ndarray:
     return np.array(values)
 
 
-def _float_map(fmt: Format) -> tuple[int, int]:
-    """`(shift, base)` of the float map.
-
-    Magnitude index k (0 the smallest unsigned, 1 signed) is the float32 of
-    bit pattern `(k + base) << shift`, and 1 (bits `127 << 23`) the largest.
-    """
-    shift = 23 - FLOAT_MANTISSA_BITS
+def _float_map_parameters(fmt: Format) -> tuple[int, int, int, int, int, int]:
+    """`FloatMap.parameters` of int8's `fmt`."""
     largest = fmt.magnitude_count if fmt.signed else fmt.magnitude_count - 1
-    return shift, (127 << FLOAT_MANTISSA_BITS) - largest
+    return fmt.float_map.parameters(largest)
+
+
+def _float_map_bits(k: Any, fmt: Format, xp: Any = ops) -> Any:
+    """The float32 bit patterns (int32) of magnitude indices `k` (at least 1 signed, 0 unsigned).
+
+    `xp` is `keras.ops` or NumPy.
+    """
+    fine_shift, fine_base, coarse_shift, coarse_base, _, split_index = _float_map_parameters(fmt)
+    return xp.where(
+        xp.greater_equal(k, split_index),
+        xp.left_shift(xp.add(k, fine_base), fine_shift),
+        xp.left_shift(xp.add(k, coarse_base), coarse_shift),
+    )
 
 
 def _lookup(fmt: Format) -> dict[str, np.ndarray]:
@@ -209,8 +260,9 @@ def _lookup(fmt: Format) -> dict[str, np.ndarray]:
     "magnitude_mid", the midpoints between consecutive magnitudes
     (ascending, with 0 first for a signed map; float32, as `encode`
     compares with; +inf after the last), which int4 searches directly. Then
-    "lut" (the decade map's packed table, `_kernel_lookup`; empty for the
-    float map, whose kernels compute the code), "lut_shift" and "lut_base".
+    "lut": the decade map's packed table (`_kernel_lookup`), with
+    "lut_shift" and "lut_base"; for the float map, whose kernels compute
+    the code, its six `FloatMap.parameters` (and 0, 0).
     """
     magnitudes = fmt.magnitudes
     if fmt.signed:
@@ -220,11 +272,10 @@ def _lookup(fmt: Format) -> dict[str, np.ndarray]:
     zero = len(magnitudes) if fmt.signed else -1
     ascending = table[max(zero, 0) :]
     midpoints = ((ascending[:-1] + ascending[1:]) / 2).astype(np.float32)
-    if fmt.mantissa_bits is None:
+    if fmt.float_map is None:
         lut, shift, base = _kernel_lookup(fmt, midpoints)
     else:
-        lut = np.zeros((0,), np.int32)
-        shift, base = _float_map(fmt)
+        lut, shift, base = np.array(_float_map_parameters(fmt), np.int32), 0, 0
     return {
         "table": table.astype(np.float32),
         "zero": zero,
@@ -278,8 +329,8 @@ def nearest_codes(normalized: Any, fmt: Format) -> Any:
     """The code nearest to each value of `normalized` (float32, in [-1, 1]), as int32.
 
     As the C++ kernels encode. Float map (int8): the magnitude's float32
-    bits, rounded to `mantissa_bits` and offset, are its index; a signed
-    magnitude at most half the smallest is 0. Decade map (int4): the cell
+    bits, rounded to its grid's mantissa bits (`FloatMap`) and offset, are
+    its index; a signed magnitude at most half the smallest is 0. Decade map (int4): the cell
     of the magnitude's bits in the packed lookup table (`_kernel_lookup`)
     gives the nearest magnitude at the cell's low end and the low bits of
     the one midpoint inside the cell; one integer comparison settles the
@@ -287,17 +338,26 @@ def nearest_codes(normalized: Any, fmt: Format) -> Any:
     magnitude and NaN the largest.
     """
     lookup = fmt.lookup
-    shift, base = lookup["lut_shift"], lookup["lut_base"]
     bits = ops.bitwise_and(ops.view(normalized, "int32"), 0x7FFFFFFF)  # |x|, NaN included
-    if fmt.mantissa_bits is None:
+    if fmt.float_map is None:
+        shift, base = lookup["lut_shift"], lookup["lut_base"]
         cell = ops.clip(ops.subtract(ops.right_shift(bits, shift), base), 0, lookup["lut"].size - 1)
         entry = ops.take(ops.convert_to_tensor(lookup["lut"]), cell)
         above = ops.greater(ops.bitwise_and(bits, (1 << shift) - 1), ops.right_shift(entry, 8))
         k = ops.add(ops.bitwise_and(entry, 0xFF), ops.cast(above, "int32"))
     else:
-        # NaN as inf (no int32 overflow below); a tie rounds down.
-        rounded = ops.add(ops.minimum(bits, 0x7F800000), (1 << (shift - 1)) - 1)
-        k = ops.subtract(ops.right_shift(rounded, shift), base)
+        fine_shift, fine_base, coarse_shift, coarse_base, split_bits, _ = lookup["lut"].tolist()
+        finite = ops.minimum(bits, 0x7F800000)  # NaN as inf: no int32 overflow below
+
+        def index(shift: int, base: int) -> Any:  # a tie rounds down
+            rounded = ops.add(finite, (1 << (shift - 1)) - 1)
+            return ops.subtract(ops.right_shift(rounded, shift), base)
+
+        k = ops.where(
+            ops.greater_equal(bits, split_bits),
+            index(fine_shift, fine_base),
+            index(coarse_shift, coarse_base),
+        )
         if fmt.signed:
             half_smallest = int(np.float32(fmt.magnitudes[-1] / 2).view(np.int32))
             k = ops.where(ops.greater(bits, half_smallest), ops.clip(k, 1, fmt.magnitude_count), 0)
@@ -350,19 +410,16 @@ def decode(codes: Any, scales: Any, shape: tuple, fmt: Format) -> Any:
         indices = ops.reshape(
             ops.stack([ops.mod(indices, 16), ops.floor_divide(indices, 16)], axis=1), (-1,)
         )
-    if fmt.mantissa_bits is None:
+    if fmt.float_map is None:
         values = ops.take(ops.convert_to_tensor(fmt.table), indices)
     else:  # the float map's values from their bits, as the kernels decode
-        shift, base = fmt.lookup["lut_shift"], fmt.lookup["lut_base"]
         if fmt.signed:
             k = ops.subtract(indices, fmt.lookup["zero"])
             magnitude = ops.abs(k)
-            bits = ops.where(
-                ops.equal(magnitude, 0), 0, ops.left_shift(ops.add(magnitude, base), shift)
-            )
+            bits = ops.where(ops.equal(magnitude, 0), 0, _float_map_bits(magnitude, fmt))
             bits = ops.bitwise_or(bits, ops.where(ops.less(k, 0), -(2**31), 0))
         else:
-            bits = ops.left_shift(ops.add(indices, base), shift)
+            bits = _float_map_bits(indices, fmt)
         values = ops.view(ops.cast(bits, "int32"), "float32")
     if values.shape[0] != size:  # int4 of an odd size: one nibble of padding
         values = values[:size]

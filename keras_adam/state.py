@@ -29,9 +29,10 @@ from keras_adam.quantization import QuantizedMoment
 LAYOUT_KEY = "layout"
 
 #: Version of the code tables (`quantization.Format.table`) in saved layouts:
-#: version 2 has int8's float map; version 1 ("keras_adam.decade_map/1",
-#: unreleased development versions) had a decade map for int8 too.
-FORMAT = "keras_adam.code_maps/2"
+#: version 3 has int8's float maps, v's with 4 mantissa bits. Unreleased
+#: development versions saved version 2 (v's with 3) and version 1
+#: ("keras_adam.decade_map/1", a decade map for int8 too).
+FORMAT = "keras_adam.code_maps/3"
 
 _MOMENT_NAMES = ("momentum", "velocity", "velocity_hat")
 

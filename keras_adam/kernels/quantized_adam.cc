@@ -109,6 +109,19 @@ struct FormatAttrs {
     return absl::OkStatus();
   }
 
+  // Whether the lookups of m and v (inputs `table` + 2 and + 5) fit the
+  // maps: int8's hold its float maps' parameters (FloatMap reads them).
+  absl::Status CheckLuts(OpKernelContext* context, int table) const {
+    for (int lut : {table + 2, table + 5}) {
+      const int64_t size = context->input(lut).NumElements();
+      if (bits == 8 ? size != quantized::FloatMap::kParameters : size < 1) {
+        return errors::InvalidArgument("input ", lut, " (a lookup) has ", size,
+                                       " values; int8 takes 6, int4 at least 1");
+      }
+    }
+    return absl::OkStatus();
+  }
+
   // The format of m (or of v) whose table, midpoints and lookup are the
   // inputs from `table` on.
   QuantizedFormat Format(OpKernelContext* context, int table, bool m) const {
@@ -169,6 +182,7 @@ class QuantizedAdamOp : public OpKernel {
 
     QuantizedScalars s = attrs_.flags;
     s.Read(scalars.flat<float>().data());
+    OP_REQUIRES_OK(context, attrs_.CheckLuts(context, kMTable));
     const QuantizedFormat fm = attrs_.Format(context, kMTable, true);
     const QuantizedFormat fv = attrs_.Format(context, kVTable, false);
     const BlocksFunction step = Pick(attrs_.bits, s.amsgrad, s.paper);
@@ -296,6 +310,7 @@ class MultiTensorQuantizedAdamOp : public OpKernel {
     }
     QuantizedScalars s = attrs_.flags;
     s.Read(scalars.flat<float>().data());
+    OP_REQUIRES_OK(context, attrs_.CheckLuts(context, table_input));
     const QuantizedFormat fm = attrs_.Format(context, table_input, true);
     const QuantizedFormat fv = attrs_.Format(context, table_input + 3, false);
     const quantized_threads::Tensors t{var.data(), grad.data(), m_c.data(),  m_s.data(),

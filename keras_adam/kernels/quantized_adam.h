@@ -15,8 +15,9 @@
 //
 // Encoding takes each value's nearest code, as quantization.encode: the
 // value is multiplied by the inverse of its block's absmax. int8's float map
-// rounds the float32 bits of its magnitude to 3 mantissa bits, and the
-// rounded bits, shifted and offset, are its magnitude's index. For int4's
+// rounds the float32 bits of its magnitude to its grid's mantissa bits (3
+// for m; for v 4 near the block's absmax and 3 below), and the rounded
+// bits, shifted and offset, are its magnitude's index. For int4's
 // decade map, a lookup table indexed by the top bits of the magnitude's
 // float32 representation gives the nearest code to the low end of its cell
 // and the low bits of the one midpoint inside the cell, if any, and one
@@ -49,7 +50,8 @@
 namespace keras_adam {
 
 // How one moment is quantized (quantization.Format and its lookup arrays).
-// int8 has the float map (no lut), int4 the decade map.
+// int8 has a float map (its `lut` holds the map's six parameters, FloatMap),
+// int4 the decade map.
 struct QuantizedFormat {
   int32_t bits;              // 8 or 4 (two codes per byte, low nibble first)
   int32_t block;             // values per scale (<= 256)
@@ -60,8 +62,7 @@ struct QuantizedFormat {
   // if none) << 8 | the magnitude index nearest to the cell's low end.
   const int32_t* lut;
   int32_t lut_size;
-  // Decade map: cell = (bits of |y| >> lut_shift) - lut_base. Float map:
-  // magnitude index k has the bits (k + lut_base) << lut_shift.
+  // Decade map: cell = (bits of |y| >> lut_shift) - lut_base.
   int32_t lut_shift;
   int32_t lut_base;
 };
@@ -112,16 +113,48 @@ inline int Code(const uint8_t* codes, int64_t i) {
 template <bool SIGNED>
 constexpr int kFloatMagnitudes = SIGNED ? 127 : 256;
 
-// The float map's magnitude index of a magnitude's bits `u`: rounded to
-// the map's mantissa bits (a tie down; NaN, above every finite value, to
-// the largest), clamped to the map; signed, 0 for at most half the
-// smallest magnitude.
+// int8's float map (quantization.FloatMap), from its format's `lut`: a fine
+// grid from `split_bits` (the bits of 2^-fine_binades) up, a coarse one
+// below. Magnitude index k has the bits (k + fine_base) << fine_shift from
+// `split_index` up, else (k + coarse_base) << coarse_shift.
+struct FloatMap {
+  // The length of an int8 format's `lut`.
+  static constexpr int kParameters = 6;
+
+  int fine_shift = 0, fine_base = 0, coarse_shift = 0, coarse_base = 0;
+  uint32_t split_bits = 0;
+  int split_index = 0;
+
+  FloatMap() = default;
+  explicit FloatMap(const QuantizedFormat& f) {
+    if (f.bits != 8) return;  // int4: the decade map
+    fine_shift = f.lut[0];
+    fine_base = f.lut[1];
+    coarse_shift = f.lut[2];
+    coarse_base = f.lut[3];
+    split_bits = static_cast<uint32_t>(f.lut[4]);
+    split_index = f.lut[5];
+  }
+
+  // The bits of magnitude index k (k >= 0; signed maps call it with k >= 1).
+  uint32_t Bits(int k) const {
+    return k >= split_index ? static_cast<uint32_t>(k + fine_base) << fine_shift
+                            : static_cast<uint32_t>(k + coarse_base) << coarse_shift;
+  }
+};
+
+// The float map's magnitude index of a magnitude's bits `u`: rounded to its
+// grid's mantissa bits (a tie down; NaN, above every finite value, to the
+// largest), clamped to the map; signed, 0 for at most half the smallest
+// magnitude.
 template <bool SIGNED>
-inline int FloatMapIndex(uint32_t u, const QuantizedFormat& f) {
-  const int shift = f.lut_shift;
-  int k = static_cast<int>((u + ((1u << (shift - 1)) - 1)) >> shift) - f.lut_base;
+inline int FloatMapIndex(uint32_t u, const FloatMap& map) {
+  const bool fine = u >= map.split_bits;
+  const int shift = fine ? map.fine_shift : map.coarse_shift;
+  const int base = fine ? map.fine_base : map.coarse_base;
+  int k = static_cast<int>((u + ((1u << (shift - 1)) - 1)) >> shift) - base;
   if constexpr (SIGNED) {
-    const uint32_t half_smallest = ((1u + f.lut_base) << shift) - (1u << 23);
+    const uint32_t half_smallest = map.Bits(1) - (1u << 23);
     k = std::min(std::max(k, 1), kFloatMagnitudes<true>);
     return u > half_smallest ? k : 0;
   } else {
@@ -132,12 +165,12 @@ inline int FloatMapIndex(uint32_t u, const QuantizedFormat& f) {
 // The nearest code of y = value * (1 / absmax) (|y| <= 1). Branch-free, so
 // that the encoding loops vectorize (the decade map: a gather from `lut`).
 template <int BITS, bool SIGNED>
-inline int Encode(float y, const QuantizedFormat& f) {
+inline int Encode(float y, const QuantizedFormat& f, const FloatMap& map) {
   const float a = std::fabs(y);
   const uint32_t u = __builtin_bit_cast(uint32_t, a);
   int k;
   if constexpr (BITS == 8) {
-    k = FloatMapIndex<SIGNED>(u, f);
+    k = FloatMapIndex<SIGNED>(u, map);
   } else {
     int cell = static_cast<int>(u >> f.lut_shift) - f.lut_base;
     cell = std::min(std::max(cell, 0), f.lut_size - 1);
@@ -166,14 +199,14 @@ inline float AbsMax(const float* x, int64_t count) {
 // The float map's value of `code` (FloatMapIndex's inverse): code 127 + k
 // is ±magnitude k (0 for k = 0) signed, code k magnitude k unsigned.
 template <bool SIGNED>
-inline float FloatMapValue(int code, const QuantizedFormat& f) {
+inline float FloatMapValue(int code, const FloatMap& map) {
   if constexpr (SIGNED) {
     const int k = code - kFloatMagnitudes<true>;
-    const uint32_t a = static_cast<uint32_t>(k < 0 ? -k : k);
-    const uint32_t bits = a == 0 ? 0u : (a + f.lut_base) << f.lut_shift;
+    const int a = k < 0 ? -k : k;
+    const uint32_t bits = a == 0 ? 0u : map.Bits(a);
     return __builtin_bit_cast(float, bits | (k < 0 ? 0x80000000u : 0u));
   } else {
-    return __builtin_bit_cast(float, static_cast<uint32_t>(code + f.lut_base) << f.lut_shift);
+    return __builtin_bit_cast(float, map.Bits(code));
   }
 }
 
@@ -181,10 +214,11 @@ inline float FloatMapValue(int code, const QuantizedFormat& f) {
 template <int BITS, bool SIGNED>
 inline void Load(float* out, const uint8_t* codes, float scale, int64_t begin, int64_t count,
                  const QuantizedFormat& f) {
+  const FloatMap map(f);
   for (int64_t j = 0; j < count; ++j) {
     const int code = Code<BITS>(codes, begin + j);
     if constexpr (BITS == 8) {
-      out[j] = FloatMapValue<SIGNED>(code, f) * scale;
+      out[j] = FloatMapValue<SIGNED>(code, map) * scale;
     } else {
       out[j] = f.table[code] * scale;
     }
@@ -197,16 +231,17 @@ inline void Store(uint8_t* __restrict__ codes, const float* __restrict__ values,
                   int64_t begin, int64_t count, const QuantizedFormat& format) {
   // A copy: stores through `codes` (bytes) could alias the caller's struct.
   const QuantizedFormat f = format;
+  const FloatMap map(f);
   const float inverse = 1.0f / (absmax > 0 ? absmax : 1.0f);
   // Codes first as 32-bit integers (a loop of one element width, which
   // vectorizes, gathers included), then narrowed to bytes.
   alignas(64) int32_t code[258];
-  for (int64_t j = 0; j < count; ++j) code[j] = Encode<BITS, SIGNED>(values[j] * inverse, f);
+  for (int64_t j = 0; j < count; ++j) code[j] = Encode<BITS, SIGNED>(values[j] * inverse, f, map);
   if constexpr (BITS == 8) {
     for (int64_t j = 0; j < count; ++j) codes[begin + j] = static_cast<uint8_t>(code[j]);
   } else {
     // Blocks start at even positions; an odd tail pads with the code of 0.
-    code[count] = Encode<BITS, SIGNED>(0.0f, f);
+    code[count] = Encode<BITS, SIGNED>(0.0f, f, map);
     uint8_t* __restrict__ out = codes + (begin >> 1);
     const int64_t pairs = (count + 1) / 2;
     for (int64_t j = 0; j < pairs; ++j) {

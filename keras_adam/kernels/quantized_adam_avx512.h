@@ -10,7 +10,8 @@
 // these CPUs (on AMD by design, on Intel since the Downfall microcode).
 // Here int4 codes decode by one register permute of the 16-value table and
 // values encode by a binary search of the midpoints held in a register;
-// int8's float map decodes and encodes by integer operations on the bits.
+// int8's float maps decode and encode by integer operations on the bits
+// (two grids for v, both computed, one picked per lane).
 // Codes are stored 64 at a time, narrowed by packs: masked byte loads and
 // stores, and the narrowing moves (vpmovdb), are slow on AMD, and took a
 // third of the step. The variable and the gradient are prefetched ahead of
@@ -79,104 +80,133 @@ KERAS_ADAM_AVX512 inline __m512i LoadCodes(const uint8_t* codes, int64_t i, int6
   }
 }
 
-// A map's decoder: int4's 16-value table in a register; int8's float map
-// by its bits (quantized::FloatMapIndex's inverse).
+// quantized::FloatMap on 16 lanes: its fields broadcast.
+struct FloatMapLanes {
+  __m512i fine_base, coarse_base, fine_round, coarse_round, split_bits, split_index;
+  __m512i half_smallest;
+  __m128i fine_shift, coarse_shift;
+
+  KERAS_ADAM_AVX512 explicit FloatMapLanes(const FloatMap& map) {
+    const auto round = [](int shift) { return shift > 0 ? (1 << (shift - 1)) - 1 : 0; };
+    fine_base = _mm512_set1_epi32(map.fine_base);
+    coarse_base = _mm512_set1_epi32(map.coarse_base);
+    fine_round = _mm512_set1_epi32(round(map.fine_shift));  // int4: all 0, unused
+    coarse_round = _mm512_set1_epi32(round(map.coarse_shift));
+    split_bits = _mm512_set1_epi32(static_cast<int32_t>(map.split_bits));
+    split_index = _mm512_set1_epi32(map.split_index);
+    half_smallest = _mm512_set1_epi32(static_cast<int32_t>(map.Bits(1) - (1u << 23)));
+    fine_shift = _mm_cvtsi32_si128(map.fine_shift);
+    coarse_shift = _mm_cvtsi32_si128(map.coarse_shift);
+  }
+
+  // FloatMap::Bits of 16 magnitude indices.
+  KERAS_ADAM_AVX512 __m512i Bits(__m512i k) const {
+    const __m512i fine = _mm512_sll_epi32(_mm512_add_epi32(k, fine_base), fine_shift);
+    const __m512i coarse = _mm512_sll_epi32(_mm512_add_epi32(k, coarse_base), coarse_shift);
+    return _mm512_mask_blend_epi32(_mm512_cmpge_epi32_mask(k, split_index), coarse, fine);
+  }
+
+  // FloatMapIndex of 16 magnitudes' bits, before clamping.
+  KERAS_ADAM_AVX512 __m512i Index(__m512i u) const {
+    const __m512i fine =
+        _mm512_sub_epi32(_mm512_srl_epi32(_mm512_add_epi32(u, fine_round), fine_shift), fine_base);
+    const __m512i coarse = _mm512_sub_epi32(
+        _mm512_srl_epi32(_mm512_add_epi32(u, coarse_round), coarse_shift), coarse_base);
+    return _mm512_mask_blend_epi32(_mm512_cmpge_epu32_mask(u, split_bits), coarse, fine);
+  }
+};
+
+// A map in registers, to decode and encode: int4's 16-value table and its
+// midpoints; int8's float map.
 template <int BITS>
 struct Table {
-  __m512 part;
-  __m512i base;
-  int shift;
-  bool is_signed;
+  __m512 part, mid16;
+  FloatMapLanes map;
+  __m512i zero;
 
-  KERAS_ADAM_AVX512 explicit Table(const QuantizedFormat& f) {
-    is_signed = f.zero >= 0;
-    shift = f.lut_shift;
-    base = _mm512_set1_epi32(f.lut_base);
+  KERAS_ADAM_AVX512 explicit Table(const QuantizedFormat& f) : map(FloatMap(f)) {
+    const bool is_signed = f.zero >= 0;
     const int size = is_signed ? (1 << BITS) - 1 : 1 << BITS;
+    // int4: the midpoints (7 signed, 15 unsigned, then +inf).
+    const int mids = is_signed ? 8 : 16;
     part = BITS == 4 ? _mm512_maskz_loadu_ps(__mmask16((1u << size) - 1), f.table)
                      : _mm512_setzero_ps();
+    mid16 = BITS == 4 ? _mm512_mask_loadu_ps(_mm512_set1_ps(__builtin_inff()),
+                                             __mmask16((1u << mids) - 1), f.mid)
+                      : _mm512_setzero_ps();
+    zero = _mm512_set1_epi32(f.zero);
   }
 
   // The values of 16 codes (no gathers: on AMD, and on Intel since the
   // Downfall microcode, a permute is several times faster than a gather).
+  template <bool SIGNED>
   KERAS_ADAM_AVX512 __m512 Lookup(__m512i code) const {
     if constexpr (BITS == 4) {
       return _mm512_permutexvar_ps(code, part);
+    } else if constexpr (!SIGNED) {
+      return _mm512_castsi512_ps(map.Bits(code));
     } else {
-      const __m128i count = _mm_cvtsi32_si128(shift);
-      if (!is_signed) return _mm512_castsi512_ps(_mm512_sll_epi32(_mm512_add_epi32(code, base), count));
       // Code 127 + k for magnitude index k: ±magnitude k, 0 for k = 0.
       const __m512i k = _mm512_sub_epi32(code, _mm512_set1_epi32(kFloatMagnitudes<true>));
       const __m512i a = _mm512_abs_epi32(k);
-      const __m512i bits = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(a, a),
-                                                  _mm512_sll_epi32(_mm512_add_epi32(a, base), count));
+      const __m512i bits = _mm512_maskz_mov_epi32(_mm512_test_epi32_mask(a, a), map.Bits(a));
       return _mm512_castsi512_ps(
           _mm512_or_si512(bits, _mm512_and_si512(k, _mm512_set1_epi32(int32_t(0x80000000u)))));
     }
   }
-};
 
-// The nearest magnitude index of 16 magnitudes `a` of |y| <= 1 (NaN: the
-// largest), as quantized::Encode finds it.
-template <int BITS, bool SIGNED>
-KERAS_ADAM_AVX512 inline __m512i NearestMagnitude(__m512 a, const QuantizedFormat& f,
-                                                  __m512 mid16) {
-  if constexpr (BITS == 4) {
-    // A binary search of the midpoints in a register (7 and +inf signed,
-    // 15 and +inf unsigned): the number of midpoints below a.
-    __m512i k = _mm512_setzero_si512();
-    for (int half = SIGNED ? 4 : 8; half >= 1; half /= 2) {
-      const __m512 probe = _mm512_permutexvar_ps(_mm512_add_epi32(k, _mm512_set1_epi32(half - 1)), mid16);
-      const __mmask16 above = _mm512_cmp_ps_mask(a, probe, _CMP_NLE_UQ);
-      k = _mm512_mask_add_epi32(k, above, k, _mm512_set1_epi32(half));
-    }
-    return k;
-  } else {
-    // quantized::FloatMapIndex on 16 lanes.
-    const int shift = f.lut_shift;
-    const __m512i u = _mm512_castps_si512(a);
-    const __m512i rounded = _mm512_add_epi32(u, _mm512_set1_epi32((1 << (shift - 1)) - 1));
-    __m512i k = _mm512_sub_epi32(_mm512_srl_epi32(rounded, _mm_cvtsi32_si128(shift)),
-                                 _mm512_set1_epi32(f.lut_base));
-    if constexpr (SIGNED) {
-      const uint32_t half_smallest = ((1u + f.lut_base) << shift) - (1u << 23);
-      k = _mm512_min_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(1)),
-                           _mm512_set1_epi32(kFloatMagnitudes<true>));
-      return _mm512_maskz_mov_epi32(
-          _mm512_cmpgt_epu32_mask(u, _mm512_set1_epi32(int32_t(half_smallest))), k);
+  // The nearest magnitude index of 16 magnitudes `a` of |y| <= 1 (NaN: the
+  // largest), as quantized::Encode finds it.
+  template <bool SIGNED>
+  KERAS_ADAM_AVX512 __m512i NearestMagnitude(__m512 a) const {
+    if constexpr (BITS == 4) {
+      // A binary search of the midpoints in a register (7 and +inf signed,
+      // 15 and +inf unsigned): the number of midpoints below a.
+      __m512i k = _mm512_setzero_si512();
+      for (int half = SIGNED ? 4 : 8; half >= 1; half /= 2) {
+        const __m512 probe =
+            _mm512_permutexvar_ps(_mm512_add_epi32(k, _mm512_set1_epi32(half - 1)), mid16);
+        const __mmask16 above = _mm512_cmp_ps_mask(a, probe, _CMP_NLE_UQ);
+        k = _mm512_mask_add_epi32(k, above, k, _mm512_set1_epi32(half));
+      }
+      return k;
     } else {
-      return _mm512_min_epi32(_mm512_max_epi32(k, _mm512_setzero_si512()),
-                              _mm512_set1_epi32(kFloatMagnitudes<false> - 1));
+      // quantized::FloatMapIndex on 16 lanes.
+      const __m512i u = _mm512_castps_si512(a);
+      const __m512i k = map.Index(u);
+      if constexpr (SIGNED) {
+        const __m512i clamped = _mm512_min_epi32(_mm512_max_epi32(k, _mm512_set1_epi32(1)),
+                                                 _mm512_set1_epi32(kFloatMagnitudes<true>));
+        return _mm512_maskz_mov_epi32(_mm512_cmpgt_epu32_mask(u, map.half_smallest), clamped);
+      } else {
+        return _mm512_min_epi32(_mm512_max_epi32(k, _mm512_setzero_si512()),
+                                _mm512_set1_epi32(kFloatMagnitudes<false> - 1));
+      }
     }
   }
-}
 
-// quantized::Encode on 16 values y = x * (1 / absmax).
-template <int BITS, bool SIGNED>
-KERAS_ADAM_AVX512 inline __m512i EncodeLanes(__m512 y, const QuantizedFormat& f, __m512 mid16) {
-  const __m512 a = _mm512_castsi512_ps(
-      _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(0x7fffffff)));
-  __m512i k = NearestMagnitude<BITS, SIGNED>(a, f, mid16);
-  if constexpr (SIGNED) {
-    const __mmask16 negative = _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ);
-    k = _mm512_mask_sub_epi32(k, negative, _mm512_setzero_si512(), k);
-    return _mm512_add_epi32(k, _mm512_set1_epi32(f.zero));
-  } else {
-    return k;
+  // quantized::Encode on 16 values y = x * (1 / absmax).
+  template <bool SIGNED>
+  KERAS_ADAM_AVX512 __m512i Encode(__m512 y) const {
+    const __m512 a = _mm512_castsi512_ps(
+        _mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(0x7fffffff)));
+    __m512i k = NearestMagnitude<SIGNED>(a);
+    if constexpr (SIGNED) {
+      k = _mm512_mask_sub_epi32(k, _mm512_cmp_ps_mask(y, _mm512_setzero_ps(), _CMP_LT_OQ),
+                                _mm512_setzero_si512(), k);
+      return _mm512_add_epi32(k, zero);
+    } else {
+      return k;
+    }
   }
-}
+};
 
 // Encodes the block's `count` values (lanes past it are 0 in `values`).
 template <int BITS, bool SIGNED>
 KERAS_ADAM_AVX512 inline void StoreBlock(uint8_t* codes, const float* values, float absmax,
                                          int64_t begin, int64_t count,
-                                         const QuantizedFormat& f) {
+                                         const Table<BITS>& table) {
   const __m512 inverse = _mm512_set1_ps(1.0f / (absmax > 0 ? absmax : 1.0f));
-  // int4: the midpoints (7 signed, 15 unsigned, then +inf) in a register.
-  const int mids = SIGNED ? 8 : 16;
-  const __m512 mid16 =
-      BITS == 4 ? _mm512_mask_loadu_ps(_mm512_set1_ps(__builtin_inff()), __mmask16((1u << mids) - 1), f.mid)
-                : _mm512_setzero_ps();
   int64_t j = 0;
   // 64 codes at a time: narrowed by two saturating packs (every code fits
   // a byte) and put back in order by one permute (the packs work within
@@ -186,7 +216,7 @@ KERAS_ADAM_AVX512 inline void StoreBlock(uint8_t* codes, const float* values, fl
     __m512i c[4];
     for (int q = 0; q < 4; ++q) {
       const __m512 y = _mm512_mul_ps(_mm512_load_ps(values + j + 16 * q), inverse);
-      c[q] = EncodeLanes<BITS, SIGNED>(y, f, mid16);
+      c[q] = table.template Encode<SIGNED>(y);
     }
     const __m512i packed = _mm512_packus_epi16(_mm512_packus_epi32(c[0], c[1]),
                                                _mm512_packus_epi32(c[2], c[3]));
@@ -207,7 +237,7 @@ KERAS_ADAM_AVX512 inline void StoreBlock(uint8_t* codes, const float* values, fl
   for (; j < count; j += 16) {
     const __mmask16 lanes = Lanes(count - j);
     const __m512 y = _mm512_mul_ps(_mm512_load_ps(values + j), inverse);
-    const __m512i code = EncodeLanes<BITS, SIGNED>(y, f, mid16);
+    const __m512i code = table.template Encode<SIGNED>(y);
     if constexpr (BITS == 8) {
       _mm_mask_storeu_epi8(codes + begin + j, lanes, _mm512_cvtepi32_epi8(code));
     } else {
@@ -260,8 +290,8 @@ KERAS_ADAM_AVX512 void QuantizedAdamBlocksAvx512(
       const int64_t i = begin + j;
       _mm_prefetch(reinterpret_cast<const char*>(var + i + kAhead), _MM_HINT_T0);
       _mm_prefetch(reinterpret_cast<const char*>(grad + i + kAhead), _MM_HINT_T0);
-      const __m512 mj0 = _mm512_mul_ps(m_table.Lookup(LoadCodes<BITS>(m.codes, i, count - j)), m_scale);
-      const __m512 vj0 = _mm512_mul_ps(v_table.Lookup(LoadCodes<BITS>(v.codes, i, count - j)), v_scale);
+      const __m512 mj0 = _mm512_mul_ps(m_table.template Lookup<true>(LoadCodes<BITS>(m.codes, i, count - j)), m_scale);
+      const __m512 vj0 = _mm512_mul_ps(v_table.template Lookup<false>(LoadCodes<BITS>(v.codes, i, count - j)), v_scale);
       const bool full = count - j >= 16;
       __m512 pj = full ? _mm512_loadu_ps(var + i) : _mm512_maskz_loadu_ps(lanes, var + i);
       __m512 gj = full ? _mm512_loadu_ps(grad + i) : _mm512_maskz_loadu_ps(lanes, grad + i);
@@ -272,7 +302,7 @@ KERAS_ADAM_AVX512 void QuantizedAdamBlocksAvx512(
       __m512 denominator_v = vj;
       if constexpr (AMSGRAD) {
         const __m512 hj0 =
-            _mm512_mul_ps(v_table.Lookup(LoadCodes<BITS>(v_hat.codes, i, count - j)), h_scale);
+            _mm512_mul_ps(v_table.template Lookup<false>(LoadCodes<BITS>(v_hat.codes, i, count - j)), h_scale);
         const __mmask16 take = _mm512_cmp_ps_mask(vj, hj0, _CMP_GT_OQ) |
                                _mm512_cmp_ps_mask(vj, vj, _CMP_UNORD_Q);
         __m512 hj = _mm512_mask_blend_ps(take, hj0, vj);
@@ -305,12 +335,12 @@ KERAS_ADAM_AVX512 void QuantizedAdamBlocksAvx512(
     const float v_max = AbsMaxLanes(v_top);
     m.scales[b] = m_max;
     v.scales[b] = v_max;
-    StoreBlock<BITS, true>(m.codes, mb, m_max, begin, count, fm);
-    StoreBlock<BITS, false>(v.codes, vb, v_max, begin, count, fv);
+    StoreBlock<BITS, true>(m.codes, mb, m_max, begin, count, m_table);
+    StoreBlock<BITS, false>(v.codes, vb, v_max, begin, count, v_table);
     if constexpr (AMSGRAD) {
       const float h_max = AbsMaxLanes(h_top);
       v_hat.scales[b] = h_max;
-      StoreBlock<BITS, false>(v_hat.codes, hb, h_max, begin, count, fv);
+      StoreBlock<BITS, false>(v_hat.codes, hb, h_max, begin, count, v_table);
     }
   }
 }

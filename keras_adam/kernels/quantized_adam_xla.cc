@@ -62,6 +62,12 @@ ffi::Error QuantizedAdam(ffi::Buffer<ffi::F32> m_table, ffi::Buffer<ffi::F32> m_
   if ((bits != 8 && bits != 4) || block <= 0 || block > 256 || block % 2 != 0) {
     return ffi::Error::InvalidArgument("bits must be 8 or 4 and block even, at most 256");
   }
+  for (const ffi::Buffer<ffi::S32>* lut : {&m_lut, &v_lut}) {
+    const int64_t size = static_cast<int64_t>(lut->element_count());
+    if (bits == 8 ? size != keras_adam::quantized::FloatMap::kParameters : size < 1) {
+      return ffi::Error::InvalidArgument("a lookup has the wrong size: int8 takes 6, int4 at least 1");
+    }
+  }
   const size_t count = args.size() / kArgs;
   if (args.size() % kArgs != 0 || rets.size() != count * kRets || scalars.element_count() != 7) {
     return ffi::Error::InvalidArgument("expected 8 arguments and 7 results per variable");

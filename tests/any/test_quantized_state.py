@@ -143,15 +143,16 @@ def test_int8_state_does_not_load_as_int4():
     _refused(compiled("int4"), store, "'int8' in format")
 
 
-def test_state_in_an_earlier_code_format_is_refused():
-    # Version 1 decoded int8 codes through other tables: loading its codes
-    # as today's would change every moment without a word.
+@pytest.mark.parametrize("earlier", ["keras_adam.decade_map/1", "keras_adam.code_maps/2"])
+def test_state_in_an_earlier_code_format_is_refused(earlier):
+    # Earlier versions decoded int8 codes through other tables: loading
+    # their codes as today's would change every moment without a word.
     store = {}
     _trained(compiled("int8")).optimizer.save_own_variables(store)
     record = state.decode_layout(store)
     assert record["format"] == state.FORMAT
-    store[state.LAYOUT_KEY] = state.encode_layout({**record, "format": "keras_adam.decade_map/1"})
-    _refused(compiled("int8"), store, "'int8' in format 'keras_adam.decade_map/1'")
+    store[state.LAYOUT_KEY] = state.encode_layout({**record, "format": earlier})
+    _refused(compiled("int8"), store, f"'int8' in format {earlier!r}")
 
 
 def test_state_of_an_edited_model_is_refused_by_name():

@@ -2,7 +2,7 @@
 
 Written from the description in `keras_adam.quantization`'s docstring,
 independently of its code: the code tables are built from their
-definitions as sets (int8: numbers with 3 mantissa bits below 1; int4:
+definitions as sets (int8: numbers with 3 or 4 mantissa bits below 1; int4:
 decades), and each value takes the nearest code by brute force (an argmin
 over the whole table), where the library computes it from the value's bits.
 """
@@ -20,14 +20,18 @@ SIZES = {"int8": (8, 256), "int4": (4, 128)}
 def table(bits, signed):
     """The code values, ascending.
 
-    int8: the largest numbers 2**e * (1 + j/8) (e <= 0, j = 0..7) up to 1:
-    127 of them, 0 and their negatives signed; 256 unsigned. int4: decades
+    int8: signed, the largest 127 numbers 2**e * (1 + j/8) (e < 0, j =
+    0..7) up to 1, 0 and their negatives; unsigned, the largest 256 of 1,
+    2**e * (1 + j/16) for -8 <= e < 0 (j = 0..15) and 2**e * (1 + j/8)
+    below. int4: decades
     (0.1, 1], (0.01, 0.1], ... halving their count; signed: 3 magnitude
     bits, 0 and ± each magnitude; unsigned (no zero): 4 magnitude bits, and
     one more decade of one code.
     """
     if bits == 8:
-        grid = {2.0**e * (1 + j / 8) for e in range(-40, 0) for j in range(8)} | {1.0}
+        fine = range(-8 if not signed else 0, 0)  # v: 4 mantissa bits in the top 8 binades
+        grid = {2.0**e * (1 + j / 16) for e in fine for j in range(16)} | {1.0}
+        grid |= {2.0**e * (1 + j / 8) for e in range(-40, fine.start) for j in range(8)}
         magnitudes = set(sorted(grid)[-(127 if signed else 256) :])
         values = sorted(magnitudes | ({0.0} | {-x for x in magnitudes} if signed else set()))
         return np.array(values, dtype=np.float32)

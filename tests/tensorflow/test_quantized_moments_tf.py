@@ -145,18 +145,31 @@ def test_the_op_of_many_variables_leaves_values_read_before_it_unchanged():
     assert np.mean(codes.numpy() != first_codes) > 0.5
 
 
-def test_the_op_of_many_variables_refuses_a_wrong_resource():
+@pytest.mark.parametrize(
+    ("wrong", "message"),
+    [
+        ("m_codes", "resource 1 of variable 0"),  # float32 where uint8 codes belong
+        ("v_lut", "has 0 values; int8 takes 6"),  # not int8's float map parameters
+    ],
+)
+def test_the_op_of_many_variables_refuses_wrong_inputs(wrong, message):
     kernel = keras.Variable(np.ones((80, 64), np.float32))
     optimizer = keras_adam.Adam(moment_dtype="int8")
     optimizer.build([kernel])
     m, v = optimizer._momentums[0], optimizer._velocities[0]
     lookups = {"m": m.fmt.lookup, "v": v.fmt.lookup}
     before = [np.asarray(x.numpy()) for x in optimizer.variables]
-    wrong = tf.Variable(tf.zeros(m.codes.shape, tf.float32))
-    with pytest.raises(tf.errors.InvalidArgumentError, match="resource 1 of variable 0"):
+    inputs = {
+        "m_codes": [m.codes.value.handle],
+        "v_lut": lookups["v"]["lut"],
+    }
+    if wrong == "m_codes":
+        inputs["m_codes"] = [tf.Variable(tf.zeros(m.codes.shape, tf.float32)).handle]
+    else:
+        inputs["v_lut"] = np.zeros((0,), np.int32)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         kernels.load().keras_adam_multi_tensor_quantized_adam(
             var=[kernel.value.handle],
-            m_codes=[wrong.handle],  # float32 where uint8 codes belong
             m_scales=[m.scales.value.handle],
             v_codes=[v.codes.value.handle],
             v_scales=[v.scales.value.handle],
@@ -168,7 +181,6 @@ def test_the_op_of_many_variables_refuses_a_wrong_resource():
             m_lut=lookups["m"]["lut"],
             v_table=lookups["v"]["table"],
             v_mid=lookups["v"]["magnitude_mid"],
-            v_lut=lookups["v"]["lut"],
             scalars=tf.ones(7),
             bits=8,
             block=256,
@@ -181,6 +193,7 @@ def test_the_op_of_many_variables_refuses_a_wrong_resource():
             decoupled=False,
             amsgrad=False,
             paper=False,
+            **inputs,
         )
     for a, b in zip(before, optimizer.variables, strict=True):
         np.testing.assert_array_equal(a, b.numpy())
