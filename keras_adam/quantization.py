@@ -80,16 +80,17 @@ EMBEDDINGS_NAME = "embeddings"
 
 @dataclasses.dataclass(frozen=True)
 class FloatMap:
-    """int8's map: float32 numbers with `fine_bits` mantissa bits in the
-    `fine_binades` binades below 1 (and 1 itself), `coarse_bits` below them.
+    """int8's map: float32 numbers with few mantissa bits, two grids.
 
-    Magnitude index k (1 the smallest signed, 0 unsigned; `largest` is 1.0)
-    is a float32 bit pattern: `(k + fine_base) << fine_shift` from
-    `split_index` up (the magnitudes from `2**-fine_binades`), else
-    `(k + coarse_base) << coarse_shift`. The two grids meet at
-    `2**-fine_binades` (bit pattern `split_bits`), so the indices run on
-    without a gap, and rounding a value's bits to its grid's mantissa bits
-    gives its nearest magnitude's index (`nearest_codes`).
+    `fine_bits` mantissa bits in the `fine_binades` binades below 1 (and 1
+    itself), `coarse_bits` below them. Magnitude index k (1 the smallest
+    signed, 0 unsigned; `largest` is 1.0) is the float32 of bit pattern
+    `(k + fine_base) << fine_shift` from `split_index` up (the magnitudes
+    from `2**-fine_binades`), else `(k + coarse_base) << coarse_shift`.
+    The two grids meet at `2**-fine_binades` (bit pattern `split_bits`),
+    so the indices run on without a gap, and rounding a value's bits to
+    its grid's mantissa bits gives its nearest magnitude's index
+    (`nearest_codes`).
     """
 
     fine_bits: int

@@ -53,8 +53,9 @@ dense moments as Keras does.
 
 Quantized moments (`moment_dtype="int8"` or `"int4"`) of float32 variables
 step in the C++ kernel as an XLA custom call (`kernels.quantized_xla`),
-traced like the rest: one call per step and set of hyperparameters over
-all such variables, its results in its inputs' buffers. Under
+traced like the rest: one call per step and set of hyperparameters for
+up to 32 such variables (`quantized_xla.VARIABLES_PER_CALL`), its results
+in its inputs' buffers. Under
 `keras.distribution` (the call has no sharding rule), with `fused=False`
 and with RAdam they take the reference path.
 """
@@ -137,8 +138,8 @@ class JaxEngine(Engine):
         """One step: quantized moments in XLA custom calls, the rest on `Engine`'s path.
 
         The variables with quantized moments go to one custom call per set
-        of hyperparameters (their blocks split over threads); the others
-        each take `update_one`.
+        of hyperparameters and 32 variables (their blocks split over
+        threads); the others each take `update_one`.
         """
         scalars = ScalarsCache(update)
         groups: dict[Any, list] = {}

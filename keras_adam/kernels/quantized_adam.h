@@ -125,7 +125,6 @@ struct FloatMap {
   uint32_t split_bits = 0;
   int split_index = 0;
 
-  FloatMap() = default;
   explicit FloatMap(const QuantizedFormat& f) {
     if (f.bits != 8) return;  // int4: the decade map
     fine_shift = f.lut[0];

@@ -161,3 +161,29 @@ def test_without_the_custom_call_the_keras_ops_step_runs(monkeypatch):
     reference_weights, reference_state = run_apply("int8", {}, fused=False)
     assert_same_but_for_flipped_codes(weights, reference_weights, 1e-4)
     assert_same_state_but_for_flipped_codes(state, reference_state)
+
+
+def test_many_variables_step_in_calls_of_a_bounded_size(monkeypatch):
+    """40 variables: a call of 32 and one of 8 (XLA compiles a long call slowly), same numbers."""
+    calls = []
+    call = quantized_xla._call
+    monkeypatch.setattr(
+        quantized_xla, "_call", lambda params, *a: calls.append(len(params)) or call(params, *a)
+    )
+    rng = np.random.default_rng(2)
+    values = [rng.normal(size=(64, 64)).astype("float32") for _ in range(40)]
+    grads = [[rng.normal(size=(64, 64)).astype("float32") for _ in values] for _ in range(3)]
+
+    def run(**fused):
+        variables = [keras.Variable(v) for v in values]
+        optimizer = keras_adam.Adam(0.01, moment_dtype="int8", **fused)
+        for step_grads in grads:
+            optimizer.apply(step_grads, variables)
+        return [v.numpy() for v in variables], [np.asarray(v.numpy()) for v in optimizer.variables]
+
+    weights, state = run()
+    assert quantized_xla.VARIABLES_PER_CALL == 32
+    assert calls[:2] == [32, 8]
+    reference_weights, reference_state = run(fused=False)
+    assert_same_but_for_flipped_codes(weights, reference_weights, 1e-4)
+    assert_same_state_but_for_flipped_codes(state, reference_state)
