@@ -69,7 +69,6 @@ from keras import ops
 #: `moment_dtype` values that quantize.
 QUANTIZED_DTYPES = ("int8", "int4")
 
-
 #: Variables with fewer values keep float32 moments.
 MIN_QUANTIZED_SIZE = 4096
 
@@ -247,6 +246,8 @@ def _float_map_bits(k: Any, fmt: Format, xp: Any = ops) -> Any:
     `xp` is `keras.ops` or NumPy.
     """
     fine_shift, fine_base, coarse_shift, coarse_base, _, split_index = _float_map_parameters(fmt)
+    if fine_shift == coarse_shift:  # one grid (m's): one formula
+        return xp.left_shift(xp.add(k, fine_base), fine_shift)
     return xp.where(
         xp.greater_equal(k, split_index),
         xp.left_shift(xp.add(k, fine_base), fine_shift),
@@ -331,11 +332,11 @@ def nearest_codes(normalized: Any, fmt: Format) -> Any:
 
     As the C++ kernels encode. Float map (int8): the magnitude's float32
     bits, rounded to its grid's mantissa bits (`FloatMap`) and offset, are
-    its index; a signed magnitude at most half the smallest is 0. Decade map (int4): the cell
-    of the magnitude's bits in the packed lookup table (`_kernel_lookup`)
-    gives the nearest magnitude at the cell's low end and the low bits of
-    the one midpoint inside the cell; one integer comparison settles the
-    rest. Either way, a value exactly at a midpoint gets the smaller
+    its index; a signed magnitude at most half the smallest is 0. Decade
+    map (int4): the cell of the magnitude's bits in the packed lookup table
+    (`_kernel_lookup`) gives the nearest magnitude at the cell's low end
+    and the low bits of the one midpoint inside the cell; one integer
+    comparison settles the rest. Either way, a value exactly at a midpoint gets the smaller
     magnitude and NaN the largest.
     """
     lookup = fmt.lookup
@@ -354,11 +355,9 @@ def nearest_codes(normalized: Any, fmt: Format) -> Any:
             rounded = ops.add(finite, (1 << (shift - 1)) - 1)
             return ops.subtract(ops.right_shift(rounded, shift), base)
 
-        k = ops.where(
-            ops.greater_equal(bits, split_bits),
-            index(fine_shift, fine_base),
-            index(coarse_shift, coarse_base),
-        )
+        k = index(fine_shift, fine_base)
+        if coarse_shift != fine_shift:  # two grids (v's)
+            k = ops.where(ops.greater_equal(bits, split_bits), k, index(coarse_shift, coarse_base))
         if fmt.signed:
             half_smallest = int(np.float32(fmt.magnitudes[-1] / 2).view(np.int32))
             k = ops.where(ops.greater(bits, half_smallest), ops.clip(k, 1, fmt.magnitude_count), 0)
