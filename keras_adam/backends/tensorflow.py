@@ -14,7 +14,10 @@
   variables, outside XLA on CPU: one `KerasAdamMultiTensorQuantizedAdam` op
   per set of hyperparameters updates the variables and their moments'
   codes and scales in place; under tf.distribute one `KerasAdamQuantizedAdam`
-  per variable component, whose results are assigned.
+  per variable component, whose results are assigned. Under XLA
+  (`jit_compile=True`), on CPU, the same kernel as an XLA custom call
+  (`kernels.quantized_tf_xla`, one per 32 variables), whose results are
+  assigned.
 - Everything else: the `keras.ops` transcription of `keras_adam.update_rule`.
 - `skip_nonfinite`: the whole step under `tf.cond`, with one verdict summed
   over the replicas (and workers) of a tf.distribute strategy.
@@ -254,17 +257,19 @@ class TensorFlowEngine(Engine):
         # gradient in a process-wide registry that is never emptied, keeping
         # every traced train step alive (TensorFlow issue #97697).
         groups: dict[tuple, tuple[list, ...]] = {}
-        quantized: dict[Any, tuple[list, ...]] = {}
+        quantized: dict[tuple, tuple[list, ...]] = {}
         for grad, variable in zip(update.grads, update.variables, strict=True):
             if grad is None:
                 continue
             if isinstance(grad, tf.IndexedSlices) and not update.options.lazy_sparse:
                 grad = tf.convert_to_tensor(grad)
             slots = update.slots(variable)
-            if not isinstance(grad, tf.IndexedSlices) and self._quantized_kernel(
-                variable, slots, update
-            ):
-                group = quantized.setdefault(update.hyper(variable), ([], [], [], [], []))
+            kernel = None
+            if not isinstance(grad, tf.IndexedSlices):
+                kernel = self._quantized_kernel(variable, slots, update)
+            if kernel is not None:
+                key = (kernel, update.hyper(variable))
+                group = quantized.setdefault(key, ([], [], [], [], []))
                 for members, x in zip(group, (variable, grad, *moments(slots)), strict=True):
                     members.append(x)
                 continue
@@ -279,8 +284,9 @@ class TensorFlowEngine(Engine):
                 members.append(x)
         for (dtype, _, hyper), group in groups.items():
             self.multi_tensor(*group, scalars(dtype.name, hyper))
-        for hyper, group in quantized.items():
-            self.quantized_multi_tensor(*group, scalars("float32", hyper))
+        for (kernel, hyper), group in quantized.items():
+            path = self.quantized_multi_tensor if kernel == "op" else self.quantized_xla
+            path(*group, scalars("float32", hyper))
 
     def _update_distributed(self, update: Update, scalars: ScalarsCache) -> None:
         """`update` under a tf.distribute strategy (Keras's `_backend_update_step`)."""
@@ -338,26 +344,37 @@ class TensorFlowEngine(Engine):
                 path(params, [grad], [m], [v], [v_hat], step)
                 return
             grad = tf.convert_to_tensor(grad)
-        if not fused and self._quantized_kernel(variable, slots, update):
-            path, step = self.quantized, scalars(dtype, hyper)
+        kernel = None if fused else self._quantized_kernel(variable, slots, update)
+        if kernel is not None:
+            path = self.quantized if kernel == "op" else self.quantized_xla
+            step = scalars(dtype, hyper)
         else:
             path = self.multi_tensor if fused else self.reference
         path(params, [grad], [m], [v], [v_hat], step)
 
-    def _quantized_kernel(self, variable: Any, slots: list, update: Update) -> bool:
-        """Whether `variable`, with quantized moments `slots`, takes `quantized`.
+    def _quantized_kernel(self, variable: Any, slots: list, update: Update) -> str | None:
+        """Which kernel steps `variable`, with quantized moments `slots`, if one does.
 
-        That is: float32, not `fused=False` nor RAdam, on CPU, not under XLA
-        (which fuses the reference path instead), and the library loaded.
+        "op": our TensorFlow ops (`quantized_multi_tensor`, or `quantized`
+        under tf.distribute), outside XLA with the library loaded; "xla":
+        the XLA custom call (`quantized_xla`), under XLA where its library
+        loads; None: the reference path. Only float32 variables on CPU,
+        without `fused=False` or RAdam, take a kernel.
         """
         options = update.options
-        return (
+        if not (
             isinstance(slots[0], QuantizedMoment)
             and options.fused is not False
             and not options.hyper.rectify
             and keras.backend.standardize_dtype(variable.dtype) == "float32"
-            and _kernel_module(_tensor(variable)) is not None
-        )
+        ):
+            return None
+        if _in_xla():
+            from keras_adam.kernels import quantized_tf_xla
+
+            device = tf.DeviceSpec.from_string(_tensor(variable).device or "").device_type
+            return "xla" if device in (None, "CPU") and quantized_tf_xla.available() else None
+        return "op" if _kernel_module(_tensor(variable)) is not None else None
 
     def _fused(self, variable: Any, slots: list, update: Update) -> bool:
         """Whether `variable` (with its moments `slots`) takes our kernels.
@@ -470,10 +487,42 @@ class TensorFlowEngine(Engine):
                 **lookups,
                 **quantized_kernel_flags(hyper),
             )
-            self.assign(param, outputs[0])
-            for k, moment in enumerate(moments):
-                moment.codes.assign(outputs[1 + 2 * k])
-                moment.scales.assign(outputs[2 + 2 * k])
+            stored = [(outputs[1 + 2 * k], outputs[2 + 2 * k]) for k in range(len(moments))]
+            self._assign_stepped(param, moments, outputs[0], stored)
+
+    def quantized_xla(
+        self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars
+    ) -> None:
+        """Quantized moments under XLA: custom calls of `kernels.quantized_tf_xla`.
+
+        Each call decodes, steps (every option but RAdam) and encodes one
+        pass per block, over up to 32 variables of one set of
+        hyperparameters, and returns the new variables, codes and scales,
+        which are assigned.
+        """
+        from keras_adam.kernels import quantized_tf_xla
+
+        hyper = scalars.hyper
+        slots = [
+            [m, v, v_hat] if hyper.amsgrad else [m, v]
+            for m, v, v_hat in zip(ms, vs, v_hats, strict=True)
+        ]
+        stepped = quantized_tf_xla.step(
+            [tf.convert_to_tensor(_tensor(param)) for param in params],
+            [tf.cast(grad, tf.float32) for grad in grads],
+            slots,
+            quantized_kernel_scalars(scalars),
+            quantized_kernel_flags(hyper),
+        )
+        for param, own, (value, stored) in zip(params, slots, stepped, strict=True):
+            self._assign_stepped(param, own, value, stored)
+
+    def _assign_stepped(self, param: Any, moments: list, value: Any, stored: list) -> None:
+        """Assign a quantized step's results: the variable, and each moment's codes and scales."""
+        self.assign(param, value)
+        for moment, (codes, scales) in zip(moments, stored, strict=True):
+            moment.codes.assign(codes)
+            moment.scales.assign(scales)
 
     def sparse_rows(
         self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars

@@ -31,6 +31,13 @@ def _libraries() -> list[tuple[str, Callable[[], Path]]]:
     libraries: list[tuple[str, Callable[[], Path]]] = []
     if importlib.util.find_spec("tensorflow") is not None:
         libraries.append(("the kernels", kernels.build))
+
+        def tf_xla() -> Path:
+            from keras_adam.kernels import quantized_tf_xla
+
+            return quantized_tf_xla.build()
+
+        libraries.append(("the quantized Adam kernel for TensorFlow's XLA", tf_xla))
     libraries.append(("the quantized Adam kernel", quantized.build))
     if importlib.util.find_spec("jax") is not None:
 

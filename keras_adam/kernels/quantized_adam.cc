@@ -322,7 +322,7 @@ class MultiTensorQuantizedAdamOp : public OpKernel {
     // Cycles per block: about 60 per value (decode, step, encode of 2 or 3 moments).
     auto* pool = context->device()->tensorflow_cpu_worker_threads()->workers;
     pool->ParallelFor(total, 60 * block, [&](int64_t begin, int64_t end) {
-      quantized_threads::Range(t, fm, fv, s, begin, end);
+      quantized_threads::Range(t, fm, fv, s, begin, end, nullptr);
     });
   }
 

@@ -89,6 +89,15 @@ struct QuantizedScalars {
     learning_rate = values[5];
     bias_correction_2_sqrt = values[6];
   }
+
+  // Sets the flags from the bits the XLA calls receive (quantized.FLAG_BITS).
+  void SetFlags(int32_t bits) {
+    maximize = (bits & 1) != 0;
+    l2 = (bits & 2) != 0;
+    decoupled = (bits & 4) != 0;
+    amsgrad = (bits & 8) != 0;
+    paper = (bits & 16) != 0;
+  }
 };
 
 namespace quantized {

@@ -11,6 +11,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <thread>
 #include <vector>
 
@@ -36,7 +37,42 @@ struct Tensors {
   int64_t count;
 };
 
+// What an out-of-place call reads (TensorFlow's XLA custom call, whose
+// results do not alias its operands): each piece of blocks is copied from
+// here into the `Tensors` just before it is stepped, while it stays in
+// cache, rather than all of them first.
+struct Sources {
+  const float* const* var;
+  const uint8_t* const* m_codes;
+  const float* const* m_scales;
+  const uint8_t* const* v_codes;
+  const float* const* v_scales;
+  const uint8_t* const* vh_codes;  // null without AMSGrad
+  const float* const* vh_scales;
+};
+
 inline int64_t Blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+
+// Copies blocks [begin, end) of variable k (n values) from `from` into `t`.
+inline void CopyBlocks(const Tensors& t, const Sources& from, int64_t k, int64_t n, int bits,
+                       int64_t block, int64_t begin, int64_t end) {
+  const int64_t first = begin * block, last = std::min(end * block, n);
+  // int4: blocks start at even values, so a block's codes start a byte.
+  const int64_t code_first = bits == 8 ? first : first / 2;
+  const int64_t code_last = bits == 8 ? last : (last + 1) / 2;
+  std::memcpy(t.var[k] + first, from.var[k] + first, (last - first) * sizeof(float));
+  const bool amsgrad = t.vh_codes != nullptr && t.vh_codes[k] != nullptr;
+  uint8_t* const codes[3] = {t.m_codes[k], t.v_codes[k], amsgrad ? t.vh_codes[k] : nullptr};
+  float* const scales[3] = {t.m_scales[k], t.v_scales[k], amsgrad ? t.vh_scales[k] : nullptr};
+  const uint8_t* const source_codes[3] = {from.m_codes[k], from.v_codes[k],
+                                          amsgrad ? from.vh_codes[k] : nullptr};
+  const float* const source_scales[3] = {from.m_scales[k], from.v_scales[k],
+                                         amsgrad ? from.vh_scales[k] : nullptr};
+  for (int j = 0; j < (amsgrad ? 3 : 2); ++j) {
+    std::memcpy(codes[j] + code_first, source_codes[j] + code_first, code_last - code_first);
+    std::memcpy(scales[j] + begin, source_scales[j] + begin, (end - begin) * sizeof(float));
+  }
+}
 
 template <int BITS>
 inline void DispatchFlags(float* var, const float* grad, QuantizedMomentData m, QuantizedMomentData v,
@@ -66,10 +102,12 @@ inline void Dispatch(float* var, const float* grad, QuantizedMomentData m, Quant
   }
 }
 
-// Blocks [first, last) of the numbering over all tensors.
+// Blocks [first, last) of the numbering over all tensors (out of place,
+// from `from`, if it is not null: a piece of kPiece blocks at a time).
 KERAS_ADAM_QUANTIZED_CLONES static void Range(const Tensors& t, const QuantizedFormat& fm,
                              const QuantizedFormat& fv, const QuantizedScalars& s,
-                             int64_t first, int64_t last) {
+                             int64_t first, int64_t last, const Sources* from) {
+  constexpr int64_t kPiece = 32;  // 8 192 values (int8): 32 KB of variable
   int64_t offset = 0;
   for (int64_t k = 0; k < t.count && offset < last; ++k) {
     const int64_t blocks = Blocks(t.sizes[k], fm.block);
@@ -80,15 +118,24 @@ KERAS_ADAM_QUANTIZED_CLONES static void Range(const Tensors& t, const QuantizedF
       QuantizedMomentData v{t.v_codes[k], t.v_scales[k]};
       QuantizedMomentData vh{s.amsgrad ? t.vh_codes[k] : nullptr,
                              s.amsgrad ? t.vh_scales[k] : nullptr};
-      Dispatch(t.var[k], t.grad[k], m, v, vh, t.sizes[k], fm, fv, s, begin, end);
+      if (from == nullptr) {
+        Dispatch(t.var[k], t.grad[k], m, v, vh, t.sizes[k], fm, fv, s, begin, end);
+      } else {
+        for (int64_t piece = begin; piece < end; piece += kPiece) {
+          const int64_t piece_end = std::min(piece + kPiece, end);
+          CopyBlocks(t, *from, k, t.sizes[k], fm.bits, fm.block, piece, piece_end);
+          Dispatch(t.var[k], t.grad[k], m, v, vh, t.sizes[k], fm, fv, s, piece, piece_end);
+        }
+      }
     }
     offset += blocks;
   }
 }
 
-// One step of the `t.count` variables of `t`, over at most `threads` threads.
+// One step of the `t.count` variables of `t`, over at most `threads` threads;
+// out of place from `from` if it is not null.
 inline void Step(const Tensors& t, const QuantizedFormat& fm, const QuantizedFormat& fv,
-                 const QuantizedScalars& s, int64_t threads) {
+                 const QuantizedScalars& s, int64_t threads, const Sources* from = nullptr) {
   int64_t total = 0;
   for (int64_t k = 0; k < t.count; ++k) total += Blocks(t.sizes[k], fm.block);
   // A thread costs tens of microseconds to start: each takes at least
@@ -97,9 +144,10 @@ inline void Step(const Tensors& t, const QuantizedFormat& fm, const QuantizedFor
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(threads, total / kMinBlocks));
   std::vector<std::thread> workers;
   for (int64_t p = 1; p < parts; ++p) {
-    workers.emplace_back([&, p] { Range(t, fm, fv, s, total * p / parts, total * (p + 1) / parts); });
+    workers.emplace_back(
+        [&, p] { Range(t, fm, fv, s, total * p / parts, total * (p + 1) / parts, from); });
   }
-  Range(t, fm, fv, s, 0, total / parts);
+  Range(t, fm, fv, s, 0, total / parts, from);
   for (auto& worker : workers) worker.join();
 }
 

@@ -118,11 +118,7 @@ ffi::Error QuantizedAdam(ffi::Buffer<ffi::F32> m_table, ffi::Buffer<ffi::F32> m_
 
   QuantizedScalars s{};
   s.Read(scalars.typed_data());
-  s.maximize = (flags & 1) != 0;
-  s.l2 = (flags & 2) != 0;
-  s.decoupled = (flags & 4) != 0;
-  s.amsgrad = amsgrad;
-  s.paper = (flags & 16) != 0;
+  s.SetFlags(flags);
   const QuantizedFormat fm =
       Format(bits, block, m_zero, m_table, m_mid, m_lut, lut_shift, m_lut_base);
   const QuantizedFormat fv =

@@ -16,7 +16,6 @@ step, which gives the same numbers to round-off.
 from __future__ import annotations
 
 import ctypes
-import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -31,8 +30,8 @@ from keras_adam.quantization import QuantizedMoment
 SOURCE = quantized._HERE / "quantized_adam_xla.cc"
 TARGET = "keras_adam_quantized_adam"
 
-#: The bit of each flag in the call's `flags` attribute (quantized_adam_xla.cc).
-FLAG_BITS = {"maximize": 1, "l2": 2, "decoupled": 4, "amsgrad": 8, "paper": 16}
+FLAG_BITS = quantized.FLAG_BITS
+VARIABLES_PER_CALL = quantized.VARIABLES_PER_CALL
 
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
@@ -81,15 +80,7 @@ def _build_and_register() -> ctypes.CDLL:
     return library
 
 
-#: Variables per custom call: XLA's compile time grows with the square of a
-#: call's operands (200 variables in one call took 5 s to compile, in calls
-#: of 32 under 1 s), while a call costs microseconds to run.
-VARIABLES_PER_CALL = 32
-
-
-def threads() -> int:
-    """The threads a call splits its blocks over: the CPUs this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+threads = quantized.threads
 
 
 def step(
@@ -115,11 +106,7 @@ def step(
     Returns:
         Each variable's new value and its moments' new `(codes, scales)`.
     """
-    stepped = []
-    for first in range(0, len(params), VARIABLES_PER_CALL):
-        part = slice(first, first + VARIABLES_PER_CALL)
-        stepped += _call(params[part], grads[part], moments[part], scalars, flags)
-    return stepped
+    return quantized.in_calls(_call, params, grads, moments, scalars, flags)
 
 
 def _call(

@@ -200,12 +200,52 @@ def test_the_op_of_many_variables_refuses_wrong_inputs(wrong, message):
     np.testing.assert_array_equal(kernel.numpy(), 1.0)
 
 
-def test_under_xla_the_keras_ops_step_runs():
+@pytest.mark.parametrize("moment_dtype", ["int8", "int4"])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"amsgrad": True, "weight_decay": 0.1}, {"epsilon_mode": "paper", "maximize": True}],
+    ids=["plain", "amsgrad_adamw", "paper_maximize"],
+)
+def test_under_xla_the_custom_call_gives_the_ops_numbers(moment_dtype, options):
+    """jit_compile=True: the XLA custom calls against our op, bit for bit; 40 variables, 2 calls."""
+    rng = np.random.default_rng(3)
+    shapes = [(97, 61), (33, 129)] + [(64, 64)] * 38
+    values = [rng.normal(size=shape).astype("float32") for shape in shapes]
+    grads = [
+        [rng.normal(size=shape).astype("float32") * 10.0 ** (t - 3) for shape in shapes]
+        for t in range(4)
+    ]
+
+    def run(jit_compile):
+        variables = [keras.Variable(v) for v in values]
+        optimizer = keras_adam.Adam(0.01, moment_dtype=moment_dtype, **options)
+        step = tf.function(lambda g: optimizer.apply(g, variables), jit_compile=jit_compile)
+        for step_grads in grads:
+            step([tf.constant(g) for g in step_grads])
+        graph = step.get_concrete_function([tf.constant(g) for g in grads[0]]).graph
+        ops_used = [op.type for op in graph.get_operations()]
+        state = [np.asarray(v.numpy()) for v in optimizer.variables]
+        return [v.numpy() for v in variables], state, ops_used
+
+    weights, state, ops_used = run(jit_compile=True)
+    assert ops_used.count("XlaCustomCallV2") == 2
+    assert kernels.QUANTIZED_MULTI_TENSOR_OP_NAME not in ops_used
+    reference_weights, reference_state, reference_ops = run(jit_compile=False)
+    assert kernels.QUANTIZED_MULTI_TENSOR_OP_NAME in reference_ops
+    for ours, theirs in zip(weights + state, reference_weights + reference_state, strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+
+
+def test_under_xla_without_the_custom_call_the_keras_ops_step_runs(monkeypatch):
+    from keras_adam.kernels import quantized_tf_xla
+
+    monkeypatch.setattr(quantized_tf_xla, "available", lambda: False)
     kernel = keras.Variable(np.ones((80, 64), np.float32))
     optimizer = keras_adam.Adam(moment_dtype="int8")
     step = tf.function(lambda g: optimizer.apply([g], [kernel]), jit_compile=True)
     gradient = tf.fill((80, 64), 0.5)
     step(gradient)
     graph = step.get_concrete_function(gradient).graph
-    assert kernels.QUANTIZED_OP_NAME not in {op.type for op in graph.get_operations()}
+    ops_used = {op.type for op in graph.get_operations()}
+    assert kernels.QUANTIZED_OP_NAME not in ops_used and "XlaCustomCallV2" not in ops_used
     np.testing.assert_allclose(kernel.numpy(), 1 - 1e-3, rtol=1e-6)
