@@ -4,8 +4,8 @@ For Docker images and CI: run it once after installing keras_adam and the
 backends you use, and the first training step loads the kernels instead of
 waiting for the compiler. It builds every library that applies here: the
 TensorFlow ops (if TensorFlow is installed), the quantized-moments library
-(PyTorch's path; it needs only a compiler) and its XLA custom call (if JAX
-is installed). It prints each library's path, one per line, and exits with
+(PyTorch's path; it needs only a compiler), its XLA custom call for JAX (if
+JAX is installed) and for TensorFlow's XLA (if TensorFlow is installed). It prints each library's path, one per line, and exits with
 status 0 (at once if the cache already holds them), or prints one line per
 library it cannot build, saying why, and exits with status 1. The cache
 directory is `$KERAS_ADAM_CACHE_DIR`, else `$XDG_CACHE_HOME/keras_adam`,
@@ -29,15 +29,9 @@ def _libraries() -> list[tuple[str, Callable[[], Path]]]:
     from keras_adam.kernels import quantized
 
     libraries: list[tuple[str, Callable[[], Path]]] = []
-    if importlib.util.find_spec("tensorflow") is not None:
+    has_tensorflow = importlib.util.find_spec("tensorflow") is not None
+    if has_tensorflow:
         libraries.append(("the kernels", kernels.build))
-
-        def tf_xla() -> Path:
-            from keras_adam.kernels import quantized_tf_xla
-
-            return quantized_tf_xla.build()
-
-        libraries.append(("the quantized Adam kernel for TensorFlow's XLA", tf_xla))
     libraries.append(("the quantized Adam kernel", quantized.build))
     if importlib.util.find_spec("jax") is not None:
 
@@ -47,6 +41,14 @@ def _libraries() -> list[tuple[str, Callable[[], Path]]]:
             return quantized_xla.build()
 
         libraries.append(("the quantized Adam XLA kernel", xla))
+    if has_tensorflow:
+
+        def tf_xla() -> Path:
+            from keras_adam.kernels import quantized_tf_xla
+
+            return quantized_tf_xla.build()
+
+        libraries.append(("the quantized Adam kernel for TensorFlow's XLA", tf_xla))
     return libraries
 
 

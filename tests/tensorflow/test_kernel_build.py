@@ -4,8 +4,8 @@
   (naming the library's path) and one with its duration when it ends, seen
   on stderr by a user who configured no logging; a warm cache loads quietly.
 - `python -m keras_adam.kernels build` builds ahead (Docker images, CI):
-  the TensorFlow library, the quantized-moments library and its XLA call
-  (TensorFlow and JAX are installed here). It prints their paths, one per
+  the TensorFlow library, the quantized-moments library and its XLA calls
+  for JAX and for TensorFlow's XLA (TensorFlow and JAX are installed here). It prints their paths, one per
   line, and exits 0, again at once when cached; it exits 1 with one line per
   library saying why when it cannot build.
 - Where no compiler is found, a library built ahead is loaded.
@@ -89,7 +89,12 @@ def test_a_warm_cache_loads_without_a_word(cold):
 
 
 #: The libraries' file name stems, in the order the build command prints them.
-STEMS = ("keras_adam_kernels-", "keras_adam_quantized-", "keras_adam_quantized_xla-")
+STEMS = (
+    "keras_adam_kernels-",
+    "keras_adam_quantized-",
+    "keras_adam_quantized_xla-",
+    "keras_adam_quantized_tf_xla-",
+)
 
 
 def _printed(result):
@@ -142,6 +147,7 @@ def test_build_command_fails_with_one_line_per_library_and_status_1(tmp_path):
         " cannot build the kernels",
         " cannot build the quantized Adam kernel",
         " cannot build the quantized Adam XLA kernel",
+        " cannot build the quantized Adam kernel for TensorFlow's XLA",
     ], result.stderr
     assert all("no C++ compiler" in line for line in lines)
     assert result.stdout == ""
@@ -255,7 +261,7 @@ def test_a_compile_error_is_one_line_from_the_build_command(monkeypatch, tmp_pat
     # The other libraries still build; nothing of the broken one is left half-written.
     built = sorted(p.name for p in (tmp_path / "cache").glob("*.so"))
     assert [os.path.basename(p) for p in sorted(captured.out.split())] == built
-    assert [name.startswith(STEMS[0]) for name in built] == [False, False]
+    assert [name.startswith(STEMS[0]) for name in built] == [False, False, False]
 
 
 def test_a_process_that_waits_for_another_ones_compile_says_so(tmp_path, caplog):
