@@ -5,9 +5,10 @@ backends you use, and the first training step loads the kernels instead of
 waiting for the compiler. It builds every library that applies here: the
 TensorFlow ops (if TensorFlow is installed), the quantized-moments library
 (PyTorch's path; it needs only a compiler), its XLA custom call for JAX (if
-JAX is installed) and for TensorFlow's XLA (if TensorFlow is installed). It prints each library's path, one per line, and exits with
-status 0 (at once if the cache already holds them), or prints one line per
-library it cannot build, saying why, and exits with status 1. The cache
+JAX is installed) and for TensorFlow's XLA (if TensorFlow is installed). It
+prints each library's path, one per line, and exits with status 0 (at once
+if the cache already holds them), or prints one line per library it cannot
+build, saying why, and exits with status 1. The cache
 directory is `$KERAS_ADAM_CACHE_DIR`, else `$XDG_CACHE_HOME/keras_adam`,
 else `~/.cache/keras_adam`; copy it along (or set the variable to a
 directory inside the image) if the image runs as another user.

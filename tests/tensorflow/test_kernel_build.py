@@ -5,9 +5,10 @@
   on stderr by a user who configured no logging; a warm cache loads quietly.
 - `python -m keras_adam.kernels build` builds ahead (Docker images, CI):
   the TensorFlow library, the quantized-moments library and its XLA calls
-  for JAX and for TensorFlow's XLA (TensorFlow and JAX are installed here). It prints their paths, one per
-  line, and exits 0, again at once when cached; it exits 1 with one line per
-  library saying why when it cannot build.
+  for JAX and for TensorFlow's XLA (TensorFlow and JAX are installed
+  here). It prints their paths, one per line, and exits 0, again at once
+  when cached; it exits 1 with one line per library saying why when it
+  cannot build.
 - Where no compiler is found, a library built ahead is loaded.
 - The cache key is what changes the binary: the sources, TensorFlow's
   version and flags, the compiler's version; not where TensorFlow, the
