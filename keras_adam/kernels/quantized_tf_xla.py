@@ -46,11 +46,14 @@ def _flags() -> tuple[str, ...]:
 
     `--no-as-needed` keeps the link to libtensorflow_cc (which holds XLA's
     registry of custom-call targets) though it comes before the source.
+    TensorFlow's version is a define, so that it keys the cache: the
+    library links against that version's libtensorflow_cc.
     """
     library = tf.sysconfig.get_lib()
     abi = [f for f in tf.sysconfig.get_compile_flags() if f.startswith("-D_GLIBCXX_USE_CXX11_ABI")]
     return (
         *quantized.FLAGS, "-std=c++17", "-I", tf.sysconfig.get_include(), *abi,
+        f"-DKERAS_ADAM_TENSORFLOW_VERSION={tf.__version__}",
         "-Wl,--no-as-needed", f"-L{library}", "-l:libtensorflow_cc.so.2",
         f"-Wl,-rpath,{library}",
     )  # fmt: skip
