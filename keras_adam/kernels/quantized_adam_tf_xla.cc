@@ -5,8 +5,8 @@
 // the call with XlaCustomCallV2).
 //
 // XlaCustomCallV2 calls a target of XLA's "status returning, unified" API,
-// found by name in XLA's registry of custom-call targets, where this
-// library registers itself when it loads (the registry lives in
+// found by name in XLA's registry of custom-call targets, where
+// `keras_adam_quantized_tf_xla_register` puts it (the registry lives in
 // TensorFlow's libtensorflow_cc, which the library links against). That
 // API passes raw pointers only: the sizes come in the call's opaque
 // string, and the results do not alias the operands, so the call steps out
@@ -120,5 +120,14 @@ extern "C" void KerasAdamQuantizedAdamTfXla(void* out, const void** in, const ch
   keras_adam::quantized_threads::Step(t, fm, fv, s, c.threads, &from);
 }
 
-static xla::RegisterCustomCallTarget keras_adam_quantized_adam_tf_xla(
-    "keras_adam_quantized_adam", reinterpret_cast<void*>(&KerasAdamQuantizedAdamTfXla), "Host");
+// Registers the target with TensorFlow's XLA, unless a target of its name
+// is registered already: by this library loaded from another path (tests
+// build into several caches), where registering again would abort (XLA
+// refuses a name at a second address). Returns 1 if it registered, else 0.
+extern "C" int keras_adam_quantized_tf_xla_register() {
+  static const std::string kTarget = "keras_adam_quantized_adam", kPlatform = "Host";
+  xla::CustomCallTargetRegistry* registry = xla::CustomCallTargetRegistry::Global();
+  if (registry->Lookup(kTarget, kPlatform) != nullptr) return 0;
+  registry->Register(kTarget, reinterpret_cast<void*>(&KerasAdamQuantizedAdamTfXla), kPlatform);
+  return 1;
+}

@@ -86,12 +86,17 @@ def build() -> Path:
         AttributeError: If it lacks the target.
     """
     path = quantized.find_or_compile(SOURCE, _flags(), "keras_adam_quantized_tf_xla")
-    ctypes.CDLL(str(path)).KerasAdamQuantizedAdamTfXla  # noqa: B018 - it must resolve
+    library = ctypes.CDLL(str(path))
+    library.KerasAdamQuantizedAdamTfXla  # noqa: B018 - it must resolve
+    library.keras_adam_quantized_tf_xla_register  # noqa: B018 - as must this
     return path
 
 
 def _load() -> ctypes.CDLL:
-    return ctypes.CDLL(str(build()))  # loading registers the target
+    """Load the library and register its target with TensorFlow's XLA (once a process)."""
+    library = ctypes.CDLL(str(build()))
+    library.keras_adam_quantized_tf_xla_register()
+    return library
 
 
 def step(

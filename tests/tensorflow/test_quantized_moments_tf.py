@@ -1,6 +1,7 @@
 """Quantized moments on TensorFlow: tf.train.Checkpoint and MirroredStrategy."""
 
 import json
+import subprocess
 import sys
 import textwrap
 
@@ -249,3 +250,28 @@ def test_under_xla_without_the_custom_call_the_keras_ops_step_runs(monkeypatch):
     ops_used = {op.type for op in graph.get_operations()}
     assert kernels.QUANTIZED_OP_NAME not in ops_used and "XlaCustomCallV2" not in ops_used
     np.testing.assert_allclose(kernel.numpy(), 1 - 1e-3, rtol=1e-6)
+
+
+def test_the_xla_target_registers_once_though_its_library_loads_from_two_paths(tmp_path):
+    # XLA aborts the process on a second registration of a name at another
+    # address; tests and the build command load the library from several
+    # caches in one process.
+    from keras_adam.kernels import quantized_tf_xla
+
+    built = quantized_tf_xla.build()
+    copy = tmp_path / built.name
+    copy.write_bytes(built.read_bytes())
+    script = textwrap.dedent(
+        f"""
+        import ctypes
+        import tensorflow as tf
+        first = ctypes.CDLL({str(built)!r}).keras_adam_quantized_tf_xla_register()
+        second = ctypes.CDLL({str(copy)!r}).keras_adam_quantized_tf_xla_register()
+        print(first, second)
+        """
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1", "0"]
