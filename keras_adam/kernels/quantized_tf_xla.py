@@ -146,6 +146,11 @@ def _call(
     dtypes, shapes, sizes = [], [], []
     for param, grad, slots in zip(params, grads, moments, strict=True):
         size = math.prod(param.shape)
+        if tuple(grad.shape) != tuple(param.shape):
+            raise ValueError(
+                f"A gradient of shape {tuple(grad.shape)} does not fit a variable of shape "
+                f"{tuple(param.shape)}."
+            )
         code_bytes, blocks = m_fmt.stored_bytes(size)
         stored = []
         for moment in slots:
