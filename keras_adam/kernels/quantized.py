@@ -50,6 +50,24 @@ FLAG_BITS = {"maximize": 1, "l2": 2, "decoupled": 4, "amsgrad": 8, "paper": 16}
 VARIABLES_PER_CALL = 32
 
 
+def flag_bits(flags: dict[str, bool]) -> int:
+    """The XLA calls' `flags` integer: the sum of `FLAG_BITS` of the flags set."""
+    return sum(bit for name, bit in FLAG_BITS.items() if flags[name])
+
+
+def results_per_variable(outputs: list, moments: list) -> list:
+    """An XLA call's results, 7 per variable, as `(value, [(codes, scales), ...])`.
+
+    Each variable's first result is its new value, then codes and scales of
+    m, v and v̂ (empty without AMSGrad: only `moments`' own are kept).
+    """
+    stepped = []
+    for k, slots in enumerate(moments):
+        out = outputs[7 * k : 7 * (k + 1)]
+        stepped.append((out[0], [(out[1 + 2 * j], out[2 + 2 * j]) for j in range(len(slots))]))
+    return stepped
+
+
 def threads() -> int:
     """The threads an XLA call splits its blocks over: the CPUs this process may use."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

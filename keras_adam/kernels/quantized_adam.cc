@@ -114,7 +114,7 @@ struct FormatAttrs {
   absl::Status CheckLuts(OpKernelContext* context, int table) const {
     for (int lut : {table + 2, table + 5}) {
       const int64_t size = context->input(lut).NumElements();
-      if (bits == 8 ? size != quantized::FloatMap::kParameters : size < 1) {
+      if (!quantized::FloatMap::LutFits(bits, size)) {
         return errors::InvalidArgument("input ", lut, " (a lookup) has ", size,
                                        " values; int8 takes 6, int4 at least 1");
       }

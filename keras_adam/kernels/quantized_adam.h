@@ -130,6 +130,12 @@ struct FloatMap {
   // The length of an int8 format's `lut`.
   static constexpr int kParameters = 6;
 
+  // Whether a `lut` of `size` values fits a format of `bits`: int8's holds
+  // the six parameters, int4's at least one cell.
+  static bool LutFits(int bits, int64_t size) {
+    return bits == 8 ? size == kParameters : size >= 1;
+  }
+
   int fine_shift = 0, fine_base = 0, coarse_shift = 0, coarse_base = 0;
   uint32_t split_bits = 0;
   int split_index = 0;

@@ -64,7 +64,7 @@ ffi::Error QuantizedAdam(ffi::Buffer<ffi::F32> m_table, ffi::Buffer<ffi::F32> m_
   }
   for (const ffi::Buffer<ffi::S32>* lut : {&m_lut, &v_lut}) {
     const int64_t size = static_cast<int64_t>(lut->element_count());
-    if (bits == 8 ? size != keras_adam::quantized::FloatMap::kParameters : size < 1) {
+    if (!keras_adam::quantized::FloatMap::LutFits(bits, size)) {
       return ffi::Error::InvalidArgument("a lookup has the wrong size: int8 takes 6, int4 at least 1");
     }
   }

@@ -175,7 +175,7 @@ def _call(
     config = [
         m_fmt.bits, m_fmt.block_size, m_lookup["zero"], m_lookup["lut_shift"],
         m_lookup["lut_base"], v_lookup["lut_base"],
-        sum(bit for name, bit in quantized.FLAG_BITS.items() if flags[name]),
+        quantized.flag_bits(flags),
         quantized.threads(), m_lookup["lut"].size, v_lookup["lut"].size, len(sizes), *sizes,
     ]  # fmt: skip
     outputs = gen_xla_ops.xla_custom_call_v2(
@@ -186,8 +186,4 @@ def _call(
         result_dtypes=dtypes,
         result_shapes=shapes,
     )
-    stepped = []
-    for k, slots in enumerate(moments):
-        out = outputs[7 * k : 7 * (k + 1)]
-        stepped.append((out[0], [(out[1 + 2 * j], out[2 + 2 * j]) for j in range(len(slots))]))
-    return stepped
+    return quantized.results_per_variable(outputs, moments)

@@ -149,11 +149,7 @@ def _call(
         lut_shift=np.int32(m_lookup["lut_shift"]),
         m_lut_base=np.int32(m_lookup["lut_base"]),
         v_lut_base=np.int32(v_lookup["lut_base"]),
-        flags=np.int32(sum(bit for name, bit in FLAG_BITS.items() if flags[name])),
+        flags=np.int32(quantized.flag_bits(flags)),
         threads=np.int32(threads()),
     )
-    stepped = []
-    for k, slots in enumerate(moments):
-        out = outputs[7 * k : 7 * (k + 1)]
-        stepped.append((out[0], [(out[1 + 2 * j], out[2 + 2 * j]) for j in range(len(slots))]))
-    return stepped
+    return quantized.results_per_variable(outputs, moments)
