@@ -330,8 +330,8 @@ class Adam(keras.optimizers.Optimizer):
         """Slot variables named and ordered as Keras's, of `moment_dtype`.
 
         Quantized moments (`moment_dtype` "int8" or "int4") are
-        `QuantizedMoment`s of two variables each, `<name>_codes` and
-        `<name>_scales`; only variables of at least
+        `QuantizedMoment`s of one uint8 variable each, `<name>_quantized`
+        (scales and codes); only variables of at least
         `quantization.MIN_QUANTIZED_SIZE` values get them.
         """
         if self.moment_dtype is None:
@@ -367,11 +367,13 @@ class Adam(keras.optimizers.Optimizer):
                 )
             m_format, v_format = quantization.formats(storage)
             fmt = m_format if signed else v_format
-            code_bytes, blocks = fmt.stored_bytes(math.prod(reference.shape))
-            # All-zero codes and scales decode to zeros: Adam's initial state.
-            codes = self.add_variable(shape=(code_bytes,), dtype="uint8", name=f"{name}_codes")
-            scales = self.add_variable(shape=(blocks,), dtype="float32", name=f"{name}_scales")
-        return QuantizedMoment(codes, scales, tuple(reference.shape), fmt)
+            # All-zero scales and codes decode to zeros: Adam's initial state.
+            stored = self.add_variable(
+                shape=(fmt.storage_bytes(math.prod(reference.shape)),),
+                dtype="uint8",
+                name=name + state.QUANTIZED_SUFFIX,
+            )
+        return QuantizedMoment(stored, tuple(reference.shape), fmt)
 
     def _base_variable_count(self) -> int:
         """How many variables exist before `build`.

@@ -51,8 +51,9 @@ sensitive. Embedding tables keep them too unless the optimizer has
 take a different path from Adam's, ahead early and behind at the end
 (docs/memory.md, "Embedding tables").
 
-State per value: int8 1 + 4/256 bytes, int4 0.5 + 4/128 bytes, against 4
-for float32.
+A moment is stored in one uint8 variable: its scales, then its codes
+(`pack`). State per value: int8 1 + 4/256 bytes, int4 0.5 + 4/128 bytes,
+against 4 for float32.
 """
 
 from __future__ import annotations
@@ -179,6 +180,11 @@ class Format:
         """`(code bytes, scale count)` of a moment of `size` values."""
         blocks = math.ceil(size / self.block_size)
         return math.ceil(size * self.bits / 8), blocks
+
+    def storage_bytes(self, size: int) -> int:
+        """The bytes of a moment of `size` values in one buffer (`pack`): scales, then codes."""
+        code_bytes, blocks = self.stored_bytes(size)
+        return 4 * blocks + code_bytes
 
 
 @functools.cache
@@ -428,37 +434,61 @@ def decode(codes: Any, scales: Any, shape: tuple, fmt: Format) -> Any:
     return ops.reshape(flat[:size], shape)
 
 
+def pack(codes: Any, scales: Any) -> Any:
+    """One moment's `(codes, scales)` as the one uint8 buffer a moment is stored in.
+
+    The scales come first, as their float32 bytes (in the machine's order,
+    little-endian wherever Keras runs), so that they start where the
+    buffer does, aligned; the codes follow. `unpack` is the inverse.
+    """
+    return ops.concatenate([ops.reshape(ops.view(scales, "uint8"), (-1,)), codes])
+
+
+def unpack(storage: Any, size: int, fmt: Format) -> tuple[Any, Any]:
+    """The `(codes, scales)` of a moment of `size` values stored in `storage` (`pack`)."""
+    _, blocks = fmt.stored_bytes(size)
+    return storage[4 * blocks :], ops.view(storage[: 4 * blocks], "float32")
+
+
 class QuantizedMoment:
-    """One quantized moment of one variable: two optimizer variables and a format.
+    """One quantized moment of one variable: an optimizer variable and a format.
 
     It stands where a moment variable would in the optimizer's slot lists:
     `value` reads it (decoded, float32) and `assign` writes it (encoded).
+    The variable holds the scales and the codes in one uint8 buffer
+    (`pack`), so that a moment is one buffer, as a float moment is: the
+    kernels and the programs that step it take as many arguments.
 
     Attributes:
-        codes: The uint8 variable of codes.
-        scales: The float32 variable of block scales.
+        variable: The uint8 variable of `fmt.storage_bytes(size)` bytes.
         shape: The shape of the moment (its model variable's).
         fmt: The format.
     """
 
     dtype = "float32"
 
-    def __init__(self, codes: keras.Variable, scales: keras.Variable, shape: tuple, fmt: Format):
-        self.codes = codes
-        self.scales = scales
+    def __init__(self, variable: keras.Variable, shape: tuple, fmt: Format):
+        self.variable = variable
         self.shape = tuple(shape)
         self.fmt = fmt
 
     @property
+    def size(self) -> int:
+        """The number of values of the moment."""
+        return math.prod(self.shape)
+
+    def stored(self) -> tuple[Any, Any]:
+        """The stored `(codes, scales)`."""
+        return unpack(self.variable.value, self.size, self.fmt)
+
+    @property
     def value(self) -> Any:
         """The moment, decoded to float32."""
-        return decode(self.codes.value, self.scales.value, self.shape, self.fmt)
+        return decode(*self.stored(), self.shape, self.fmt)
 
     def assign(self, value: Any) -> None:
         """Store `value` (of `shape`), encoded."""
-        codes, scales = encode(value, self.fmt)
-        self.codes.assign(codes)
-        self.scales.assign(scales)
+        self.variable.assign(pack(*encode(value, self.fmt)))
 
     def numpy(self) -> np.ndarray:
         """The moment, decoded, as a NumPy array."""
@@ -466,6 +496,6 @@ class QuantizedMoment:
 
     def __repr__(self) -> str:
         return (
-            f"<QuantizedMoment {self.codes.path} shape={self.shape} "
+            f"<QuantizedMoment {self.variable.path} shape={self.shape} "
             f"bits={self.fmt.bits} block={self.fmt.block_size}>"
         )

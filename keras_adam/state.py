@@ -28,13 +28,18 @@ from keras_adam.quantization import QuantizedMoment
 #: The store entry of a quantized optimizer's layout.
 LAYOUT_KEY = "layout"
 
-#: Version of the code tables (`quantization.Format.table`) in saved layouts:
-#: version 3 has int8's float maps, v's with 4 mantissa bits. Unreleased
-#: development versions saved version 2 (v's with 3) and version 1
-#: ("keras_adam.decade_map/1", a decade map for int8 too).
-FORMAT = "keras_adam.code_maps/3"
+#: Version of the stored moments (`quantization.Format.table`, `quantization.pack`):
+#: version 4 stores each moment in one variable (scales, then codes) and
+#: int8 with float maps, v's with 4 mantissa bits. Unreleased development
+#: versions saved version 3 (codes and scales in two variables each),
+#: version 2 (v's map with 3 bits) and version 1 ("keras_adam.decade_map/1",
+#: a decade map for int8 too).
+FORMAT = "keras_adam.code_maps/4"
 
 _MOMENT_NAMES = ("momentum", "velocity", "velocity_hat")
+
+#: The end of a quantized moment's variable name (`Adam._add_moment`).
+QUANTIZED_SUFFIX = "_quantized"
 
 
 def layout(optimizer: Any) -> dict:
@@ -128,6 +133,17 @@ def check_layout(optimizer: Any, saved: dict | None, arrays: list[np.ndarray]) -
             "gradient_accumulation_steps)?"
         )
     for i, (entry, mine, array) in enumerate(zip(entries, own["variables"], arrays, strict=True)):
+        saved_quantized, own_quantized = (
+            x["name"].endswith(QUANTIZED_SUFFIX) for x in (entry, mine)
+        )
+        bare = [x["name"].removesuffix(QUANTIZED_SUFFIX) for x in (entry, mine)]
+        if saved_quantized != own_quantized and _same_variable(*bare):
+            raise ValueError(
+                f"{where}: saved variable {i} ('{entry['name']}') is a moment "
+                f"{'quantized' if saved_quantized else 'in float32'} but this optimizer keeps "
+                f"it {'quantized' if own_quantized else 'in float32'} ('{mine['name']}'). Was "
+                "it saved with other options (quantize_embeddings)?"
+            )
         if not _same_variable(entry["name"], mine["name"]) or entry["shape"] != mine["shape"]:
             raise ValueError(
                 f"{where}: saved variable {i} is '{entry['name']}' of shape "

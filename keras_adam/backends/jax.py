@@ -160,11 +160,10 @@ class JaxEngine(Engine):
                 quantized_kernel_scalars(scalars("float32", hyper)),
                 quantized_kernel_flags(hyper),
             )
-            for variable, stored, (value, new) in zip(variables, slots, stepped, strict=True):
+            for variable, moments, (value, stored) in zip(variables, slots, stepped, strict=True):
                 variable.assign(value)
-                for moment, (codes, scales) in zip(stored, new, strict=True):
-                    moment.codes.assign(codes)
-                    moment.scales.assign(scales)
+                for moment, new in zip(moments, stored, strict=True):
+                    moment.variable.assign(new)
 
     def _quantized_kernel(self, grad: Any, variable: Any, slots: list, update: Update) -> bool:
         """Whether `variable`, with moments `slots`, takes the quantized custom call.

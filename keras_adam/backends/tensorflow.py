@@ -12,8 +12,8 @@
   op outside XLA on CPU, else gathers and scatters of `keras.ops`.
 - Quantized moments (`moment_dtype="int8"` or `"int4"`) of float32
   variables, outside XLA on CPU: one `KerasAdamMultiTensorQuantizedAdam` op
-  per set of hyperparameters updates the variables and their moments'
-  codes and scales in place; under tf.distribute one `KerasAdamQuantizedAdam`
+  per set of hyperparameters updates the variables and their moments in
+  place; under tf.distribute one `KerasAdamQuantizedAdam`
   per variable component, whose results are assigned. Under XLA
   (`jit_compile=True`), on CPU, the same kernel as an XLA custom call
   (`kernels.quantized_tf_xla`, one per 32 variables), whose results are
@@ -55,6 +55,7 @@ from keras_adam.backends.engine import (
     quantized_kernel_flags,
     quantized_kernel_scalars,
 )
+from keras_adam.kernels import quantized as quantized_kernel
 from keras_adam.quantization import QuantizedMoment
 from keras_adam.update_rule import StepScalars
 
@@ -430,24 +431,21 @@ class TensorFlowEngine(Engine):
 
         It decodes, steps (every option but RAdam) and encodes one pass per
         block, in place, over every variable of the group (one set of
-        hyperparameters): the variables and their codes and scales go in as
-        resource handles, so nothing is assigned afterwards.
+        hyperparameters): the variables and their moments go in as resource
+        handles, so nothing is assigned afterwards.
         """
         hyper = scalars.hyper
         m_lookup, v_lookup = ms[0].fmt.lookup, vs[0].fmt.lookup
         amsgrad = hyper.amsgrad
 
-        def handles(moments: list, part: str) -> list:
-            return [_tensor(getattr(moment, part)).handle for moment in moments]
+        def handles(moments: list) -> list:
+            return [_tensor(moment.variable).handle for moment in moments]
 
         kernels.load().keras_adam_multi_tensor_quantized_adam(
             var=[_tensor(param).handle for param in params],
-            m_codes=handles(ms, "codes"),
-            m_scales=handles(ms, "scales"),
-            v_codes=handles(vs, "codes"),
-            v_scales=handles(vs, "scales"),
-            v_hat_codes=handles(v_hats, "codes") if amsgrad else [],
-            v_hat_scales=handles(v_hats, "scales") if amsgrad else [],
+            m=handles(ms),
+            v=handles(vs),
+            v_hat=handles(v_hats) if amsgrad else [],
             grad=[tf.cast(grad, tf.float32) for grad in grads],
             **_quantized_lookups(m_lookup, v_lookup),
             scalars=quantized_kernel_scalars(scalars),
@@ -462,7 +460,7 @@ class TensorFlowEngine(Engine):
         """Quantized moments in `KerasAdamQuantizedAdam` ops, one per variable.
 
         Each op decodes, steps (every option but RAdam) and encodes one pass
-        per block and returns the new variable, codes and scales, which are
+        per block and returns the new variable and moments, which are
         assigned.
         """
         hyper = scalars.hyper
@@ -470,11 +468,7 @@ class TensorFlowEngine(Engine):
         for param, grad, m, v, v_hat in zip(params, grads, ms, vs, v_hats, strict=True):
             m_lookup, v_lookup = m.fmt.lookup, v.fmt.lookup
             moments = [m, v, v_hat] if v_hat is not None else [m, v]
-            stored = []
-            for moment in moments:
-                stored += [moment.codes.value, moment.scales.value]
-            if v_hat is None:
-                stored += [tf.zeros([0], tf.uint8), tf.zeros([0], tf.float32)]
+            stored = quantized_kernel.stored_moments(moments, tf.zeros([0], tf.uint8))
             lookups = _quantized_lookups(m_lookup, v_lookup)
             outputs = kernels.load().keras_adam_quantized_adam(
                 tf.convert_to_tensor(_tensor(param)),
@@ -487,8 +481,7 @@ class TensorFlowEngine(Engine):
                 **lookups,
                 **quantized_kernel_flags(hyper),
             )
-            stored = [(outputs[1 + 2 * k], outputs[2 + 2 * k]) for k in range(len(moments))]
-            self._assign_stepped(param, moments, outputs[0], stored)
+            self._assign_stepped(param, moments, outputs[0], outputs[1 : 1 + len(moments)])
 
     def quantized_xla(
         self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars
@@ -497,8 +490,8 @@ class TensorFlowEngine(Engine):
 
         Each call decodes, steps (every option but RAdam) and encodes one
         pass per block, over up to 32 variables of one set of
-        hyperparameters, and returns the new variables, codes and scales,
-        which are assigned.
+        hyperparameters, and returns the new variables and moments, which
+        are assigned.
         """
         from keras_adam.kernels import quantized_tf_xla
 
@@ -518,11 +511,10 @@ class TensorFlowEngine(Engine):
             self._assign_stepped(param, own, value, stored)
 
     def _assign_stepped(self, param: Any, moments: list, value: Any, stored: list) -> None:
-        """Assign a quantized step's results: the variable, and each moment's codes and scales."""
+        """Assign a quantized step's results: the variable, and each moment's stored buffer."""
         self.assign(param, value)
-        for moment, (codes, scales) in zip(moments, stored, strict=True):
-            moment.codes.assign(codes)
-            moment.scales.assign(scales)
+        for moment, new in zip(moments, stored, strict=True):
+            moment.variable.assign(new)
 
     def sparse_rows(
         self, params: list, grads: list, ms: list, vs: list, v_hats: list, scalars: StepScalars

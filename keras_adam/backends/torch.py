@@ -82,10 +82,6 @@ FUSED_DTYPES = ("float32", "float64")
 #: all threads (grain size 0): an OpenMP region per tensor, whose start and
 #: barrier cost more than a small tensor's update.
 SMALL = 32768
-#: The buffers of one variable the quantized kernel reads and writes, in order.
-_QUANTIZED_BUFFERS = (
-    "var", "grad", "m_codes", "m_scales", "v_codes", "v_scales", "vh_codes", "vh_scales",
-)  # fmt: skip
 
 
 def _fused_device_types() -> tuple[str, ...]:
@@ -152,11 +148,11 @@ class _QuantizedGroup:
     Attributes:
         hyper: Their hyperparameters.
         indices: Their positions in the step's variable list.
-        pointers: Each buffer's data pointers (`_QUANTIZED_BUFFERS` but the
-            gradient), in the order of `indices`.
+        pointers: Each buffer's data pointers (`quantized_kernel.BUFFERS`
+            but the gradient), in the order of `indices`.
         sizes: Each variable's number of values.
-        written: Per variable, the tensors the kernel writes (the variable,
-            codes and scales): their versions are bumped, as in-place ops do.
+        written: Per variable, the tensors the kernel writes (the variable
+            and its moments): their versions are bumped, as in-place ops do.
     """
 
     hyper: Hyperparameters
@@ -354,19 +350,17 @@ class TorchEngine(Engine):
                 group = quantized.get(hyper)
                 if group is None:
                     group = quantized[hyper] = _QuantizedGroup(hyper)
-                storage = [param]
-                for slot in slots:
-                    storage += [_tensor(slot.codes), _tensor(slot.scales)]
+                storage = [param, *(_tensor(slot.variable) for slot in slots)]
                 group.indices.append(index)
                 for name, tensor in zip(
-                    (name for name in _QUANTIZED_BUFFERS if name != "grad"), storage, strict=False
+                    (name for name in quantized_kernel.BUFFERS if name != "grad"),
+                    storage,
+                    strict=False,
                 ):
                     group.pointers.setdefault(name, []).append(tensor.data_ptr())
                 group.sizes.append(param.numel())
                 group.written.append(storage)
-                bound_variables += [variable]
-                for slot in slots:
-                    bound_variables += [slot.codes, slot.scales]
+                bound_variables += [variable, *(slot.variable for slot in slots)]
                 bound_tensors += storage
                 continue
             if self.variable_blocker(variable, update.options) is not None:

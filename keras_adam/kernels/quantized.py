@@ -38,7 +38,11 @@ HEADERS = tuple(
     for name in ("quantized_adam.h", "quantized_adam_avx512.h", "quantized_adam_threads.h")
 )
 FLAGS = ("-O3", "-fPIC", "-fno-math-errno", "-ffp-contract=off", "-pthread", "-w")
-ABI = 3
+ABI = 4
+
+#: The buffers of one variable the kernel reads and writes, in its order:
+#: the variable, its gradient, and each moment (scales and codes, one buffer).
+BUFFERS = ("var", "grad", "m", "v", "vh")
 
 #: The bit of each flag in the XLA calls' `flags` (QuantizedScalars::SetFlags).
 FLAG_BITS = {"maximize": 1, "l2": 2, "decoupled": 4, "amsgrad": 8, "paper": 16}
@@ -56,16 +60,26 @@ def flag_bits(flags: dict[str, bool]) -> int:
 
 
 def results_per_variable(outputs: list, moments: list) -> list:
-    """An XLA call's results, 7 per variable, as `(value, [(codes, scales), ...])`.
+    """An XLA call's results, 4 per variable, as `(value, [stored moment, ...])`.
 
-    Each variable's first result is its new value, then codes and scales of
-    m, v and v̂ (empty without AMSGrad: only `moments`' own are kept).
+    Each variable's first result is its new value, then the stored buffers
+    of m, v and v̂ (empty without AMSGrad: only `moments`' own are kept).
     """
-    stepped = []
-    for k, slots in enumerate(moments):
-        out = outputs[7 * k : 7 * (k + 1)]
-        stepped.append((out[0], [(out[1 + 2 * j], out[2 + 2 * j]) for j in range(len(slots))]))
-    return stepped
+    return [
+        (outputs[4 * k], list(outputs[4 * k + 1 : 4 * k + 1 + len(slots)]))
+        for k, slots in enumerate(moments)
+    ]
+
+
+def stored_moments(slots: list, empty: Any) -> list:
+    """A variable's moments as a kernel call takes them: m, v and v̂, each one buffer.
+
+    Args:
+        slots: Its `QuantizedMoment`s, m, v and with AMSGrad v̂.
+        empty: An empty uint8 tensor, v̂'s buffer without AMSGrad.
+    """
+    stored = [moment.variable.value for moment in slots]
+    return stored if len(slots) == 3 else [*stored, empty]
 
 
 def threads() -> int:
@@ -185,7 +199,7 @@ class QuantizedKernel:
             raise RuntimeError(f"{path} is not ABI version {ABI}")
         function = self._library.keras_adam_quantized_adam
         pointers = ctypes.POINTER(ctypes.c_void_p)
-        function.argtypes = [*([pointers] * 8), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
+        function.argtypes = [*([pointers] * 5), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
                              ctypes.POINTER(_Format), ctypes.POINTER(_Format),
                              ctypes.POINTER(_Scalars), ctypes.c_int32]  # fmt: skip
         function.restype = ctypes.c_int32
@@ -235,17 +249,15 @@ class QuantizedKernel:
 
         Args:
             tensors: Data pointers (contiguous buffers) of each variable's
-                "var", "grad", "m_codes", "m_scales", "v_codes", "v_scales",
-                and with AMSGrad "vh_codes", "vh_scales".
+                `BUFFERS`: "var", "grad", "m", "v", and with AMSGrad "vh"
+                (each moment one buffer, `quantization.pack`).
             sizes: Each variable's number of values.
             formats: The formats of m and of v (and v̂).
             scalars: `_Scalars`' fields.
             threads: Threads to split the blocks over.
         """
         count = len(sizes)
-        names = ("var", "grad", "m_codes", "m_scales", "v_codes", "v_scales", "vh_codes",
-                 "vh_scales")  # fmt: skip
-        arrays = [(ctypes.c_void_p * count)(*tensors.get(name, [0] * count)) for name in names]
+        arrays = [(ctypes.c_void_p * count)(*tensors.get(name, [0] * count)) for name in BUFFERS]
         m_format, v_format = (self._format(fmt) for fmt in formats)
         result = self._function(
             *(ctypes.cast(array, ctypes.POINTER(ctypes.c_void_p)) for array in arrays),

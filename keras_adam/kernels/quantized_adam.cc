@@ -3,22 +3,23 @@
 // intra-op thread pool. Two ops:
 //
 // KerasAdamMultiTensorQuantizedAdam updates the resource variables of N
-// model variables (each variable, and its moments' codes and scales) in
-// one call, in place, with the resource semantics of TensorFlow's training
-// ops (resource_variables.h): every variable's mutex held for the whole
-// update, locked in address order; a buffer shared with a pending read is
-// copied first and the copy updated.
+// model variables (each variable, and its moments) in one call, in place,
+// with the resource semantics of TensorFlow's training ops
+// (resource_variables.h): every variable's mutex held for the whole update,
+// locked in address order; a buffer shared with a pending read is copied
+// first and the copy updated.
 //
 // KerasAdamQuantizedAdam is functional, for one variable (tf.distribute
 // steps each variable's components on their own): it reads the variable's
-// value, its gradient and the moments' codes and scales, and returns their
-// new values, which the caller assigns (keras_adam/backends/tensorflow.py).
+// value, its gradient and its moments, and returns their new values,
+// which the caller assigns (keras_adam/backends/tensorflow.py).
 // Each output reuses its input's buffer where TensorFlow allows it, else is
 // a copy made block by block, just before the block is stepped.
 //
-// The code tables come in as inputs (keras_adam/quantization.py builds
-// them), as do the scalars: alpha, 1 - beta1, 1 - beta2, epsilon, lambda,
-// lr and sqrt(1 - beta2^t).
+// Each moment is one uint8 buffer: its blocks' float32 scales, then its
+// codes (quantized_storage). The code tables come in as inputs
+// (keras_adam/quantization.py builds them), as do the scalars: alpha,
+// 1 - beta1, 1 - beta2, epsilon, lambda, lr and sqrt(1 - beta2^t).
 
 #include <algorithm>
 #include <cstdint>
@@ -45,7 +46,7 @@ namespace errors = ::tensorflow::errors;
 namespace {
 
 enum Input {
-  kVar = 0, kGrad, kMCodes, kMScales, kVCodes, kVScales, kVhCodes, kVhScales,
+  kVar = 0, kGrad, kM, kV, kVh,
   kMTable, kMMid, kMLut, kVTable, kVMid, kVLut, kScalars, kNumInputs
 };
 
@@ -125,18 +126,16 @@ struct FormatAttrs {
   // The format of m (or of v) whose table, midpoints and lookup are the
   // inputs from `table` on.
   QuantizedFormat Format(OpKernelContext* context, int table, bool m) const {
-    QuantizedFormat f;
-    f.bits = bits;
-    f.block = block;
-    f.zero = m ? m_zero : -1;
-    f.table = context->input(table).flat<float>().data();
-    f.mid = context->input(table + 1).flat<float>().data();
     const Tensor& lut = context->input(table + 2);
-    f.lut = lut.flat<int32_t>().data();
-    f.lut_size = static_cast<int32_t>(lut.NumElements());
-    f.lut_shift = lut_shift;
-    f.lut_base = m ? m_lut_base : v_lut_base;
-    return f;
+    return {bits,
+            block,
+            m ? m_zero : -1,
+            context->input(table).flat<float>().data(),
+            context->input(table + 1).flat<float>().data(),
+            lut.flat<int32_t>().data(),
+            static_cast<int32_t>(lut.NumElements()),
+            lut_shift,
+            m ? m_lut_base : v_lut_base};
   }
 };
 
@@ -150,29 +149,27 @@ class QuantizedAdamOp : public OpKernel {
     const Tensor& var = context->input(kVar);
     const Tensor& grad = context->input(kGrad);
     const int64_t n = var.NumElements();
-    const int64_t blocks = (n + attrs_.block - 1) / attrs_.block;
-    const int64_t code_bytes = attrs_.bits == 8 ? n : (n + 1) / 2;
+    const int64_t blocks = quantized_storage::Blocks(n, attrs_.block);
+    const int64_t bytes = quantized_storage::Bytes(n, attrs_.bits, attrs_.block);
     OP_REQUIRES(context, grad.shape() == var.shape(),
                 errors::InvalidArgument("grad has shape ", grad.shape().DebugString(),
                                         " but var has ", var.shape().DebugString()));
     const int moments = attrs_.flags.amsgrad ? 3 : 2;
     for (int k = 0; k < moments; ++k) {
-      const Tensor& codes = context->input(kMCodes + 2 * k);
-      const Tensor& scales = context->input(kMScales + 2 * k);
-      OP_REQUIRES(context, codes.NumElements() == code_bytes && scales.NumElements() == blocks,
-                  errors::InvalidArgument("moment ", k, " has ", codes.NumElements(),
-                                          " code bytes and ", scales.NumElements(),
-                                          " scales; expected ", code_bytes, " and ", blocks));
+      const Tensor& moment = context->input(kM + k);
+      OP_REQUIRES(context, moment.NumElements() == bytes,
+                  errors::InvalidArgument("moment ", k, " has ", moment.NumElements(),
+                                          " bytes; expected ", bytes, " for ", n, " values"));
     }
     const Tensor& scalars = context->input(kScalars);
     OP_REQUIRES(context, scalars.NumElements() == 7,
                 errors::InvalidArgument("scalars must hold 7 values"));
 
     // Outputs, forwarded from their inputs where TensorFlow allows.
-    Tensor* out[7] = {nullptr};
-    const int sources[7] = {kVar, kMCodes, kMScales, kVCodes, kVScales, kVhCodes, kVhScales};
-    bool forwarded[7];
-    for (int k = 0; k < 7; ++k) {
+    Tensor* out[4] = {nullptr};
+    const int sources[4] = {kVar, kM, kV, kVh};
+    bool forwarded[4];
+    for (int k = 0; k < 4; ++k) {
       const Tensor& input = context->input(sources[k]);
       int forwarded_from = -1;
       OP_REQUIRES_OK(context, context->forward_input_or_allocate_output(
@@ -188,31 +185,27 @@ class QuantizedAdamOp : public OpKernel {
     const BlocksFunction step = Pick(attrs_.bits, s.amsgrad, s.paper);
     const int bits = attrs_.bits;
     const int64_t block = attrs_.block;
+    auto storage = [&](int k) { return static_cast<uint8_t*>(out[k]->data()); };
 
     auto work = [&](int64_t begin, int64_t end) {
       // Copy this range's inputs where the outputs are not their buffers.
-      const int64_t first = begin * block, last = std::min(end * block, n);
-      const int64_t byte_first = bits == 8 ? first : first / 2;
-      const int64_t byte_last = bits == 8 ? last : (last + 1) / 2;
-      for (int k = 0; k < 7; ++k) {
-        if (forwarded[k] || (k >= 5 && !s.amsgrad)) continue;
+      for (int k = 0; k < 4; ++k) {
+        if (forwarded[k] || (k == 3 && !s.amsgrad)) continue;
         const Tensor& input = context->input(sources[k]);
-        const bool codes = k == 1 || k == 3 || k == 5;
-        const bool value = k == 0;
-        const int64_t lo = value ? first : codes ? byte_first : begin;
-        const int64_t hi = value ? last : codes ? byte_last : end;
-        const size_t size = codes ? 1 : sizeof(float);
-        std::memcpy(static_cast<char*>(out[k]->data()) + lo * size,
-                    static_cast<const char*>(input.data()) + lo * size, (hi - lo) * size);
+        if (k == 0) {
+          const int64_t first = begin * block, last = std::min(end * block, n);
+          std::memcpy(out[0]->flat<float>().data() + first, input.flat<float>().data() + first,
+                      (last - first) * sizeof(float));
+        } else {
+          quantized_storage::CopyBlocks(storage(k), input.flat<uint8_t>().data(), n, bits, block,
+                                        begin, end);
+        }
       }
-      QuantizedMomentData m{static_cast<uint8_t*>(out[1]->data()),
-                            static_cast<float*>(out[2]->data())};
-      QuantizedMomentData v{static_cast<uint8_t*>(out[3]->data()),
-                            static_cast<float*>(out[4]->data())};
-      QuantizedMomentData vh{s.amsgrad ? static_cast<uint8_t*>(out[5]->data()) : nullptr,
-                             s.amsgrad ? static_cast<float*>(out[6]->data()) : nullptr};
-      step(static_cast<float*>(out[0]->data()), grad.flat<float>().data(), m, v, vh, n, fm, fv,
-           s, begin, end);
+      step(out[0]->flat<float>().data(), grad.flat<float>().data(),
+           quantized_storage::Parts(storage(1), n, block),
+           quantized_storage::Parts(storage(2), n, block),
+           quantized_storage::Parts(s.amsgrad ? storage(3) : nullptr, n, block), n, fm, fv, s,
+           begin, end);
     };
     if (blocks == 0) return;
     // Cycles per block: about 60 per value (decode, step, encode of 2 or 3 moments).
@@ -237,8 +230,8 @@ class MultiTensorQuantizedAdamOp : public OpKernel {
   void Compute(OpKernelContext* context) override {
     const int n = n_;
     const int moments = attrs_.flags.amsgrad ? 3 : 2;
-    // Resources: var[0..n), then codes and scales of each moment, n each.
-    const int resources = (1 + 2 * moments) * n;
+    // Resources: var[0..n), then each moment's, n each.
+    const int resources = (1 + moments) * n;
     const int grad_input = resources;
     const int table_input = grad_input + n;
     const Tensor& scalars = context->input(table_input + 6);
@@ -250,22 +243,20 @@ class MultiTensorQuantizedAdamOp : public OpKernel {
     OP_REQUIRES_OK(context, LockResourceInputs(context, resources, &vars, &locks));
 
     // Validate before touching anything. Resource r of variable i is
-    // vars[r * n + i]: r = 0 the variable, then codes and scales per moment.
+    // vars[r * n + i]: r = 0 the variable, then its moments.
     const int64_t block = attrs_.block;
     for (int i = 0; i < n; ++i) {
       const Tensor& grad = context->input(grad_input + i);
       const int64_t size = grad.NumElements();
-      const int64_t blocks = (size + block - 1) / block;
-      const int64_t code_bytes = attrs_.bits == 8 ? size : (size + 1) / 2;
-      for (int r = 0; r < 1 + 2 * moments; ++r) {
+      const int64_t bytes = quantized_storage::Bytes(size, attrs_.bits, block);
+      for (int r = 0; r < 1 + moments; ++r) {
         tensorflow::Var* var = vars[r * n + i].get();
         OP_REQUIRES(context, var->is_initialized && var->tensor()->IsInitialized(),
                     errors::FailedPrecondition("resource ", r, " of variable ", i,
                                                " is uninitialized"));
         const Tensor* t = var->tensor();
-        const bool codes = r > 0 && r % 2 == 1;
-        const tensorflow::DataType dtype = codes ? tensorflow::DT_UINT8 : tensorflow::DT_FLOAT;
-        const int64_t expected = r == 0 ? size : codes ? code_bytes : blocks;
+        const tensorflow::DataType dtype = r > 0 ? tensorflow::DT_UINT8 : tensorflow::DT_FLOAT;
+        const int64_t expected = r == 0 ? size : bytes;
         OP_REQUIRES(context, t->dtype() == dtype && t->NumElements() == expected &&
                                  (r != 0 || t->shape() == grad.shape()),
                     errors::InvalidArgument(
@@ -292,30 +283,26 @@ class MultiTensorQuantizedAdamOp : public OpKernel {
       }
     }
 
-    std::vector<float*> var(n), m_s(n), v_s(n), vh_s(n);
+    std::vector<float*> var(n);
     std::vector<const float*> grad(n);
-    std::vector<uint8_t*> m_c(n), v_c(n), vh_c(n);
+    std::vector<uint8_t*> m(n), v(n), vh(n);
     std::vector<int64_t> sizes(n);
     auto data = [&](int r, int i) { return vars[r * n + i]->tensor()->data(); };
     for (int i = 0; i < n; ++i) {
       sizes[i] = context->input(grad_input + i).NumElements();
       grad[i] = context->input(grad_input + i).flat<float>().data();
       var[i] = static_cast<float*>(data(0, i));
-      m_c[i] = static_cast<uint8_t*>(data(1, i));
-      m_s[i] = static_cast<float*>(data(2, i));
-      v_c[i] = static_cast<uint8_t*>(data(3, i));
-      v_s[i] = static_cast<float*>(data(4, i));
-      vh_c[i] = attrs_.flags.amsgrad ? static_cast<uint8_t*>(data(5, i)) : nullptr;
-      vh_s[i] = attrs_.flags.amsgrad ? static_cast<float*>(data(6, i)) : nullptr;
+      m[i] = static_cast<uint8_t*>(data(1, i));
+      v[i] = static_cast<uint8_t*>(data(2, i));
+      vh[i] = attrs_.flags.amsgrad ? static_cast<uint8_t*>(data(3, i)) : nullptr;
     }
     QuantizedScalars s = attrs_.flags;
     s.Read(scalars.flat<float>().data());
     OP_REQUIRES_OK(context, attrs_.CheckLuts(context, table_input));
     const QuantizedFormat fm = attrs_.Format(context, table_input, true);
     const QuantizedFormat fv = attrs_.Format(context, table_input + 3, false);
-    const quantized_threads::Tensors t{var.data(), grad.data(), m_c.data(),  m_s.data(),
-                                       v_c.data(), v_s.data(),  vh_c.data(), vh_s.data(),
-                                       sizes.data(), n};
+    const quantized_threads::Tensors t{var.data(), grad.data(), m.data(), v.data(),
+                                       vh.data(),  sizes.data(), n};
     int64_t total = 0;
     for (int i = 0; i < n; ++i) total += quantized_threads::Blocks(sizes[i], block);
     if (total == 0) return;
@@ -348,31 +335,26 @@ namespace tensorflow {
 REGISTER_OP("KerasAdamQuantizedAdam")
     .Input("var: float")
     .Input("grad: float")
-    .Input("m_codes: uint8")
-    .Input("m_scales: float")
-    .Input("v_codes: uint8")
-    .Input("v_scales: float")
-    .Input("v_hat_codes: uint8")
-    .Input("v_hat_scales: float")
+    .Input("m: uint8")
+    .Input("v: uint8")
+    .Input("v_hat: uint8")
     KERAS_ADAM_QUANTIZED_TABLE_INPUTS
     .Output("var_out: float")
-    .Output("m_codes_out: uint8")
-    .Output("m_scales_out: float")
-    .Output("v_codes_out: uint8")
-    .Output("v_scales_out: float")
-    .Output("v_hat_codes_out: uint8")
-    .Output("v_hat_scales_out: float")
+    .Output("m_out: uint8")
+    .Output("v_out: uint8")
+    .Output("v_hat_out: uint8")
     KERAS_ADAM_QUANTIZED_FORMAT_ATTRS
     .SetShapeFn([](shape_inference::InferenceContext* c) {
-      const int sources[7] = {0, 2, 3, 4, 5, 6, 7};
-      for (int k = 0; k < 7; ++k) c->set_output(k, c->input(sources[k]));
+      const int sources[4] = {0, 2, 3, 4};
+      for (int k = 0; k < 4; ++k) c->set_output(k, c->input(sources[k]));
       return absl::OkStatus();
     })
     .Doc(R"doc(
 Adam on block-wise quantized moments (keras_adam/quantization.py): decode
-m and v (and v_hat with amsgrad; else empty inputs), step in float32,
-encode; returns the new variable, codes and scales. scalars holds alpha,
-1 - beta1, 1 - beta2, epsilon, lambda, lr and sqrt(1 - beta2^t).
+m and v (and v_hat with amsgrad; else an empty input), step in float32,
+encode; returns the new variable and moments. Each moment is one uint8
+buffer holding its blocks' float32 scales, then its codes. scalars holds
+alpha, 1 - beta1, 1 - beta2, epsilon, lambda, lr and sqrt(1 - beta2^t).
 )doc");
 
 REGISTER_KERNEL_BUILDER(Name("KerasAdamQuantizedAdam").Device(DEVICE_CPU),
@@ -380,12 +362,9 @@ REGISTER_KERNEL_BUILDER(Name("KerasAdamQuantizedAdam").Device(DEVICE_CPU),
 
 REGISTER_OP("KerasAdamMultiTensorQuantizedAdam")
     .Input("var: N * resource")
-    .Input("m_codes: N * resource")
-    .Input("m_scales: N * resource")
-    .Input("v_codes: N * resource")
-    .Input("v_scales: N * resource")
-    .Input("v_hat_codes: M * resource")
-    .Input("v_hat_scales: M * resource")
+    .Input("m: N * resource")
+    .Input("v: N * resource")
+    .Input("v_hat: M * resource")
     .Input("grad: N * float")
     KERAS_ADAM_QUANTIZED_TABLE_INPUTS
     .Attr("N: int >= 1")
@@ -395,10 +374,10 @@ REGISTER_OP("KerasAdamMultiTensorQuantizedAdam")
     .SetShapeFn(shape_inference::NoOutputs)
     .Doc(R"doc(
 Adam on block-wise quantized moments of N variables at once, in place:
-var, and each moment's codes (uint8) and scales (float32), are resource
-variables (M = N v_hat ones with amsgrad, else none); grad one dense tensor
-per variable. scalars holds alpha, 1 - beta1, 1 - beta2, epsilon, lambda,
-lr and sqrt(1 - beta2^t).
+var, and each moment (uint8: its blocks' float32 scales, then its codes),
+are resource variables (M = N v_hat ones with amsgrad, else none); grad one
+dense tensor per variable. scalars holds alpha, 1 - beta1, 1 - beta2,
+epsilon, lambda, lr and sqrt(1 - beta2^t).
 )doc");
 
 REGISTER_KERNEL_BUILDER(Name("KerasAdamMultiTensorQuantizedAdam").Device(DEVICE_CPU),

@@ -51,7 +51,9 @@ namespace keras_adam {
 
 // How one moment is quantized (quantization.Format and its lookup arrays).
 // int8 has a float map (its `lut` holds the map's six parameters, FloatMap),
-// int4 the decade map.
+// int4 the decade map. An aggregate: the TensorFlow ops and the XLA calls
+// brace-initialize it in the order of its fields, which quantized.py's
+// ctypes `_Format` mirrors.
 struct QuantizedFormat {
   int32_t bits;              // 8 or 4 (two codes per byte, low nibble first)
   int32_t block;             // values per scale (<= 256)
@@ -67,11 +69,43 @@ struct QuantizedFormat {
   int32_t lut_base;
 };
 
-// One quantized moment's storage.
+// One quantized moment's codes and block scales.
 struct QuantizedMomentData {
   uint8_t* codes;
   float* scales;
 };
+
+// A moment of n values is stored in one uint8 buffer (quantization.pack):
+// the float32 scale of each of its blocks first (so they are aligned as the
+// buffer is), then its codes.
+namespace quantized_storage {
+
+inline int64_t Blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+inline int64_t CodeBytes(int64_t n, int bits) { return bits == 8 ? n : (n + 1) / 2; }
+inline int64_t Bytes(int64_t n, int bits, int64_t block) {
+  return static_cast<int64_t>(sizeof(float)) * Blocks(n, block) + CodeBytes(n, bits);
+}
+
+// The codes and scales inside `storage` (null: both null).
+inline QuantizedMomentData Parts(uint8_t* storage, int64_t n, int64_t block) {
+  if (storage == nullptr) return {nullptr, nullptr};
+  return {storage + sizeof(float) * Blocks(n, block), reinterpret_cast<float*>(storage)};
+}
+
+// Copies the scales and codes of blocks [begin, end) from `from` into `to`.
+inline void CopyBlocks(uint8_t* to, const uint8_t* from, int64_t n, int bits, int64_t block,
+                       int64_t begin, int64_t end) {
+  const int64_t first = begin * block, last = std::min(end * block, n);
+  // int4: blocks start at even values, so a block's codes start a byte.
+  const int64_t code_first = bits == 8 ? first : first / 2;
+  const int64_t code_last = bits == 8 ? last : (last + 1) / 2;
+  const int64_t codes = sizeof(float) * Blocks(n, block);
+  std::memcpy(to + sizeof(float) * begin, from + sizeof(float) * begin,
+              sizeof(float) * (end - begin));
+  std::memcpy(to + codes + code_first, from + codes + code_first, code_last - code_first);
+}
+
+}  // namespace quantized_storage
 
 struct QuantizedScalars {
   float alpha, one_minus_beta1, one_minus_beta2, epsilon;

@@ -13,7 +13,7 @@ using keras_adam::QuantizedScalars;
 extern "C" {
 
 // The ABI version; quantized.py checks it before any call.
-int32_t keras_adam_quantized_abi() { return 3; }
+int32_t keras_adam_quantized_abi() { return 4; }
 
 // Nonzero: run the portable loops even where a faster path exists (tests
 // compare both). Returns whether the faster path exists on this machine.
@@ -26,16 +26,15 @@ int32_t keras_adam_quantized_portable_only(int32_t portable) {
 #endif
 }
 
-// One step of `count` float32 variables with quantized moments. Returns 0.
-int32_t keras_adam_quantized_adam(float* const* var, const float* const* grad,
-                                  uint8_t* const* m_codes, float* const* m_scales,
-                                  uint8_t* const* v_codes, float* const* v_scales,
-                                  uint8_t* const* vh_codes, float* const* vh_scales,
-                                  const int64_t* sizes, int64_t count,
-                                  const QuantizedFormat* fm, const QuantizedFormat* fv,
-                                  const QuantizedScalars* s, int32_t threads) {
-  const keras_adam::quantized_threads::Tensors t{
-      var, grad, m_codes, m_scales, v_codes, v_scales, vh_codes, vh_scales, sizes, count};
+// One step of `count` float32 variables with quantized moments, each moment
+// one buffer (quantized_storage: scales, then codes; `vh` null without
+// AMSGrad). Returns 0.
+int32_t keras_adam_quantized_adam(float* const* var, const float* const* grad, uint8_t* const* m,
+                                  uint8_t* const* v, uint8_t* const* vh, const int64_t* sizes,
+                                  int64_t count, const QuantizedFormat* fm,
+                                  const QuantizedFormat* fv, const QuantizedScalars* s,
+                                  int32_t threads) {
+  const keras_adam::quantized_threads::Tensors t{var, grad, m, v, vh, sizes, count};
   keras_adam::quantized_threads::Step(t, *fm, *fv, *s, threads);
   return 0;
 }

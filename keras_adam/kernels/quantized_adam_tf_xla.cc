@@ -17,9 +17,9 @@
 // quantized_tf_xla.py checks every shape when it builds the call.
 //
 // Operands: the tables of m and v (table, midpoints, lut each), the 7
-// scalars, then 8 per variable (var, grad, and codes and scales of m, v
-// and v_hat; v_hat's empty without AMSGrad). Results: 7 per variable (the
-// same but grad). Opaque: "bits block m_zero lut_shift m_lut_base
+// scalars, then 5 per variable (var, grad, m, v and v_hat; each moment one
+// uint8 buffer, its scales then its codes, v_hat's empty without AMSGrad).
+// Results: 4 per variable (the same but grad). Opaque: "bits block m_zero lut_shift m_lut_base
 // v_lut_base flags threads m_lut_size v_lut_size count n_0 ... n_{count-1}".
 
 #include <cstdint>
@@ -38,8 +38,8 @@ using keras_adam::QuantizedFormat;
 using keras_adam::QuantizedScalars;
 
 constexpr size_t kFixed = 7;  // the tables of m and v, and the scalars
-constexpr size_t kArgs = 8;   // per variable
-constexpr size_t kRets = 7;
+constexpr size_t kArgs = 5;   // per variable
+constexpr size_t kRets = 4;
 
 struct Config {
   int bits = 0, block = 0, m_zero = 0, lut_shift = 0, m_lut_base = 0, v_lut_base = 0;
@@ -59,17 +59,15 @@ struct Config {
 };
 
 QuantizedFormat Format(const Config& c, const void* const* tables, bool m) {
-  QuantizedFormat f;
-  f.bits = c.bits;
-  f.block = c.block;
-  f.zero = m ? c.m_zero : -1;
-  f.table = static_cast<const float*>(tables[0]);
-  f.mid = static_cast<const float*>(tables[1]);
-  f.lut = static_cast<const int32_t*>(tables[2]);
-  f.lut_size = m ? c.m_lut_size : c.v_lut_size;
-  f.lut_shift = c.lut_shift;
-  f.lut_base = m ? c.m_lut_base : c.v_lut_base;
-  return f;
+  return {c.bits,
+          c.block,
+          m ? c.m_zero : -1,
+          static_cast<const float*>(tables[0]),
+          static_cast<const float*>(tables[1]),
+          static_cast<const int32_t*>(tables[2]),
+          m ? c.m_lut_size : c.v_lut_size,
+          c.lut_shift,
+          m ? c.m_lut_base : c.v_lut_base};
 }
 
 }  // namespace
@@ -83,40 +81,31 @@ extern "C" void KerasAdamQuantizedAdamTfXla(void* out, const void** in, const ch
   QuantizedScalars s{};
   s.Read(static_cast<const float*>(in[6]));
   s.SetFlags(c.flags);
-  std::vector<float*> var(count), m_s(count), v_s(count), vh_s(count);
-  std::vector<const float*> grad(count), from_var(count), from_m_s(count), from_v_s(count),
-      from_vh_s(count);
-  std::vector<uint8_t*> m_c(count), v_c(count), vh_c(count);
-  std::vector<const uint8_t*> from_m_c(count), from_v_c(count), from_vh_c(count);
+  std::vector<float*> var(count);
+  std::vector<const float*> grad(count), from_var(count);
+  std::vector<uint8_t*> m(count), v(count), vh(count);
+  std::vector<const uint8_t*> from_m(count), from_v(count), from_vh(count);
   for (size_t k = 0; k < count; ++k) {
     // Result j is operand j (var) or j + 1 (the moments, after grad), stepped.
     const void* const* a = in + kFixed + k * kArgs;
     void* const* r = results + k * kRets;
     from_var[k] = static_cast<const float*>(a[0]);
-    from_m_c[k] = static_cast<const uint8_t*>(a[2]);
-    from_m_s[k] = static_cast<const float*>(a[3]);
-    from_v_c[k] = static_cast<const uint8_t*>(a[4]);
-    from_v_s[k] = static_cast<const float*>(a[5]);
-    from_vh_c[k] = s.amsgrad ? static_cast<const uint8_t*>(a[6]) : nullptr;
-    from_vh_s[k] = s.amsgrad ? static_cast<const float*>(a[7]) : nullptr;
-    var[k] = static_cast<float*>(r[0]);
     grad[k] = static_cast<const float*>(a[1]);
-    m_c[k] = static_cast<uint8_t*>(r[1]);
-    m_s[k] = static_cast<float*>(r[2]);
-    v_c[k] = static_cast<uint8_t*>(r[3]);
-    v_s[k] = static_cast<float*>(r[4]);
-    vh_c[k] = s.amsgrad ? static_cast<uint8_t*>(r[5]) : nullptr;
-    vh_s[k] = s.amsgrad ? static_cast<float*>(r[6]) : nullptr;
+    from_m[k] = static_cast<const uint8_t*>(a[2]);
+    from_v[k] = static_cast<const uint8_t*>(a[3]);
+    from_vh[k] = s.amsgrad ? static_cast<const uint8_t*>(a[4]) : nullptr;
+    var[k] = static_cast<float*>(r[0]);
+    m[k] = static_cast<uint8_t*>(r[1]);
+    v[k] = static_cast<uint8_t*>(r[2]);
+    vh[k] = s.amsgrad ? static_cast<uint8_t*>(r[3]) : nullptr;
   }
   const QuantizedFormat fm = Format(c, in, true);
   const QuantizedFormat fv = Format(c, in + 3, false);
   const keras_adam::quantized_threads::Tensors t{
-      var.data(),  grad.data(), m_c.data(),     m_s.data(),
-      v_c.data(),  v_s.data(),  vh_c.data(),    vh_s.data(),
-      c.sizes.data(), static_cast<int64_t>(count)};
-  const keras_adam::quantized_threads::Sources from{
-      from_var.data(), from_m_c.data(), from_m_s.data(), from_v_c.data(),
-      from_v_s.data(), from_vh_c.data(), from_vh_s.data()};
+      var.data(), grad.data(), m.data(), v.data(), vh.data(), c.sizes.data(),
+      static_cast<int64_t>(count)};
+  const keras_adam::quantized_threads::Sources from{from_var.data(), from_m.data(),
+                                                    from_v.data(), from_vh.data()};
   keras_adam::quantized_threads::Step(t, fm, fv, s, c.threads, &from);
 }
 

@@ -24,15 +24,13 @@ using keras_adam::QuantizedFormat;
 using keras_adam::QuantizedMomentData;
 using keras_adam::QuantizedScalars;
 
+// Each moment is one buffer: its scales, then its codes (quantized_storage).
 struct Tensors {
   float* const* var;
   const float* const* grad;
-  uint8_t* const* m_codes;
-  float* const* m_scales;
-  uint8_t* const* v_codes;
-  float* const* v_scales;
-  uint8_t* const* vh_codes;  // null without AMSGrad
-  float* const* vh_scales;
+  uint8_t* const* m;
+  uint8_t* const* v;
+  uint8_t* const* vh;  // null without AMSGrad
   const int64_t* sizes;
   int64_t count;
 };
@@ -43,34 +41,22 @@ struct Tensors {
 // cache, rather than all of them first.
 struct Sources {
   const float* const* var;
-  const uint8_t* const* m_codes;
-  const float* const* m_scales;
-  const uint8_t* const* v_codes;
-  const float* const* v_scales;
-  const uint8_t* const* vh_codes;  // null without AMSGrad
-  const float* const* vh_scales;
+  const uint8_t* const* m;
+  const uint8_t* const* v;
+  const uint8_t* const* vh;  // null without AMSGrad
 };
 
-inline int64_t Blocks(int64_t n, int64_t block) { return (n + block - 1) / block; }
+using quantized_storage::Blocks;
 
 // Copies blocks [begin, end) of variable k (n values) from `from` into `t`.
 inline void CopyBlocks(const Tensors& t, const Sources& from, int64_t k, int64_t n, int bits,
                        int64_t block, int64_t begin, int64_t end) {
   const int64_t first = begin * block, last = std::min(end * block, n);
-  // int4: blocks start at even values, so a block's codes start a byte.
-  const int64_t code_first = bits == 8 ? first : first / 2;
-  const int64_t code_last = bits == 8 ? last : (last + 1) / 2;
   std::memcpy(t.var[k] + first, from.var[k] + first, (last - first) * sizeof(float));
-  const bool amsgrad = t.vh_codes != nullptr && t.vh_codes[k] != nullptr;
-  uint8_t* const codes[3] = {t.m_codes[k], t.v_codes[k], amsgrad ? t.vh_codes[k] : nullptr};
-  float* const scales[3] = {t.m_scales[k], t.v_scales[k], amsgrad ? t.vh_scales[k] : nullptr};
-  const uint8_t* const source_codes[3] = {from.m_codes[k], from.v_codes[k],
-                                          amsgrad ? from.vh_codes[k] : nullptr};
-  const float* const source_scales[3] = {from.m_scales[k], from.v_scales[k],
-                                         amsgrad ? from.vh_scales[k] : nullptr};
-  for (int j = 0; j < (amsgrad ? 3 : 2); ++j) {
-    std::memcpy(codes[j] + code_first, source_codes[j] + code_first, code_last - code_first);
-    std::memcpy(scales[j] + begin, source_scales[j] + begin, (end - begin) * sizeof(float));
+  quantized_storage::CopyBlocks(t.m[k], from.m[k], n, bits, block, begin, end);
+  quantized_storage::CopyBlocks(t.v[k], from.v[k], n, bits, block, begin, end);
+  if (t.vh != nullptr && t.vh[k] != nullptr) {
+    quantized_storage::CopyBlocks(t.vh[k], from.vh[k], n, bits, block, begin, end);
   }
 }
 
@@ -114,17 +100,18 @@ KERAS_ADAM_QUANTIZED_CLONES static void Range(const Tensors& t, const QuantizedF
     const int64_t begin = std::max(first - offset, int64_t{0});
     const int64_t end = std::min(last - offset, blocks);
     if (begin < end) {
-      QuantizedMomentData m{t.m_codes[k], t.m_scales[k]};
-      QuantizedMomentData v{t.v_codes[k], t.v_scales[k]};
-      QuantizedMomentData vh{s.amsgrad ? t.vh_codes[k] : nullptr,
-                             s.amsgrad ? t.vh_scales[k] : nullptr};
+      const int64_t n = t.sizes[k];
+      const QuantizedMomentData m = quantized_storage::Parts(t.m[k], n, fm.block);
+      const QuantizedMomentData v = quantized_storage::Parts(t.v[k], n, fm.block);
+      const QuantizedMomentData vh =
+          quantized_storage::Parts(s.amsgrad ? t.vh[k] : nullptr, n, fm.block);
       if (from == nullptr) {
-        Dispatch(t.var[k], t.grad[k], m, v, vh, t.sizes[k], fm, fv, s, begin, end);
+        Dispatch(t.var[k], t.grad[k], m, v, vh, n, fm, fv, s, begin, end);
       } else {
         for (int64_t piece = begin; piece < end; piece += kPiece) {
           const int64_t piece_end = std::min(piece + kPiece, end);
-          CopyBlocks(t, *from, k, t.sizes[k], fm.bits, fm.block, piece, piece_end);
-          Dispatch(t.var[k], t.grad[k], m, v, vh, t.sizes[k], fm, fv, s, piece, piece_end);
+          CopyBlocks(t, *from, k, n, fm.bits, fm.block, piece, piece_end);
+          Dispatch(t.var[k], t.grad[k], m, v, vh, n, fm, fv, s, piece, piece_end);
         }
       }
     }

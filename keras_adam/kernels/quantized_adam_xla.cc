@@ -7,8 +7,9 @@
 // `input_output_aliases`), so XLA hands the call the buffers to update in
 // place, copying first only where the inputs are still needed. The scalars
 // come in as a buffer (they may be traced values): alpha, 1 - beta1,
-// 1 - beta2, epsilon, lambda, lr and sqrt(1 - beta2^t). Without AMSGrad the
-// v_hat buffers are empty.
+// 1 - beta2, epsilon, lambda, lr and sqrt(1 - beta2^t). Each moment is one
+// uint8 buffer, its scales then its codes (quantized_storage). Without
+// AMSGrad the v_hat buffer is empty.
 
 #include <cstdint>
 #include <cstring>
@@ -27,23 +28,21 @@ using keras_adam::QuantizedScalars;
 QuantizedFormat Format(int32_t bits, int32_t block, int32_t zero, ffi::Buffer<ffi::F32> table,
                        ffi::Buffer<ffi::F32> mid, ffi::Buffer<ffi::S32> lut, int32_t lut_shift,
                        int32_t lut_base) {
-  QuantizedFormat f;
-  f.bits = bits;
-  f.block = block;
-  f.zero = zero;
-  f.table = table.typed_data();
-  f.mid = mid.typed_data();
-  f.lut = lut.typed_data();
-  f.lut_size = static_cast<int32_t>(lut.element_count());
-  f.lut_shift = lut_shift;
-  f.lut_base = lut_base;
-  return f;
+  return {bits,
+          block,
+          zero,
+          table.typed_data(),
+          mid.typed_data(),
+          lut.typed_data(),
+          static_cast<int32_t>(lut.element_count()),
+          lut_shift,
+          lut_base};
 }
 
-// The buffers of one variable: 8 arguments (var, grad, and codes and scales
-// of m, v and v_hat) and 7 results (the same but grad).
-constexpr size_t kArgs = 8;
-constexpr size_t kRets = 7;
+// The buffers of one variable: 5 arguments (var, grad, m, v and v_hat) and 4
+// results (the same but grad).
+constexpr size_t kArgs = 5;
+constexpr size_t kRets = 4;
 
 // `out` holds `in`'s bytes (they are one buffer when XLA aliased them).
 void Same(const ffi::AnyBuffer& in, ffi::Result<ffi::AnyBuffer>& out) {
@@ -70,12 +69,12 @@ ffi::Error QuantizedAdam(ffi::Buffer<ffi::F32> m_table, ffi::Buffer<ffi::F32> m_
   }
   const size_t count = args.size() / kArgs;
   if (args.size() % kArgs != 0 || rets.size() != count * kRets || scalars.element_count() != 7) {
-    return ffi::Error::InvalidArgument("expected 8 arguments and 7 results per variable");
+    return ffi::Error::InvalidArgument("expected 5 arguments and 4 results per variable");
   }
   const bool amsgrad = flags & 8;
-  std::vector<float*> var(count), m_s(count), v_s(count), vh_s(count);
+  std::vector<float*> var(count);
   std::vector<const float*> grad(count);
-  std::vector<uint8_t*> m_c(count), v_c(count), vh_c(count);
+  std::vector<uint8_t*> m(count), v(count), vh(count);
   std::vector<int64_t> sizes(count);
   for (size_t k = 0; k < count; ++k) {
     std::vector<ffi::AnyBuffer> in;
@@ -91,15 +90,12 @@ ffi::Error QuantizedAdam(ffi::Buffer<ffi::F32> m_table, ffi::Buffer<ffi::F32> m_
       out.push_back(*buffer);
     }
     const int64_t n = static_cast<int64_t>(in[0].element_count());
-    const int64_t blocks = (n + block - 1) / block;
-    const int64_t code_bytes = bits == 8 ? n : (n + 1) / 2;
-    const int64_t expected[kArgs] = {n, n, code_bytes, blocks, code_bytes, blocks,
-                                     amsgrad ? code_bytes : 0, amsgrad ? blocks : 0};
-    const ffi::DataType types[kArgs] = {ffi::F32, ffi::F32, ffi::U8, ffi::F32,
-                                        ffi::U8,  ffi::F32, ffi::U8, ffi::F32};
+    const int64_t bytes = keras_adam::quantized_storage::Bytes(n, bits, block);
+    const int64_t expected[kArgs] = {n, n, bytes, bytes, amsgrad ? bytes : 0};
+    const ffi::DataType types[kArgs] = {ffi::F32, ffi::F32, ffi::U8, ffi::U8, ffi::U8};
     for (size_t j = 0; j < kArgs; ++j) {
       if (in[j].element_type() != types[j] ||
-          (static_cast<int64_t>(in[j].element_count()) != expected[j] && (j < 6 || amsgrad))) {
+          static_cast<int64_t>(in[j].element_count()) != expected[j]) {
         return ffi::Error::InvalidArgument("the buffers' types or sizes do not match the variable's");
       }
     }
@@ -108,12 +104,9 @@ ffi::Error QuantizedAdam(ffi::Buffer<ffi::F32> m_table, ffi::Buffer<ffi::F32> m_
     sizes[k] = n;
     var[k] = static_cast<float*>(out[0]->untyped_data());
     grad[k] = static_cast<const float*>(in[1].untyped_data());
-    m_c[k] = static_cast<uint8_t*>(out[1]->untyped_data());
-    m_s[k] = static_cast<float*>(out[2]->untyped_data());
-    v_c[k] = static_cast<uint8_t*>(out[3]->untyped_data());
-    v_s[k] = static_cast<float*>(out[4]->untyped_data());
-    vh_c[k] = amsgrad ? static_cast<uint8_t*>(out[5]->untyped_data()) : nullptr;
-    vh_s[k] = amsgrad ? static_cast<float*>(out[6]->untyped_data()) : nullptr;
+    m[k] = static_cast<uint8_t*>(out[1]->untyped_data());
+    v[k] = static_cast<uint8_t*>(out[2]->untyped_data());
+    vh[k] = amsgrad ? static_cast<uint8_t*>(out[3]->untyped_data()) : nullptr;
   }
 
   QuantizedScalars s{};
@@ -124,8 +117,8 @@ ffi::Error QuantizedAdam(ffi::Buffer<ffi::F32> m_table, ffi::Buffer<ffi::F32> m_
   const QuantizedFormat fv =
       Format(bits, block, -1, v_table, v_mid, v_lut, lut_shift, v_lut_base);
   const keras_adam::quantized_threads::Tensors t{
-      var.data(), grad.data(), m_c.data(),  m_s.data(),   v_c.data(),
-      v_s.data(), vh_c.data(), vh_s.data(), sizes.data(), static_cast<int64_t>(count)};
+      var.data(), grad.data(), m.data(), v.data(), vh.data(), sizes.data(),
+      static_cast<int64_t>(count)};
   keras_adam::quantized_threads::Step(t, fm, fv, s, threads);
   return ffi::Error::Success();
 }

@@ -12,8 +12,8 @@ headers and the `libtensorflow_cc` that TensorFlow ships, into the
 kernels' cache (`quantized.find_or_compile`), loads it, and emits the call.
 
 That API passes no shapes and no aliasing, so `step` checks the shapes
-here and the call copies each variable and its codes and scales into its
-results before stepping them: one more pass over them than the in-place
+here and the call copies each variable and its moments into its results
+before stepping them: one more pass over them than the in-place
 kernels, still one pass over the moments.
 
 `available()` is False (logged once) where the library cannot be built or
@@ -105,7 +105,7 @@ def step(
     moments: list[list[QuantizedMoment]],
     scalars: Any,
     flags: dict[str, bool],
-) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+) -> list[tuple[Any, list[Any]]]:
     """One Adam step of float32 variables with quantized moments, under XLA.
 
     One custom call per `quantized.VARIABLES_PER_CALL` variables, in a graph
@@ -120,7 +120,7 @@ def step(
         flags: Which of `quantized.FLAG_BITS` apply (`engine.quantized_kernel_flags`).
 
     Returns:
-        Each variable's new value and its moments' new `(codes, scales)`.
+        Each variable's new value and its moments' new stored buffers.
     """
     return quantized.in_calls(_call, params, grads, moments, scalars, flags)
 
@@ -131,7 +131,7 @@ def _call(
     moments: list[list[QuantizedMoment]],
     scalars: Any,
     flags: dict[str, bool],
-) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+) -> list[tuple[Any, list[Any]]]:
     """`step` of at most `quantized.VARIABLES_PER_CALL` variables: one custom call."""
     from tensorflow.compiler.tf2xla.ops import gen_xla_ops
 
@@ -151,22 +151,18 @@ def _call(
                 f"A gradient of shape {tuple(grad.shape)} does not fit a variable of shape "
                 f"{tuple(param.shape)}."
             )
-        code_bytes, blocks = m_fmt.stored_bytes(size)
-        stored = []
         for moment in slots:
             if moment.fmt.bits != m_fmt.bits or tuple(moment.shape) != tuple(param.shape):
                 raise ValueError(
                     f"A moment of shape {moment.shape} and {moment.fmt.bits} bits does not fit "
                     f"a variable of shape {param.shape} with {m_fmt.bits}-bit moments."
                 )
-            stored += [moment.codes.value, moment.scales.value]
-        if len(slots) == 2:
-            stored += [tf.zeros([0], tf.uint8), tf.zeros([0], tf.float32)]
-        expected = [code_bytes, blocks] * len(slots) + [0, 0] * (3 - len(slots))
+        stored = quantized.stored_moments(slots, tf.zeros([0], tf.uint8))
+        expected = [m_fmt.storage_bytes(size)] * len(slots) + [0] * (3 - len(slots))
         if [math.prod(x.shape) for x in stored] != expected:
             raise ValueError(
-                f"The codes and scales of a variable of shape {param.shape} hold "
-                f"{[math.prod(x.shape) for x in stored]} values; expected {expected}."
+                f"The moments of a variable of shape {param.shape} hold "
+                f"{[math.prod(x.shape) for x in stored]} bytes; expected {expected}."
             )
         operands += [tf.cast(param, tf.float32), tf.cast(grad, tf.float32), *stored]
         dtypes += [tf.float32] + [x.dtype for x in stored]

@@ -6,7 +6,7 @@ XLA's FFI. This module builds it with the machine's C++ compiler against
 the headers jaxlib ships (`jax.ffi.include_dir()`), into the kernels'
 cache (`quantized.find_or_compile`), registers it with JAX, and calls it
 with `jax.ffi.ffi_call`: inside `jax.jit` it is one node of the program,
-whose results alias the variable's, codes' and scales' buffers.
+whose results alias the variable's and its moments' buffers.
 
 `available()` is False (logged once) where the library cannot be built or
 loaded, or `KERAS_ADAM_KERNEL=0`: the engine then runs the `keras.ops`
@@ -89,7 +89,7 @@ def step(
     moments: list[list[QuantizedMoment]],
     scalars: Any,
     flags: dict[str, bool],
-) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+) -> list[tuple[Any, list[Any]]]:
     """One Adam step of float32 variables with quantized moments.
 
     One custom call per `VARIABLES_PER_CALL` variables. The variables share
@@ -104,7 +104,7 @@ def step(
         flags: Which of `FLAG_BITS` apply (`engine.quantized_kernel_flags`).
 
     Returns:
-        Each variable's new value and its moments' new `(codes, scales)`.
+        Each variable's new value and its moments' new stored buffers.
     """
     return quantized.in_calls(_call, params, grads, moments, scalars, flags)
 
@@ -115,25 +115,21 @@ def _call(
     moments: list[list[QuantizedMoment]],
     scalars: Any,
     flags: dict[str, bool],
-) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+) -> list[tuple[Any, list[Any]]]:
     """`step` of at most `VARIABLES_PER_CALL` variables: one custom call."""
     m, v = moments[0][0], moments[0][1]
     m_lookup, v_lookup = m.fmt.lookup, v.fmt.lookup
     inputs, results, aliases = [], [], {}
     fixed = 7  # the lookups and the scalars come first
     for param, grad, slots in zip(params, grads, moments, strict=True):
-        stored = []
-        for moment in slots:
-            stored += [moment.codes.value, moment.scales.value]
-        if len(slots) == 2:
-            stored += [jnp.zeros((0,), jnp.uint8), jnp.zeros((0,), jnp.float32)]
+        stored = quantized.stored_moments(slots, jnp.zeros((0,), jnp.uint8))
         first_input, first_result = fixed + len(inputs), len(results)
         inputs += [jnp.asarray(param, jnp.float32), jnp.asarray(grad, jnp.float32), *stored]
         results += [jax.ShapeDtypeStruct(param.shape, jnp.float32)]
         results += [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in stored]
-        # The variable, then its codes and scales (after the gradient).
+        # The variable, then its moments (after the gradient).
         aliases[first_input] = first_result
-        aliases.update({first_input + 2 + k: first_result + 1 + k for k in range(6)})
+        aliases.update({first_input + 2 + k: first_result + 1 + k for k in range(3)})
     call = jax.ffi.ffi_call(TARGET, results, input_output_aliases=aliases)
     outputs = call(
         *(

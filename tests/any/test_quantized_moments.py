@@ -84,6 +84,34 @@ def test_encoding_is_the_nearest_code_of_each_block(moment_dtype, signed, size):
 
 
 @pytest.mark.parametrize(("moment_dtype", "signed"), FORMATS)
+@pytest.mark.parametrize("size", [4097, 4096 + 129])  # short last blocks, an odd int4 size
+def test_a_moment_is_one_buffer_of_its_scales_then_its_codes(moment_dtype, signed, size):
+    # The layout every path reads and writes, and files hold: one uint8
+    # variable per moment (as many buffers as a float moment), the blocks'
+    # little-endian float32 scales first, then the codes.
+    rng = np.random.default_rng(size)
+    fmt = _format(moment_dtype, signed)
+    x = _heavy_tailed(rng, size, signed).reshape(-1, 1)
+    variable = keras.Variable(np.zeros(fmt.storage_bytes(size), np.uint8), trainable=False)
+    moment = quantization.QuantizedMoment(variable, x.shape, fmt)
+    moment.assign(ops.convert_to_tensor(x))
+    stored = np.asarray(variable.numpy())
+    blocks = math.ceil(size / fmt.block_size)
+    assert stored.dtype == np.uint8
+    assert stored.shape == (4 * blocks + math.ceil(size * fmt.bits / 8),)
+    code_bytes, scales = nq.split_storage(stored, size, fmt.bits)
+    _, expected_scales = nq.quantize(x, moment_dtype, signed)
+    np.testing.assert_array_equal(scales, expected_scales)
+    codes, own_scales = quantization.encode(ops.convert_to_tensor(x), fmt)
+    np.testing.assert_array_equal(code_bytes, ops.convert_to_numpy(codes))
+    np.testing.assert_array_equal(stored, nq.join_storage(code_bytes, own_scales))
+    np.testing.assert_array_equal(
+        ops.convert_to_numpy(moment.value),
+        ops.convert_to_numpy(quantization.decode(codes, own_scales, x.shape, fmt)),
+    )
+
+
+@pytest.mark.parametrize(("moment_dtype", "signed"), FORMATS)
 def test_each_value_gets_the_code_below_which_no_midpoint_lies(moment_dtype, signed):
     # The rule every path shares (keras.ops here, the C++ kernels, the XLA
     # call): the magnitude index is the number of float32 midpoints strictly
@@ -170,10 +198,15 @@ def _hyper(options):
     return hyper
 
 
+def _stored(moment):
+    """The moment's stored codes and scales, split by the transcription."""
+    return nq.split_storage(moment.variable.numpy(), math.prod(moment.shape), moment.fmt.bits)
+
+
 def _decoded(moment, moment_dtype, signed):
-    size = math.prod(moment.shape)
-    codes = nq.unpack(moment.codes.numpy(), size, moment_dtype)
-    return nq.dequantize(codes, moment.scales.numpy(), moment.shape, moment_dtype, signed)
+    packed, scales = _stored(moment)
+    codes = nq.unpack(packed, math.prod(moment.shape), moment_dtype)
+    return nq.dequantize(codes, scales, moment.shape, moment_dtype, signed)
 
 
 def _stepper(optimizer, variables, mode):
@@ -207,7 +240,7 @@ def _stepper(optimizer, variables, mode):
 
 def _assert_moment(moment, expected, moment_dtype, signed):
     value, _, expected_scales = expected
-    scales = moment.scales.numpy()
+    _, scales = _stored(moment)
     np.testing.assert_allclose(scales, expected_scales, rtol=2e-6, atol=1e-30)
     decoded = _decoded(moment, moment_dtype, signed)
     library = ops.convert_to_numpy(moment.value)

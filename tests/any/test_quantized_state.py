@@ -143,10 +143,13 @@ def test_int8_state_does_not_load_as_int4():
     _refused(compiled("int4"), store, "'int8' in format")
 
 
-@pytest.mark.parametrize("earlier", ["keras_adam.decade_map/1", "keras_adam.code_maps/2"])
+@pytest.mark.parametrize(
+    "earlier", ["keras_adam.decade_map/1", "keras_adam.code_maps/2", "keras_adam.code_maps/3"]
+)
 def test_state_in_an_earlier_code_format_is_refused(earlier):
-    # Earlier versions decoded int8 codes through other tables: loading
-    # their codes as today's would change every moment without a word.
+    # Earlier versions decoded int8 codes through other tables, or stored
+    # codes and scales apart: loading them as today's would change every
+    # moment without a word.
     store = {}
     _trained(compiled("int8")).optimizer.save_own_variables(store)
     record = state.decode_layout(store)

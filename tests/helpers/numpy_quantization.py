@@ -80,6 +80,24 @@ def unpack(stored, size, moment_dtype):
     return pairs[:size].astype(np.int64)
 
 
+def split_storage(stored, size, bits):
+    """A stored moment's `(code bytes, scales)`: the buffer holds one
+    little-endian float32 scale per block first, then the code bytes."""
+    block = {8: 256, 4: 128}[bits]
+    stored = np.asarray(stored, np.uint8)
+    blocks = math.ceil(size / block)
+    scales = np.frombuffer(stored[: 4 * blocks].tobytes(), "<f4")
+    codes = stored[4 * blocks :]
+    assert codes.size == math.ceil(size * bits / 8), (codes.size, size, bits)
+    return codes, scales
+
+
+def join_storage(code_bytes, scales):
+    """`split_storage`'s inverse: one buffer of the scales' bytes, then the codes."""
+    scale_bytes = np.frombuffer(np.asarray(scales, "<f4").tobytes(), np.uint8)
+    return np.concatenate([scale_bytes, np.asarray(code_bytes, np.uint8)])
+
+
 def step(theta, g, m, v, v_hat, t, moment_dtype, **hyper):
     """One step on decoded state: "dequantize, Adam, quantize".
 
@@ -118,9 +136,32 @@ def assert_same_but_for_flipped_codes(weights, expected, learning_rate):
     assert differences.max() < learning_rate, differences.max()
 
 
+def stored_state(optimizer):
+    """The optimizer's variables as NumPy arrays, each quantized moment's
+    stored buffer as two: its code bytes and its scales (`split_storage`)."""
+    from keras_adam.quantization import QuantizedMoment
+
+    slots = [
+        *optimizer._momentums,
+        *optimizer._velocities,
+        *(getattr(optimizer, "_velocity_hats", None) or []),
+    ]
+    moments = {id(s.variable): s for s in slots if isinstance(s, QuantizedMoment)}
+    arrays = []
+    for variable in optimizer.variables:
+        array = np.array(variable.numpy())
+        moment = moments.get(id(variable))
+        if moment is None:
+            arrays.append(array)
+        else:
+            arrays += split_storage(array, moment.size, moment.fmt.bits)
+    return arrays
+
+
 def assert_same_state_but_for_flipped_codes(state, expected):
-    """Two optimizers' variables, as `assert_same_but_for_flipped_codes`: under
-    1e-3 of the codes differ; scales and float moments agree to 1e-5."""
+    """Two optimizers' variables (`stored_state`), as
+    `assert_same_but_for_flipped_codes`: under 1e-3 of the codes differ;
+    scales and float moments agree to 1e-5."""
     for a, b in zip(state, expected, strict=True):
         if a.dtype == np.uint8:
             assert np.mean(a != b) < 1e-3

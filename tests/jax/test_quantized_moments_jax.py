@@ -11,6 +11,7 @@ from tests.helpers.numpy_quantization import (
     assert_same_but_for_flipped_codes,
     assert_same_state_but_for_flipped_codes,
     fit_classifier,
+    stored_state,
 )
 from tests.jax.test_distribution import distribution  # noqa: F401 (a fixture)
 
@@ -43,8 +44,8 @@ def test_model_parallel_trains_with_replicated_codes(distribution):  # noqa: F81
     sharded, sharded_loss = fit(True, "int8")
     kernel = sharded.layers[0].kernel
     assert kernel.value.sharding.spec == jax.sharding.PartitionSpec(None, "model")
-    codes = sharded.optimizer._momentums[0].codes
-    assert codes.value.sharding.is_fully_replicated
+    stored = sharded.optimizer._momentums[0].variable
+    assert stored.value.sharding.is_fully_replicated
     np.testing.assert_allclose(sharded_loss, single_loss, rtol=1e-5)
     assert_same_but_for_flipped_codes(sharded.get_weights(), single.get_weights(), 0.01)
 
@@ -89,7 +90,7 @@ def run_apply(moment_dtype, options, **fused):
     optimizer = keras_adam.Adam(0.01, moment_dtype=moment_dtype, **options, **fused)
     for step_grads in grads:
         optimizer.apply(step_grads, variables)
-    return [v.numpy() for v in variables], [np.asarray(v.numpy()) for v in optimizer.variables]
+    return [v.numpy() for v in variables], stored_state(optimizer)
 
 
 @pytest.mark.parametrize("moment_dtype", ["int8", "int4"])
@@ -116,7 +117,7 @@ def test_one_call_per_hyperparameters(kernel_calls):
         optimizer.exclude_from_weight_decay(var_names=["w1"])
         for step_grads in grads:
             optimizer.apply(step_grads, variables)
-        return [v.numpy() for v in variables], [np.asarray(v.numpy()) for v in optimizer.variables]
+        return [v.numpy() for v in variables], stored_state(optimizer)
 
     weights, state = run()
     assert sorted(kernel_calls[:2]) == sorted([(SHAPES[0],), (SHAPES[1],)])
@@ -179,7 +180,7 @@ def test_many_variables_step_in_calls_of_a_bounded_size(monkeypatch):
         optimizer = keras_adam.Adam(0.01, moment_dtype="int8", **fused)
         for step_grads in grads:
             optimizer.apply(step_grads, variables)
-        return [v.numpy() for v in variables], [np.asarray(v.numpy()) for v in optimizer.variables]
+        return [v.numpy() for v in variables], stored_state(optimizer)
 
     weights, state = run()
     assert quantized_xla.VARIABLES_PER_CALL == 32

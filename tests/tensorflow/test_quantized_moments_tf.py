@@ -15,6 +15,7 @@ from keras_adam import kernels
 from tests.helpers.numpy_quantization import (
     assert_same_but_for_flipped_codes,
     assert_same_state_but_for_flipped_codes,
+    stored_state,
 )
 from tests.tensorflow.test_distribute import run
 
@@ -28,7 +29,7 @@ def test_tf_train_checkpoint_round_trips_quantized_state(tmp_path):
     other = keras_adam.Adam(moment_dtype="int4", amsgrad=True)
     other.build([keras.Variable(np.zeros((80, 64), np.float32))])
     tf.train.Checkpoint(optimizer=other).read(path).assert_consumed()
-    assert len(other.variables) == len(optimizer.variables) == 2 + 3 * 2
+    assert len(other.variables) == len(optimizer.variables) == 2 + 3  # one per moment
     for a, b in zip(optimizer.variables, other.variables, strict=True):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
@@ -61,7 +62,7 @@ MIRRORED = textwrap.dedent(
         single, single_loss = train(tf.distribute.get_strategy(), moment_dtype)
         mirrored, mirrored_loss = train(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]),
                                         moment_dtype)
-        codes = mirrored.optimizer._momentums[0].codes
+        codes = mirrored.optimizer._momentums[0].variable
         pairs = zip(single.get_weights(), mirrored.get_weights())
         differences = np.concatenate([np.abs(a - b).ravel() for a, b in pairs])
         results[moment_dtype] = {
@@ -109,7 +110,7 @@ def test_the_op_gives_the_keras_ops_step(moment_dtype, options):
             step(grads)
         graph = step.get_concrete_function(grads).graph
         ops_used = {op.type for op in graph.get_operations()}
-        state = [np.asarray(v.numpy()) for v in optimizer.variables]
+        state = stored_state(optimizer)
         return [v.numpy() for v in variables], state, ops_used
 
     weights, state, ops_used = run()
@@ -128,7 +129,7 @@ def test_the_op_of_many_variables_leaves_values_read_before_it_unchanged():
     kernel = keras.Variable(rng.normal(size=(80, 64)).astype(np.float32))
     optimizer = keras_adam.Adam(0.01, moment_dtype="int8")
     optimizer.build([kernel])
-    codes = optimizer._momentums[0].codes
+    codes = optimizer._momentums[0].variable
     gradient = tf.constant(rng.normal(size=(80, 64)), tf.float32)
     optimizer.apply([gradient], [kernel])
     first_value, first_codes = kernel.numpy(), codes.numpy()
@@ -149,7 +150,7 @@ def test_the_op_of_many_variables_leaves_values_read_before_it_unchanged():
 @pytest.mark.parametrize(
     ("wrong", "message"),
     [
-        ("m_codes", "resource 1 of variable 0"),  # float32 where uint8 codes belong
+        ("m", "resource 1 of variable 0"),  # float32 where the uint8 moment belongs
         ("v_lut", "has 0 values; int8 takes 6"),  # not int8's float map parameters
     ],
 )
@@ -161,21 +162,18 @@ def test_the_op_of_many_variables_refuses_wrong_inputs(wrong, message):
     lookups = {"m": m.fmt.lookup, "v": v.fmt.lookup}
     before = [np.asarray(x.numpy()) for x in optimizer.variables]
     inputs = {
-        "m_codes": [m.codes.value.handle],
+        "m": [m.variable.value.handle],
         "v_lut": lookups["v"]["lut"],
     }
-    if wrong == "m_codes":
-        inputs["m_codes"] = [tf.Variable(tf.zeros(m.codes.shape, tf.float32)).handle]
+    if wrong == "m":
+        inputs["m"] = [tf.Variable(tf.zeros(m.variable.shape, tf.float32)).handle]
     else:
         inputs["v_lut"] = np.zeros((0,), np.int32)
     with pytest.raises(tf.errors.InvalidArgumentError, match=message):
         kernels.load().keras_adam_multi_tensor_quantized_adam(
             var=[kernel.value.handle],
-            m_scales=[m.scales.value.handle],
-            v_codes=[v.codes.value.handle],
-            v_scales=[v.scales.value.handle],
-            v_hat_codes=[],
-            v_hat_scales=[],
+            v=[v.variable.value.handle],
+            v_hat=[],
             grad=[tf.ones((80, 64))],
             m_table=lookups["m"]["table"],
             m_mid=lookups["m"]["magnitude_mid"],

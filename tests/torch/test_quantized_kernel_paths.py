@@ -14,7 +14,7 @@ import pytest
 
 from keras_adam.kernels import quantized
 from keras_adam.quantization import formats
-from tests.helpers.numpy_quantization import unpack
+from tests.helpers.numpy_quantization import split_storage, unpack
 
 OPTIONS = {
     "plain": {},
@@ -46,11 +46,10 @@ def state(sizes, moment_dtype, rng):
     fm, _ = formats(moment_dtype)
     buffers = []
     for size in sizes:
-        stored, blocks = fm.stored_bytes(size)
+        stored = fm.storage_bytes(size)
         buffers.append({
             "var": rng.normal(size=size).astype(np.float32),
-            **{f"{name}_codes": np.zeros(stored, np.uint8) for name in ("m", "v", "vh")},
-            **{f"{name}_scales": np.zeros(blocks, np.float32) for name in ("m", "v", "vh")},
+            **{name: np.zeros(stored, np.uint8) for name in ("m", "v", "vh")},
         })  # fmt: skip
     return buffers
 
@@ -119,8 +118,9 @@ def test_midpoints_and_nonfinite_values_encode_alike(kernel, moment_dtype):
     assert_identical(fast, portable)
     # Every value of the finite blocks took a nearest code (scales are 1),
     # ties on a midpoint (rounded to float32) either way.
-    codes = unpack(fast[0]["m_codes"], size, moment_dtype)[: len(finite)]
-    np.testing.assert_array_equal(fast[0]["m_scales"][: len(chunks)], 1.0)
+    code_bytes, scales = split_storage(fast[0]["m"], size, fm.bits)
+    codes = unpack(code_bytes, size, moment_dtype)[: len(finite)]
+    np.testing.assert_array_equal(scales[: len(chunks)], 1.0)
     table = fm.table.astype(np.float64)
     distance = np.abs(table[codes] - finite)
     best = np.abs(table[None, :] - finite[:, None].astype(np.float64)).min(axis=1)

@@ -9,6 +9,7 @@ from tests.helpers.numpy_quantization import (
     assert_same_but_for_flipped_codes,
     assert_same_state_but_for_flipped_codes,
     fit_classifier,
+    stored_state,
 )
 
 
@@ -64,7 +65,7 @@ def test_the_kernel_gives_the_keras_ops_step(kernel_steps, moment_dtype, options
         for t in range(5):
             grads = [np.sin(v * (t + 1)).astype("float32") * 10.0 ** (t - 3) for v in values]
             optimizer.apply(grads, variables)
-        return [v.numpy() for v in variables], [np.asarray(v.numpy()) for v in optimizer.variables]
+        return [v.numpy() for v in variables], stored_state(optimizer)
 
     weights, state = run()
     assert kernel_steps == [2] * 5  # both large variables in one call per step
