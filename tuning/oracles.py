@@ -16,6 +16,8 @@ import keras_tuner
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
 
+from tuning.records import SETTLED_METRIC
+
 
 class BaselineFirst:
     """Oracle mixin: the first trial is default Adam (every hyperparameter at its default).
@@ -65,6 +67,13 @@ class BayesianOracle(BaselineFirst, keras_tuner.oracles.BayesianOptimizationOrac
 
     This oracle:
 
+    - fits the process to each trial's settled score (the objective's mean
+      over its last epochs, `records.SETTLED_METRIC`), the score the
+      winner is chosen by (`records.best_trial`), where KerasTuner's
+      models the best epoch's: the extreme of a noisy curve, which favors
+      the trials that jump most from epoch to epoch. Like the winner, it
+      falls back to the best epoch when a completed trial has no settled
+      score (a search begun before this was recorded);
     - fits the process to log(score) for positive minimized scores (losses
       spanning decades: a few bad trials do not flatten the rest), and
       counts a failed trial as the worst score seen;
@@ -156,9 +165,15 @@ class BayesianOracle(BaselineFirst, keras_tuner.oracles.BayesianOptimizationOrac
         return mean + factor @ self._random_state.standard_normal(len(points))
 
     def _observations(self) -> tuple[np.ndarray, np.ndarray]:
-        """Unit-cube points and (log) scores of finished trials; failures at the worst score."""
+        """Unit-cube points and (log) scores of finished trials; failures at the worst score.
+
+        The scores are the trials' settled scores if every completed trial
+        has one, else their best epochs' (see the class docstring).
+        """
         points, scores, failed = [], [], []
         sign = -1.0 if self.objective.direction == "max" else 1.0
+        completed = [t for t in self.trials.values() if t.status == "COMPLETED"]
+        settled = all(t.metrics.exists(SETTLED_METRIC) for t in completed)
         for trial in self.trials.values():
             if trial.status not in ("COMPLETED", "FAILED"):
                 continue
@@ -169,7 +184,9 @@ class BayesianOracle(BaselineFirst, keras_tuner.oracles.BayesianOptimizationOrac
                 else:
                     value = hp.default
                 vector.append(hp.value_to_prob(value))
-            score = trial.score if trial.status == "COMPLETED" else None
+            score = None
+            if trial.status == "COMPLETED":
+                score = trial.metrics.get_last_value(SETTLED_METRIC) if settled else trial.score
             if score is None or not np.isfinite(score):
                 failed.append(vector)
                 continue

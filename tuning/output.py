@@ -121,7 +121,12 @@ def trial_value(trial: TrialRecord, name: str) -> float:
 
 
 def plot_trials(path: str, trials: Sequence[TrialRecord], objective: str, direction: str) -> None:
-    """Scatter the completed trials' scores against η, 1 − β1 and 1 − β2 (log x axes)."""
+    """Scatter the completed trials' scores against η, 1 − β1 and 1 − β2 (log x axes).
+
+    The score is the one the winner is chosen by (`best_trial`): each
+    trial's settled score (its objective's mean over the last
+    `SETTLED_EPOCHS` epochs), or its best epoch's if a trial has none.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -129,6 +134,11 @@ def plot_trials(path: str, trials: Sequence[TrialRecord], objective: str, direct
 
     done = [t for t in trials if t.score is not None and math.isfinite(t.score)]
     best = best_trial(trials, direction)
+    settled = bool(done) and all(t.settled is not None for t in done)
+
+    def shown(trial: TrialRecord) -> float:
+        return trial.settled if settled else trial.score
+
     panels = (("learning_rate", "η (learning rate)"), ("beta_1", "1 − β1"), ("beta_2", "1 − β2"))
     figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     for axis, (name, label) in zip(axes, panels, strict=True):
@@ -144,16 +154,17 @@ def plot_trials(path: str, trials: Sequence[TrialRecord], objective: str, direct
             axis.set_xlabel(label)
             axis.set_xticks([])
             continue
-        axis.scatter(xs, [t.score for t in done], s=22, alpha=0.8)
+        axis.scatter(xs, [shown(t) for t in done], s=22, alpha=0.8)
         if best is not None:
-            axis.scatter([x_of(best)], [best.score], s=90, marker="*", color="C3", label="winner")
+            axis.scatter([x_of(best)], [shown(best)], s=90, marker="*", color="C3", label="winner")
         axis.set_xscale("log")
         axis.set_xlabel(label)
         axis.grid(True, which="both", alpha=0.3)
-    scores = [t.score for t in done]
+    scores = [shown(t) for t in done]
     if scores and min(scores) > 0 and max(scores) / min(scores) > 20:
         axes[0].set_yscale("log")  # shared: losses spanning decades
-    axes[0].set_ylabel(objective)
+    which = f"mean of last {SETTLED_EPOCHS} epochs" if settled else "best epoch"
+    axes[0].set_ylabel(f"{objective}, {which}")
     if best is not None and any(a.get_legend_handles_labels()[0] for a in axes):
         next(a for a in axes if a.get_legend_handles_labels()[0]).legend(loc="best")
     failed = len(trials) - len(done)

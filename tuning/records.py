@@ -33,6 +33,10 @@ HISTORY_FILE = "history.json"
 #: Epochs at the end of a trial whose mean objective is its `TrialRecord.settled` score.
 SETTLED_EPOCHS = 5
 
+#: The metric under which a trial reports its settled score to the oracle
+#: (`AdamTuner.run_trial`), which models it (`oracles.BayesianOracle`).
+SETTLED_METRIC = "keras_adam_settled_objective"
+
 
 @dataclass(frozen=True)
 class TrialRecord:

@@ -35,7 +35,13 @@ from keras_tuner.src.engine import tuner_utils
 
 from tuning import oracles
 from tuning.output import atomic_open
-from tuning.records import HISTORY_FILE, SECONDS_FILE, read_trial_file
+from tuning.records import (
+    HISTORY_FILE,
+    SECONDS_FILE,
+    SETTLED_METRIC,
+    read_trial_file,
+    settled_score,
+)
 
 #: Tuner names accepted by `make_tuner` and the `--tuner` option.
 TUNERS = ("random", "bayesian", "hyperband", "grid")
@@ -96,12 +102,37 @@ class AdamTuner(keras_tuner.Tuner):
         those writes would only slow every trial down.
         """
         if self.checkpoints:
-            return super().run_trial(trial, *args, **kwargs)
-        original = kwargs.pop("callbacks", [])
-        callbacks = self._deepcopy_callbacks(original)
-        self._configure_tensorboard_dir(callbacks, trial, 0)
-        callbacks.append(tuner_utils.TunerCallback(self, trial))
-        return [self._build_and_fit_model(trial, *args, **copy.copy(kwargs), callbacks=callbacks)]
+            histories = super().run_trial(trial, *args, **kwargs)
+        else:
+            original = kwargs.pop("callbacks", [])
+            callbacks = self._deepcopy_callbacks(original)
+            self._configure_tensorboard_dir(callbacks, trial, 0)
+            callbacks.append(tuner_utils.TunerCallback(self, trial))
+            histories = [
+                self._build_and_fit_model(trial, *args, **copy.copy(kwargs), callbacks=callbacks)
+            ]
+        return [self._with_settled(history) for history in histories]
+
+    def _with_settled(self, history: Any) -> Any:
+        """`history` and the trial's settled score, as one more metric for the oracle.
+
+        KerasTuner reports each metric's value at the trial's best epoch;
+        the settled score (the objective's mean over the last
+        `SETTLED_EPOCHS` epochs) goes in as `SETTLED_METRIC`, the same at
+        every epoch, so that the oracle (`oracles.BayesianOracle`) can model
+        the score the winner is chosen by. The trial's own logs, which
+        `HISTORY_FILE` keeps, are left as they are.
+        """
+        logs = getattr(history, "history", None)
+        objective = getattr(self.oracle.objective, "name", None)
+        if not isinstance(logs, dict) or not logs.get(objective):
+            return history
+        settled = settled_score(logs[objective])
+        if settled is None:
+            return history
+        reported = keras.callbacks.History()
+        reported.history = {**logs, SETTLED_METRIC: [settled] * len(logs[objective])}
+        return reported
 
     def on_trial_end(self, trial: Any) -> None:
         """Record the trial's seconds and epochs, let the oracle score it, then report it."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from tuning import tuners
+from tuning.records import SETTLED_METRIC
 from tuning.space import AdamSearchSpace
 
 LOG_RANGES = {"learning_rate": (1e-5, 1e-1), "one_minus_beta_1": (0.01, 0.5)}
@@ -37,8 +38,12 @@ def bowl(centre, diverges_above=None):
     return loss
 
 
-def run_search(oracle, loss, tmp_path, trials=20):
-    """Drive `oracle` through `trials` trials scored by `loss`; the points and their scores."""
+def run_search(oracle, loss, tmp_path, trials=20, settled=None):
+    """Drive `oracle` through `trials` trials scored by `loss`; the points and their scores.
+
+    With `settled`, each trial also reports `settled(u)` as its settled
+    score (as `AdamTuner` does), and the returned scores are those.
+    """
     oracle._set_project_dir(str(tmp_path), "search")
     hp = keras_tuner.HyperParameters()
     AdamSearchSpace().for_budget(20).declare(hp)  # η and β1
@@ -52,7 +57,11 @@ def run_search(oracle, loss, tmp_path, trials=20):
         if score is None:
             trial.status = "FAILED"
         else:
-            oracle.update_trial(trial.trial_id, {"val_loss": score})
+            metrics = {"val_loss": score}
+            if settled is not None:
+                score = settled(u)
+                metrics[SETTLED_METRIC] = score
+            oracle.update_trial(trial.trial_id, metrics)
             trial.status = "COMPLETED"
         oracle.end_trial(trial)
         points.append(u)
@@ -93,6 +102,37 @@ def test_first_trial_is_the_baseline_and_all_are_inside_and_reproducible(tmp_pat
     np.testing.assert_allclose(first[0], unit({"learning_rate": 1e-3, "one_minus_beta_1": 0.1}))
     assert np.all((first >= 0) & (first <= 1))
     np.testing.assert_array_equal(first, again)
+
+
+def test_the_model_fits_the_settled_score_not_the_best_epoch(tmp_path):
+    # Best epochs are least near (0.8, 0.8), where curves jump; the settled
+    # score, which picks the winner, is least near (0.3, 0.3): the guided
+    # trials follow the settled score.
+    settled, jumpy = bowl([0.3, 0.3]), bowl([0.8, 0.8])
+    oracle = bayesian(0)
+    points, _ = run_search(
+        oracle, lambda u: min(settled(u), jumpy(u)), tmp_path, trials=16, settled=settled
+    )
+    guided = points[6:]
+    to_settled = np.linalg.norm(guided - [0.3, 0.3], axis=1)
+    to_jumpy = np.linalg.norm(guided - [0.8, 0.8], axis=1)
+    assert np.mean(to_settled < to_jumpy) >= 0.8, guided
+    # The process is fitted to log(settled score) of each completed trial.
+    _, y = oracle._observations()
+    completed = [t for t in oracle.trials.values() if t.status == "COMPLETED"]
+    expected = [math.log(t.metrics.get_last_value(SETTLED_METRIC)) for t in completed]
+    np.testing.assert_allclose(y[: len(expected)], expected)
+
+
+def test_without_every_settled_score_the_model_fits_the_best_epoch(tmp_path):
+    # A search begun before settled scores were reported: like the winner,
+    # the model falls back to the best epoch, for every trial alike.
+    oracle = bayesian(1)
+    run_search(oracle, bowl([0.5, 0.5]), tmp_path, trials=4, settled=lambda u: 0.5)
+    run_search(oracle, bowl([0.5, 0.5]), tmp_path, trials=2)  # these report no settled score
+    _, y = oracle._observations()
+    expected = [math.log(t.score) for t in oracle.trials.values() if t.status == "COMPLETED"]
+    np.testing.assert_allclose(y[: len(expected)], expected)
 
 
 @pytest.mark.parametrize("seed", [0, 1])

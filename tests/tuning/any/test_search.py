@@ -14,6 +14,7 @@ import keras_adam
 import tuning
 from tuning import AdamSearchSpace
 from tuning.datasets import load_dataset
+from tuning.records import SETTLED_METRIC
 
 LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
@@ -75,6 +76,13 @@ def test_search_returns_and_writes_what_people_act_on(data, tmp_path):
     for record, curve in zip(result.trials, curves[:3], strict=True):
         assert record.score == pytest.approx(min(curve), rel=1e-6)
         assert record.settled == pytest.approx(np.mean(curve[-5:]), rel=1e-6)
+    # The oracle was told each trial's settled score: it models what picks the winner.
+    for record in result.trials:
+        with open(tmp_path / "p" / f"trial_{record.trial_id}" / "trial.json") as f:
+            reported = json.load(f)["metrics"]["metrics"][SETTLED_METRIC]["observations"]
+        assert [value for o in reported for value in o["value"]] == [
+            pytest.approx(record.settled, rel=1e-6)
+        ]
     best = min(result.trials, key=lambda r: r.settled)
     assert result.score == best.score and result.settled == best.settled
     assert result.best_hyperparameters == best.hyperparameters
