@@ -24,10 +24,9 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-from tuning.datasets import DATASET_NAMES  # noqa: E402
-from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS  # noqa: E402, F401 - re-exported
+from tuning import native_logs
+from tuning.datasets import DATASET_NAMES
+from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS  # noqa: F401 - re-exported
 
 #: `--tuner` choices: `tuning.tuners.TUNERS`, spelled out so that parsing
 #: arguments does not import TensorFlow (a test keeps the two equal).
@@ -153,6 +152,13 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument("--project", default=None, metavar="NAME")
     output.add_argument("--overwrite", action="store_true", help="start afresh")
     output.add_argument("--no-plot", action="store_true", help="skip trials.png")
+    output.add_argument(
+        "--tensorboard",
+        default=None,
+        metavar="DIR",
+        help="write each trial's curves and hyperparameters for TensorBoard's HParams "
+        "dashboard to DIR (tensorboard --logdir DIR)",
+    )
     output.add_argument(
         "--worker-timeout",
         type=positive_float,
@@ -357,6 +363,7 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
         comparison_repeats=args.comparison_repeats,
         optimizer_options=_optimizer_options(args),
         worker_timeout=args.worker_timeout,
+        tensorboard=args.tensorboard,
         on_trial_begin=progress.begin,
         on_trial_end=progress.end,
     )
@@ -445,5 +452,11 @@ def _print_result(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Console entry point of `keras-adam-tune`."""
-    sys.exit(run(argv))
+    """Console entry point of `keras-adam-tune`.
+
+    Its stderr goes without TensorFlow's native start-up log lines unless
+    `TF_CPP_MIN_LOG_LEVEL` is set (`tuning.native_logs`).
+    """
+    with native_logs.filtered():
+        status = run(argv)
+    sys.exit(status)

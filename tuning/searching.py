@@ -56,6 +56,7 @@ from tuning.inference import check_loss, infer_loss
 from tuning.records import TrialRecord, best_trial, trial_record, trial_records
 from tuning.results import SearchResult
 from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS, AdamSearchSpace
+from tuning.tensorboard import write_experiment
 from tuning.tuners import TUNERS, AdamTuner, make_tuner
 
 _MINIMIZED = ("loss", "error", "mse", "mae", "crossentropy")
@@ -101,6 +102,7 @@ def search(
     compile_options: Mapping[str, Any] | None = None,
     early_stopping: int | None = None,
     callbacks: Sequence[keras.callbacks.Callback] = (),
+    tensorboard: str | os.PathLike | None = None,
     directory: str = "runs",
     project: str | None = None,
     overwrite: bool = False,
@@ -151,6 +153,9 @@ def search(
         compile_options: Other `Model.compile` arguments.
         early_stopping: Patience in epochs on the objective, or None.
         callbacks: More Keras callbacks for every training run.
+        tensorboard: A directory to write each trial's curves and
+            hyperparameters to, for TensorBoard's HParams dashboard
+            (`tuning.tensorboard`); None writes none.
         directory: Parent directory of the search.
         project: The search's name (its folder in `directory`); None names
             it after its fingerprint ("search-<hash>"), so that the same
@@ -229,6 +234,7 @@ class SearchPlan:
     compile_options: Mapping[str, Any] | None
     early_stopping: int | None
     callbacks: Sequence[keras.callbacks.Callback]
+    tensorboard: str | os.PathLike | None
     directory: str
     project: str | None
     overwrite: bool
@@ -268,6 +274,15 @@ class SearchPlan:
                 "Argument `validation_split` must be in (0, 1) when no validation_data is "
                 f"given. Received: validation_split={plan.validation_split!r}"
             )
+        if plan.tensorboard is not None:
+            if not isinstance(plan.tensorboard, str | os.PathLike) or not os.fspath(
+                plan.tensorboard
+            ):
+                raise ValueError(
+                    "Argument `tensorboard` must be a directory (a path) or None. "
+                    f"Received: tensorboard={plan.tensorboard!r}"
+                )
+            plan.tensorboard = os.fspath(plan.tensorboard)
         timeout = plan.worker_timeout
         if not isinstance(timeout, int | float) or not timeout > 0:
             raise ValueError(
@@ -373,6 +388,9 @@ def _run_tuner(plan: SearchPlan) -> AdamTuner | None:
         on_trial_begin=report_begin,
     )
     tuner_.oracle.verbose = 0
+    tuner_.tensorboard = plan.tensorboard
+    if plan.tensorboard is not None and plan.role != "worker":
+        write_experiment(plan.tensorboard, plan.space, plan.objective.name)
     if plan.role == "worker":
         distributed.limit_worker_wait(plan.worker_timeout)
     else:

@@ -42,6 +42,7 @@ from tuning.records import (
     read_trial_file,
     settled_score,
 )
+from tuning.tensorboard import TrialLog
 
 #: Tuner names accepted by `make_tuner` and the `--tuner` option.
 TUNERS = ("random", "bayesian", "hyperband", "grid")
@@ -89,6 +90,9 @@ class AdamTuner(keras_tuner.Tuner):
     #: Whether trials save their best epoch's weights (only Hyperband reads them back).
     checkpoints = False
 
+    #: Where trials write their TensorBoard runs (`tuning.tensorboard`), or None.
+    tensorboard: str | None = None
+
     def search(self, *args: Any, **kwargs: Any) -> None:
         """KerasTuner's search, with the heap alive at its start frozen (see `frozen_heap`)."""
         with frozen_heap():
@@ -101,6 +105,14 @@ class AdamTuner(keras_tuner.Tuner):
         every trial, for `get_best_models`; `search` never calls it, so
         those writes would only slow every trial down.
         """
+        if self.tensorboard is not None:
+            log = TrialLog(
+                self.tensorboard,
+                trial.trial_id,
+                self.hypermodel.space.values_from(trial.hyperparameters.values),
+                self.oracle.objective.name,
+            )
+            kwargs["callbacks"] = [*kwargs.get("callbacks", []), log]
         if self.checkpoints:
             histories = super().run_trial(trial, *args, **kwargs)
         else:

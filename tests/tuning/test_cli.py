@@ -229,3 +229,55 @@ def test_moment_dtype_fixes_the_state_of_every_trial_and_of_default_adam(tmp_pat
     with pytest.raises(SystemExit) as exit_info:
         run_cli(*argv, "--moment-dtype", "int4")
     assert exit_info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+
+
+def test_tensorflow_native_log_lines_are_dropped_and_nothing_else():
+    from tuning.native_logs import NATIVE_LINE
+
+    native = [
+        "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
+        "I0000 00:00:1796493760.222110   24462 port.cc:153] oneDNN custom operations are on.",
+        "I0000 00:00:1796493760.223145   24462 cudart_stub.cc:31] Could not find cuda drivers",
+        "E0000 00:00:1796493765.574731   24462 cuda_platform.cc:52] failed call to cuInit: x",
+        "W1205 17:02:03.123456    8960 loader.cc:12] a warning after initialization",
+        "To enable the following instructions: AVX2 FMA, in other operations, rebuild "
+        "TensorFlow with the appropriate compiler flags.",
+    ]
+    kept = [
+        "E1205 17:02:03.123456    8960 kernel.cc:12] an error after start-up",
+        "Traceback (most recent call last):",
+        "keras_adam: compiled the Adam kernels in 60.1 s",
+        "/x.py:3: UserWarning: I0000 00:00:1.0 1 a.cc:1] quoted",
+        "I0000 is not a log line",
+        "keras-adam-tune: error: argument --max-trials: must be a positive integer, got '0'",
+    ]
+    assert all(NATIVE_LINE.match(line.encode()) for line in native)
+    assert not any(NATIVE_LINE.match(line.encode()) for line in kept)
+
+
+@pytest.mark.parametrize("user_level", [None, "0"])
+def test_the_command_keeps_tensorflows_start_up_lines_out_unless_asked(tmp_path, user_level):
+    # Also the command's --tensorboard, checked in the same run.
+    from tuning.native_logs import NATIVE_LINE
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    env["KERAS_BACKEND"] = "tensorflow"
+    if user_level is not None:
+        env["TF_CPP_MIN_LOG_LEVEL"] = user_level
+    command = [
+        sys.executable, "-m", "tuning", "--dataset", "wine", "--tuner", "random",
+        "--max-trials", "1", "--epochs", "1", "--comparison-repeats", "0", "--no-plot",
+        "--directory", str(tmp_path), "--tensorboard", str(tmp_path / "board"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, env=env, timeout=600, cwd=ROOT)
+    assert result.returncode == 0, result.stderr.decode()[-3000:]
+    assert b"Best optimizer" in result.stdout
+    # --tensorboard: a run per trial beside the experiment (test_search.py reads them).
+    assert (tmp_path / "board" / "trial_0").is_dir()
+    assert any(f.startswith("events.out") for f in os.listdir(tmp_path / "board"))
+    native = [line for line in result.stderr.splitlines() if NATIVE_LINE.match(line)]
+    if user_level is None:
+        assert native == [], native  # and stdout never held them
+        assert not [line for line in result.stdout.splitlines() if NATIVE_LINE.match(line)]
+    else:  # the user asked: TensorFlow's own lines, as it writes them (oneDNN's on x86 CPUs)
+        assert any(b"] " in line for line in native), result.stderr.decode()[-3000:]

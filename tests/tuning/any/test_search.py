@@ -446,3 +446,63 @@ def test_the_first_trial_is_default_adam(data, tmp_path, tuner):
     assert first["learning_rate"] == pytest.approx(1e-3)
     assert first["beta_1"] == pytest.approx(0.9)
     assert first["beta_2"] == pytest.approx(0.999)
+
+
+def _hparams_plugin_data(directory):
+    """The HParams plugin's records in a run's (or the experiment's) event files."""
+    import tensorflow as tf
+    from tensorboard.plugins.hparams import plugin_data_pb2
+
+    found = []
+    for name in sorted(os.listdir(directory)):
+        if name.startswith("events.out.tfevents"):
+            for event in tf.compat.v1.train.summary_iterator(os.path.join(directory, name)):
+                for value in event.summary.value:
+                    if value.metadata.plugin_data.plugin_name == "hparams":
+                        content = value.metadata.plugin_data.content
+                        found.append(plugin_data_pb2.HParamsPluginData.FromString(content))
+    return found
+
+
+def test_tensorboard_gets_each_trials_curves_and_hyperparameters(data, tmp_path):
+    from tuning.tensorboard import SETTLED_TAG, tags
+
+    board = tmp_path / "board"
+    curves = []
+    result = run(
+        data, tmp_path, max_trials=2, epochs=3, tensorboard=board, comparison_repeats=0,
+        callbacks=[RecordValLoss(curves)],
+    )  # fmt: skip
+    # The experiment: Adam's five hyperparameters, the objective and the settled score.
+    (experiment,) = [d.experiment for d in _hparams_plugin_data(board) if d.HasField("experiment")]
+    assert {h.name for h in experiment.hparam_infos} == {
+        "learning_rate", "beta_1", "beta_2", "epsilon", "weight_decay",
+    }  # fmt: skip
+    learning_rate = next(h for h in experiment.hparam_infos if h.name == "learning_rate")
+    assert (learning_rate.domain_interval.min_value, learning_rate.domain_interval.max_value) == (
+        pytest.approx(1e-5),
+        pytest.approx(1e-1),
+    )
+    assert {m.name.tag for m in experiment.metric_infos} >= {"val_loss", SETTLED_TAG}
+    # A run per trial: its Adam arguments, its logs at every epoch, its settled score.
+    assert sorted(os.listdir(board)) == sorted(
+        [*(f for f in os.listdir(board) if f.startswith("events")), "trial_0", "trial_1"]
+    )
+    for record, curve in zip(result.trials, curves, strict=True):
+        run_dir = board / f"trial_{record.trial_id}"
+        (start,) = [d.session_start_info for d in _hparams_plugin_data(run_dir)]
+        assert start.hparams["learning_rate"].number_value == pytest.approx(
+            record.hyperparameters["learning_rate"], rel=1e-6
+        )
+        assert start.hparams["beta_1"].number_value == pytest.approx(0.9)
+        scalars = tags(str(run_dir))
+        assert [step for step, _ in scalars["val_loss"]] == [0, 1, 2]
+        np.testing.assert_allclose([v for _, v in scalars["val_loss"]], curve, rtol=1e-6)
+        assert {"loss", "accuracy", "val_accuracy"} <= set(scalars)
+        assert scalars[SETTLED_TAG] == [(2, pytest.approx(record.settled, rel=1e-6))]
+
+
+def test_tensorboard_must_be_a_directory(data, tmp_path):
+    with pytest.raises(ValueError, match=r"tensorboard=3"):
+        run(data, tmp_path, tensorboard=3)
+    assert not (tmp_path / "p").exists()
