@@ -103,7 +103,9 @@ class AdamTuner(keras_tuner.Tuner):
 
         KerasTuner saves the model's weights at every improving epoch of
         every trial, for `get_best_models`; `search` never calls it, so
-        those writes would only slow every trial down.
+        those writes would only slow every trial down. With `tensorboard`
+        set the trial writes its TensorBoard run (`TrialLog`), and its
+        results carry its settled score to the oracle (`_with_settled`).
         """
         if self.tensorboard is not None:
             log = TrialLog(
