@@ -13,8 +13,8 @@
 - Quantized moments (`moment_dtype="int8"` or `"int4"`) of float32
   variables, outside XLA on CPU: one `KerasAdamMultiTensorQuantizedAdam` op
   per set of hyperparameters updates the variables and their moments in
-  place; under tf.distribute one `KerasAdamQuantizedAdam`
-  per variable component, whose results are assigned. Under XLA
+  place; under tf.distribute one `KerasAdamQuantizedAdam` per variable
+  component, whose results are assigned. Under XLA
   (`jit_compile=True`), on CPU, the same kernel as an XLA custom call
   (`kernels.quantized_tf_xla`, one per 32 variables), whose results are
   assigned.
