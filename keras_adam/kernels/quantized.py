@@ -199,7 +199,8 @@ class QuantizedKernel:
             raise RuntimeError(f"{path} is not ABI version {ABI}")
         function = self._library.keras_adam_quantized_adam
         pointers = ctypes.POINTER(ctypes.c_void_p)
-        function.argtypes = [*([pointers] * 5), ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
+        function.argtypes = [*([pointers] * len(BUFFERS)),
+                             ctypes.POINTER(ctypes.c_int64), ctypes.c_int64,
                              ctypes.POINTER(_Format), ctypes.POINTER(_Format),
                              ctypes.POINTER(_Scalars), ctypes.c_int32]  # fmt: skip
         function.restype = ctypes.c_int32
