@@ -15,10 +15,10 @@
 - The `keras-adam-tune` command (`tuning.cli`).
 
 Behind them: the KerasTuner tuners (`tuning.tuners`) and oracles
-(`tuning.oracles`), the table, CSV and plot of the trials
-(`tuning.output`), search fingerprints (`tuning.fingerprint`), loss
-inference (`tuning.inference`) and distributed searches
-(`tuning.distributed`).
+(`tuning.oracles`; `tuning.asha` for the multi-fidelity search), the
+table, CSV and plot of the trials (`tuning.output`), search fingerprints
+(`tuning.fingerprint`), loss inference (`tuning.inference`) and
+distributed searches (`tuning.distributed`).
 
 Names are imported on first use, so `keras-adam-tune --help` and argument
 errors answer without loading TensorFlow.

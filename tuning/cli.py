@@ -2,6 +2,7 @@
 
     keras-adam-tune --dataset digits
     keras-adam-tune --dataset wine --tuner hyperband --epochs 30
+    keras-adam-tune --dataset digits --tuner asha --max-trials 60
     keras-adam-tune --model mypkg.models:build --data mypkg.data:load --max-trials 40
 
 `--model MODULE:FUNCTION` returns an uncompiled `keras.Model` (it may take a
@@ -30,7 +31,7 @@ from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS  # noqa: F401 - re-e
 
 #: `--tuner` choices: `tuning.tuners.TUNERS`, spelled out so that parsing
 #: arguments does not import TensorFlow (a test keeps the two equal).
-TUNER_CHOICES = ("random", "bayesian", "hyperband", "grid")
+TUNER_CHOICES = ("random", "bayesian", "hyperband", "grid", "asha")
 
 #: The bundled datasets' train/test split: fixed, so that searches with different
 #: `--seed`s are compared on the same split.
@@ -58,6 +59,7 @@ def _number(convert: Callable, kind: str, accept: Callable) -> Callable[[str], A
 #: argparse types: each rejects bad text with "must be <kind>, got '<text>'".
 positive_int = _number(int, "a positive integer", lambda v: v > 0)
 non_negative_int = _number(int, "a non-negative integer", lambda v: v >= 0)
+factor_int = _number(int, "an integer of at least 2", lambda v: v >= 2)
 positive_float = _number(float, "a positive number", lambda v: 0 < v < float("inf"))
 
 
@@ -100,6 +102,20 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--tuner", choices=TUNER_CHOICES, default="bayesian")
     budget.add_argument("--max-trials", type=positive_int, default=None, metavar="N")
     budget.add_argument("--epochs", type=positive_int, default=DEFAULT_EPOCHS, metavar="N")
+    budget.add_argument(
+        "--min-epochs",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="asha: the least epochs of the first rung (default: 1)",
+    )
+    budget.add_argument(
+        "--reduction-factor",
+        type=factor_int,
+        default=None,
+        metavar="N",
+        help="asha: rung-to-rung ratio of epochs; 1/N of each rung's trials go on (default: 3)",
+    )
     budget.add_argument(
         "--seed",
         type=non_negative_int,
@@ -244,9 +260,18 @@ def _space(args: argparse.Namespace, learning_rate: tuple | None) -> Any:
 class Progress:
     """Prints a live line per trial: running, then its hyperparameters, score and seconds."""
 
-    def __init__(self, tuned: Sequence[str], objective: str, total: int | None, stream: Any):
-        """Print to `stream` for a search of `tuned` with `total` trials."""
+    def __init__(
+        self,
+        tuned: Sequence[str],
+        objective: str,
+        total: int | None,
+        stream: Any,
+        *,
+        epochs: bool = False,
+    ) -> None:
+        """Print to `stream` for a search of `tuned` with `total` trials; `epochs`: say how many."""
         self.tuned, self.objective, self.total, self.stream = tuned, objective, total, stream
+        self.epochs = epochs
         self.live = hasattr(stream, "isatty") and stream.isatty()
         self._started = 0.0
 
@@ -264,7 +289,7 @@ class Progress:
         from tuning.output import trial_line
 
         prefix = "\r\033[K" if self.live else ""
-        line = trial_line(record, self.tuned, self.objective, self.total)
+        line = trial_line(record, self.tuned, self.objective, self.total, epochs=self.epochs)
         self.stream.write(prefix + line + "\n")
         self.stream.flush()
 
@@ -309,13 +334,30 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
     else:
         build_model = default_model(x_train.shape[1], num_classes)
     import tuning
-    from tuning import distributed
+    from tuning import asha, distributed
     from tuning.searching import objective_direction
     from tuning.space import AdamSearchSpace
+    from tuning.tuners import default_max_trials
 
     max_trials = args.max_trials
-    if max_trials is None and args.tuner != "hyperband":
-        max_trials = DEFAULT_MAX_TRIALS
+    if max_trials is None:
+        max_trials = default_max_trials(args.tuner)
+    rungs = {}
+    if args.tuner == "asha":
+        rungs = {
+            "min_epochs": asha.MIN_EPOCHS if args.min_epochs is None else args.min_epochs,
+            "reduction_factor": args.reduction_factor or asha.REDUCTION_FACTOR,
+        }
+        if rungs["min_epochs"] > args.epochs:
+            raise UsageError(
+                f"argument --min-epochs: must be at most --epochs ({args.epochs}), "
+                f"got {rungs['min_epochs']}"
+            )
+    else:
+        for option in ("min_epochs", "reduction_factor"):
+            if getattr(args, option) is not None:
+                flag = "--" + option.replace("_", "-")
+                raise UsageError(f"argument {flag}: applies to --tuner asha only")
     project = args.project or (
         args.dataset or "digits" if args.data is None else args.data.replace(":", "-")
     )
@@ -334,10 +376,13 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
         ) from None
     role = distributed.role()
     tuned = AdamSearchSpace.for_budget(space, max_trials).tuned_names()
-    progress = Progress(tuned, args.objective, max_trials, stream)
+    progress = Progress(tuned, args.objective, max_trials, stream, epochs=bool(rungs))
+    if rungs:
+        plan = f"{max_trials} configurations, {asha.describe(args.epochs, **rungs)}"
+    else:
+        plan = f"{max_trials or 'Hyperband'} trials, {args.epochs} epochs each"
     print(
-        f"Searching {', '.join(tuned)} with {args.tuner} ({max_trials or 'Hyperband'} trials, "
-        f"{args.epochs} epochs each) on {project}; results in "
+        f"Searching {', '.join(tuned)} with {args.tuner} ({plan}) on {project}; results in "
         f"{os.path.join(args.directory, project)}/",
         file=stream,
         flush=True,
@@ -353,6 +398,7 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
         tuner=args.tuner,
         max_trials=max_trials,
         epochs=args.epochs,
+        **rungs,
         batch_size=args.batch_size,
         seed=args.seed,
         space=space,

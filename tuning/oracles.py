@@ -113,13 +113,13 @@ class BayesianOracle(BaselineFirst, keras_tuner.oracles.BayesianOptimizationOrac
         """The next trial: the baseline, random ones, then a Thompson sample's minimum."""
         from keras_tuner.src.engine import trial as trial_module
 
-        completed = [t for t in self.trials.values() if t.status == "COMPLETED"]
-        finished = [t for t in self.trials.values() if t.status in ("COMPLETED", "FAILED")]
+        observed = self._observed()
         dimensions = len(self._nonfixed_space())
         initial = self.num_initial_points or max(3 * dimensions, 3)
-        if len(finished) < initial or not completed or dimensions == 0:
+        scored = [score for _, score in observed if score is not None]
+        if len(observed) < initial or not scored or dimensions == 0:
             return self._random_populate_space()
-        x, y = self._observations()
+        x, y = self._observations(observed)
         with warnings.catch_warnings():
             # A length scale at its lower bound (0.1) is by design, not news.
             warnings.simplefilter("ignore", ConvergenceWarning)
@@ -164,19 +164,30 @@ class BayesianOracle(BaselineFirst, keras_tuner.oracles.BayesianOptimizationOrac
             factor = np.diag(np.sqrt(np.clip(np.diag(covariance), 0, None)))
         return mean + factor @ self._random_state.standard_normal(len(points))
 
-    def _observations(self) -> tuple[np.ndarray, np.ndarray]:
-        """Unit-cube points and (log) scores of finished trials; failures at the worst score.
+    def _observed(self) -> list[tuple[Any, float | None]]:
+        """The finished trials and their scores (None for a failed trial), for the model.
 
         The scores are the trials' settled scores if every completed trial
         has one, else their best epochs' (see the class docstring).
         """
-        points, scores, failed = [], [], []
-        sign = -1.0 if self.objective.direction == "max" else 1.0
         completed = [t for t in self.trials.values() if t.status == "COMPLETED"]
         settled = all(t.metrics.exists(SETTLED_METRIC) for t in completed)
+        observed = []
         for trial in self.trials.values():
-            if trial.status not in ("COMPLETED", "FAILED"):
-                continue
+            if trial.status == "COMPLETED":
+                score = trial.metrics.get_last_value(SETTLED_METRIC) if settled else trial.score
+                observed.append((trial, score))
+            elif trial.status == "FAILED":
+                observed.append((trial, None))
+        return observed
+
+    def _observations(
+        self, observed: list[tuple[Any, float | None]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Unit-cube points and (log) scores of `_observed` trials; failures at the worst score."""
+        points, scores, failed = [], [], []
+        sign = -1.0 if self.objective.direction == "max" else 1.0
+        for trial, score in observed:
             vector = []
             for hp in self._nonfixed_space():
                 if trial.hyperparameters.is_active(hp) and hp.name in trial.hyperparameters.values:
@@ -184,9 +195,6 @@ class BayesianOracle(BaselineFirst, keras_tuner.oracles.BayesianOptimizationOrac
                 else:
                     value = hp.default
                 vector.append(hp.value_to_prob(value))
-            score = None
-            if trial.status == "COMPLETED":
-                score = trial.metrics.get_last_value(SETTLED_METRIC) if settled else trial.score
             if score is None or not np.isfinite(score):
                 failed.append(vector)
                 continue

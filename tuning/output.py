@@ -36,6 +36,7 @@ def csv_columns(tuned: Sequence[str]) -> list[str]:
         *others,
         "score",
         "settled",
+        "epochs",
         "seconds",
         "reason",
     ]
@@ -53,6 +54,7 @@ def write_trials_csv(path: str, trials: Sequence[TrialRecord], tuned: Sequence[s
                 "status": trial.status,
                 "score": "" if trial.score is None else repr(float(trial.score)),
                 "settled": "" if trial.settled is None else repr(float(trial.settled)),
+                "epochs": "" if trial.epochs is None else str(trial.epochs),
                 "seconds": "" if trial.seconds is None else f"{trial.seconds:.3f}",
                 "reason": trial.reason or "",
                 **{k: "" if v is None else repr(v) for k, v in trial.hyperparameters.items()},
@@ -87,29 +89,38 @@ def format_trials(trials: Sequence[TrialRecord], tuned: Sequence[str], objective
     names = [n for n in NAMES if n in tuned]
     header = f"{'trial':>5}  {'status':9}  " + "  ".join(f"{n:>13}" for n in names)
     settled = f"last {SETTLED_EPOCHS}"
-    header += f"  {objective:>12}  {settled:>8}  {'seconds':>7}"
+    header += f"  {objective:>12}  {settled:>8}  {'epochs':>6}  {'seconds':>7}"
     lines = [header, "-" * len(header)]
     for trial in trials:
         cells = "  ".join(f"{trial.hyperparameters.get(n, float('nan')):>13.6g}" for n in names)
         score = "—" if trial.score is None else f"{trial.score:.4f}"
         mean = "—" if trial.settled is None else f"{trial.settled:.4f}"
         seconds = "—" if trial.seconds is None else f"{trial.seconds:.1f}"
+        epochs = "—" if trial.epochs is None else str(trial.epochs)
         line = f"{trial.trial_id:>5}  {trial.status:9}  {cells}  {score:>12}  {mean:>8}"
-        line += f"  {seconds:>7}"
+        line += f"  {epochs:>6}  {seconds:>7}"
         if trial.reason:
             line += f"  {trial.reason}"
         lines.append(line)
     return "\n".join(lines)
 
 
-def trial_line(trial: TrialRecord, tuned: Sequence[str], objective: str, total: Any) -> str:
-    """One line for a finished trial: number, hyperparameters, score (and settled), seconds."""
+def trial_line(
+    trial: TrialRecord, tuned: Sequence[str], objective: str, total: Any, *, epochs: bool = False
+) -> str:
+    """One line for a finished trial: number, hyperparameters, score (and settled), seconds.
+
+    With `epochs`, the line also tells how many epochs the trial has
+    trained (an ASHA trial ends once per rung).
+    """
     number = int(trial.trial_id) + 1 if trial.trial_id.isdigit() else trial.trial_id
     of = f"/{total}" if total else ""
     values = " ".join(f"{n}={trial.hyperparameters[n]:.4g}" for n in NAMES if n in tuned)
     score = f"{objective}={trial.score:.4f}" if trial.score is not None else trial.status.lower()
     if trial.settled is not None:
         score += f" (last {SETTLED_EPOCHS}: {trial.settled:.4f})"
+    if epochs and trial.epochs is not None:
+        score += f" after {trial.epochs} epoch{'s' * (trial.epochs != 1)}"
     seconds = "" if trial.seconds is None else f" {trial.seconds:.1f}s"
     reason = f" ({trial.reason})" if trial.reason else ""
     return f"trial {number}{of}  {values}  {score}{seconds}{reason}"
@@ -126,6 +137,9 @@ def plot_trials(path: str, trials: Sequence[TrialRecord], objective: str, direct
     The score is the one the winner is chosen by (`best_trial`): each
     trial's settled score (its objective's mean over the last
     `SETTLED_EPOCHS` epochs), or its best epoch's if a trial has none.
+    When the trials trained different numbers of epochs (ASHA stops most
+    of them early), each number has its own colour, so the plot shows
+    where each trial stopped.
     """
     import matplotlib
 
@@ -139,6 +153,7 @@ def plot_trials(path: str, trials: Sequence[TrialRecord], objective: str, direct
     def shown(trial: TrialRecord) -> float:
         return trial.settled if settled else trial.score
 
+    groups = sorted({t.epochs for t in done}, key=lambda e: -1 if e is None else e)
     panels = (("learning_rate", "η (learning rate)"), ("beta_1", "1 − β1"), ("beta_2", "1 − β2"))
     figure, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
     for axis, (name, label) in zip(axes, panels, strict=True):
@@ -154,7 +169,16 @@ def plot_trials(path: str, trials: Sequence[TrialRecord], objective: str, direct
             axis.set_xlabel(label)
             axis.set_xticks([])
             continue
-        axis.scatter(xs, [shown(t) for t in done], s=22, alpha=0.8)
+        for index, group in enumerate(groups):
+            members = [t for t in done if t.epochs == group]
+            axis.scatter(
+                [x_of(t) for t in members],
+                [shown(t) for t in members],
+                s=22,
+                alpha=0.8,
+                color=f"C{index + (index >= 3)}",  # C3 marks the winner
+                label=None if len(groups) == 1 else f"{group} epochs",
+            )
         if best is not None:
             axis.scatter([x_of(best)], [shown(best)], s=90, marker="*", color="C3", label="winner")
         axis.set_xscale("log")

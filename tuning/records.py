@@ -58,6 +58,9 @@ class TrialRecord:
             `SETTLED_EPOCHS` epochs (all of them, if fewer): where training
             settled, which picks the winner (see `best_trial`); None if
             unknown (a trial saved without its per-epoch logs).
+        epochs: The epochs the trial trained, or None if unknown.
+        final: False for a trial that a multi-fidelity search (ASHA)
+            stopped below its full epochs, which cannot win; True otherwise.
     """
 
     trial_id: str
@@ -68,6 +71,8 @@ class TrialRecord:
     reason: str | None = None
     fit_seconds: float | None = None
     settled: float | None = None
+    epochs: int | None = None
+    final: bool = True
 
 
 def settled_score(values: Sequence[float] | None) -> float | None:
@@ -97,7 +102,9 @@ def best_trial(trials: Sequence[TrialRecord], direction: str) -> TrialRecord | N
     therefore the trial with the best `settled` score, the mean over its
     last `SETTLED_EPOCHS` epochs; if any completed trial has no settled
     score (one saved without its per-epoch logs), the best `score` decides
-    for all. Ties go to the earlier trial.
+    for all. Ties go to the earlier trial. Only `final` trials compete (in
+    an ASHA search, those that trained all epochs or stopped early), unless
+    none completed.
 
     Args:
         trials: The search's trials, in trial order.
@@ -113,6 +120,7 @@ def best_trial(trials: Sequence[TrialRecord], direction: str) -> TrialRecord | N
     ]
     if not done:
         return None
+    done = [t for t in done if t.final] or done
     settled = all(t.settled is not None for t in done)
     sign = -1.0 if direction == "max" else 1.0
     return min(done, key=lambda t: sign * (t.settled if settled else t.score))
@@ -152,6 +160,7 @@ def trial_record(tuner: AdamTuner, trial: Any, space: AdamSearchSpace) -> TrialR
     status = str(trial.status)
     history = tuner.trial_history(trial.trial_id) or {}
     objective = getattr(tuner.oracle.objective, "name", None)
+    is_final = getattr(tuner.oracle, "is_final", None)
     return TrialRecord(
         trial_id=str(trial.trial_id),
         status=status,
@@ -161,6 +170,8 @@ def trial_record(tuner: AdamTuner, trial: Any, space: AdamSearchSpace) -> TrialR
         reason=_reason(trial.message) if status != "COMPLETED" else None,
         fit_seconds=tuner.trial_seconds(trial.trial_id, key="fit_seconds"),
         settled=settled_score(history.get(objective)) if status == "COMPLETED" else None,
+        epochs=len(history[objective]) if objective in history else None,
+        final=True if is_final is None else bool(is_final(trial)),
     )
 
 

@@ -48,16 +48,16 @@ import keras_tuner
 import numpy as np
 
 from keras_adam import validation
-from tuning import distributed
+from tuning import asha, distributed
 from tuning import fingerprint as fingerprints
 from tuning.comparison import Comparison, compare
 from tuning.hypermodel import AdamHyperModel, _takes_hp
 from tuning.inference import check_loss, infer_loss
 from tuning.records import TrialRecord, best_trial, trial_record, trial_records
 from tuning.results import SearchResult
-from tuning.space import DEFAULT_EPOCHS, DEFAULT_MAX_TRIALS, AdamSearchSpace
+from tuning.space import DEFAULT_EPOCHS, AdamSearchSpace
 from tuning.tensorboard import write_experiment
-from tuning.tuners import TUNERS, AdamTuner, make_tuner
+from tuning.tuners import TUNERS, AdamTuner, default_max_trials, make_tuner
 
 _MINIMIZED = ("loss", "error", "mse", "mae", "crossentropy")
 _MAXIMIZED = ("acc", "auc", "precision", "recall", "f1")
@@ -93,8 +93,10 @@ def search(
     metrics: Sequence | None = None,
     objective: str | keras_tuner.Objective = "val_loss",
     tuner: str = "bayesian",
-    max_trials: int | None = DEFAULT_MAX_TRIALS,
+    max_trials: int | None = None,
     epochs: int = DEFAULT_EPOCHS,
+    min_epochs: int | None = None,
+    reduction_factor: int | None = None,
     batch_size: int | None = 32,
     seed: int = 0,
     space: AdamSearchSpace | None = None,
@@ -141,10 +143,22 @@ def search(
             classification and nothing for regression.
         objective: The metric to optimize, e.g. "val_loss" (minimized) or
             "val_accuracy" (maximized), or a `keras_tuner.Objective`.
-        tuner: "random", "bayesian", "hyperband" or "grid".
+        tuner: "random", "bayesian", "hyperband", "grid" or "asha"
+            (asynchronous successive halving, `tuning.asha`: most trials
+            stop after a few epochs, the best train on from where they
+            stopped).
         max_trials: The trial budget (it also picks what is searched, see
-            `AdamSearchSpace`). For Hyperband, a cap on its own count.
-        epochs: Epochs per trial (Hyperband's maximum).
+            `AdamSearchSpace`); None: 20 (`space.DEFAULT_MAX_TRIALS`). For
+            Hyperband, a cap on its own count (None: no cap). For ASHA, the
+            number of configurations; None: 60
+            (`tuning.tuners.ASHA_MAX_TRIALS`), which train about as many
+            epochs as 20 full trials.
+        epochs: Epochs per trial (Hyperband's and ASHA's maximum).
+        min_epochs: ASHA only: the least epochs of the first rung (default
+            1; the rungs are `tuning.asha.rung_epochs`).
+        reduction_factor: ASHA only: the ratio of consecutive rungs'
+            epochs, and the inverse of the share of trials that go on
+            (default 3; at least 2).
         batch_size: As for `Model.fit`.
         seed: Seed of the search and of the trials' initial weights; 0 is
             a seed. The comparison's runs use seeds `seed + 1`, ...
@@ -227,6 +241,8 @@ class SearchPlan:
     tuner: str
     max_trials: int | None
     epochs: int
+    min_epochs: int | None
+    reduction_factor: int | None
     batch_size: int | None
     seed: int
     space: AdamSearchSpace
@@ -258,6 +274,8 @@ class SearchPlan:
             ValueError: for an invalid argument, named in the message.
         """
         plan = cls(**arguments)
+        if plan.max_trials is None and plan.tuner in TUNERS:
+            plan.max_trials = default_max_trials(plan.tuner)
         validation.integer("max_trials", plan.max_trials, 1, optional=plan.tuner == "hyperband")
         validation.integer("epochs", plan.epochs, 1)
         validation.integer("batch_size", plan.batch_size, 1, optional=True)
@@ -269,6 +287,17 @@ class SearchPlan:
                 f"Argument `tuner` must be one of {', '.join(TUNERS)}. "
                 f"Received: tuner={plan.tuner!r}"
             )
+        for name in ("min_epochs", "reduction_factor"):
+            if plan.tuner != "asha" and getattr(plan, name) is not None:
+                raise ValueError(
+                    f"Argument `{name}` applies to tuner='asha' only. "
+                    f"Received: {name}={getattr(plan, name)!r} with tuner={plan.tuner!r}"
+                )
+        if plan.tuner == "asha":
+            plan.min_epochs = asha.MIN_EPOCHS if plan.min_epochs is None else plan.min_epochs
+            if plan.reduction_factor is None:
+                plan.reduction_factor = asha.REDUCTION_FACTOR
+            asha.rung_epochs(plan.epochs, plan.min_epochs, plan.reduction_factor)  # or raise
         if plan.validation_data is None and not 0 < plan.validation_split < 1:
             raise ValueError(
                 "Argument `validation_split` must be in (0, 1) when no validation_data is "
@@ -355,6 +384,12 @@ def _fingerprint(plan: SearchPlan) -> None:
         "tuner": plan.tuner,
         "seed": plan.seed,
     }
+    if plan.tuner == "asha":
+        parts["tuner"] = {
+            "name": plan.tuner,
+            "min_epochs": plan.min_epochs,
+            "reduction_factor": plan.reduction_factor,
+        }
     plan.hashes = fingerprints.fingerprint(parts)
     plan.project = plan.project or f"search-{plan.hashes['search'][:10]}"
     if plan.role != "worker":
@@ -380,6 +415,11 @@ def _run_tuner(plan: SearchPlan) -> AdamTuner | None:
         max_trials=plan.max_trials,
         epochs=plan.epochs,
         seed=plan.seed,
+        **(
+            {"min_epochs": plan.min_epochs, "reduction_factor": plan.reduction_factor}
+            if plan.tuner == "asha"
+            else {}
+        ),
         directory=plan.directory,
         project_name=plan.project,
         # A worker never starts afresh: KerasTuner would delete the shared project.

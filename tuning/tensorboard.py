@@ -97,6 +97,10 @@ class TrialLog(keras.callbacks.Callback):
             None, no decay, is written as 0).
         objective: The objective's name; its settled score is written at
             the end.
+        earlier: The objective at the trial's earlier epochs, when this
+            training continues it (an ASHA trial's next rung): the run then
+            goes on where it stopped, its settled score counts those
+            epochs, and the hyperparameters are not written again.
     """
 
     def __init__(
@@ -105,8 +109,10 @@ class TrialLog(keras.callbacks.Callback):
         trial_id: str,
         hyperparameters: Mapping[str, float | None],
         objective: str,
+        earlier: Sequence[float] = (),
     ) -> None:
         super().__init__()
+        self.earlier = [float(v) for v in earlier]
         self.directory = run_directory(directory, trial_id)
         self.trial_id = str(trial_id)
         self.hyperparameters = {name: _number(value) for name, value in hyperparameters.items()}
@@ -119,9 +125,10 @@ class TrialLog(keras.callbacks.Callback):
         """Open the run and write the trial's hyperparameters."""
         tf, hparams_api = _summary()
         self._writer = tf.summary.create_file_writer(self.directory)
-        self._values = []
-        with self._writer.as_default():
-            hparams_api.hparams(self.hyperparameters, trial_id=self.trial_id)
+        self._values = list(self.earlier)
+        if not self.earlier:
+            with self._writer.as_default():
+                hparams_api.hparams(self.hyperparameters, trial_id=self.trial_id)
 
     def on_epoch_end(self, epoch: int, logs: Mapping[str, Any] | None = None) -> None:
         """Write every scalar of the epoch's logs."""

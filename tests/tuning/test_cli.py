@@ -113,6 +113,23 @@ def test_user_model_and_data_and_lr_range_test(tmp_path, monkeypatch):
         (["--model", "json:no_such_function"], "module 'json' has no function 'no_such_function'"),
         (["--dataset", "wine", "--data", "a:b"], "not allowed with argument --dataset"),
         (["--objective", "val_thing"], "argument --objective: cannot tell whether to minimize"),
+        (
+            ["--tuner", "asha", "--reduction-factor", "1"],
+            "argument --reduction-factor: must be an integer of at least 2, got '1'",
+        ),
+        (
+            ["--tuner", "asha", "--min-epochs", "0"],
+            "argument --min-epochs: must be a positive integer, got '0'",
+        ),
+        (
+            ["--tuner", "asha", "--min-epochs", "9", "--epochs", "4"],
+            "argument --min-epochs: must be at most --epochs (4), got 9",
+        ),
+        (["--min-epochs", "2"], "argument --min-epochs: applies to --tuner asha only"),
+        (
+            ["--tuner", "random", "--reduction-factor", "2"],
+            "argument --reduction-factor: applies to --tuner asha only",
+        ),
     ],
 )
 def test_bad_arguments_exit_2_with_one_line(argv, message, capsys):
@@ -179,10 +196,15 @@ def test_python_and_the_command_line_share_the_epochs_default():
     import inspect
 
     import tuning
+    from tuning.tuners import default_max_trials
 
     defaults = inspect.signature(tuning.search).parameters
     assert defaults["epochs"].default == cli.build_parser().parse_args([]).epochs
-    assert defaults["max_trials"].default == cli.DEFAULT_MAX_TRIALS
+    # None in both: the tuner's own default budget.
+    assert defaults["max_trials"].default is None
+    assert cli.build_parser().parse_args([]).max_trials is None
+    assert default_max_trials("bayesian") == cli.DEFAULT_MAX_TRIALS == 20
+    assert default_max_trials("asha") == 60 and default_max_trials("hyperband") is None
 
 
 def test_another_search_in_the_same_project_exits_2_naming_what_changed(tmp_path, capsys):

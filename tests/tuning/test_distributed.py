@@ -7,7 +7,9 @@
   new chief with the worker restarted under the same KERASTUNER_TUNER_ID
   finishes the search;
 - a worker restarted under the same id while the chief still waits picks up
-  its unfinished trial and the search completes.
+  its unfinished trial and the search completes;
+- ASHA's workers share promotions: a trial may end its first rung on one
+  worker and go on from its checkpoint on the other.
 
 Every process runs in its own process group and is killed by PID when the
 test ends, whatever happened; every wait has a time bound.
@@ -77,13 +79,15 @@ def trial_numbers(text):
 class Tuning(example.Process):
     """One `python -m tuning` process of a chief/worker search, output in files."""
 
-    def __init__(self, tmp_path, name, tuner_id, port, *options):
+    def __init__(
+        self, tmp_path, name, tuner_id, port, *options, tuner="random", trials=MAX_TRIALS, epochs=2
+    ):
         self.name = name
         log_dir = tmp_path / "logs" / name
         log_dir.mkdir(parents=True, exist_ok=True)
         # The example's command line, on its small budget (which adds --no-plot).
-        arguments = ["--small", "--tuner", "random", "--max-trials", str(MAX_TRIALS)]
-        arguments += ["--epochs", "2", "--seed", "0", "--directory", str(tmp_path)]
+        arguments = ["--small", "--tuner", tuner, "--max-trials", str(trials)]
+        arguments += ["--epochs", str(epochs), "--seed", "0", "--directory", str(tmp_path)]
         arguments += ["--project", PROJECT]
         command = [*example.tuning_command(example.parse_args(arguments)), *options]
         super().__init__(tuner_id, command, port, str(log_dir))
@@ -249,6 +253,46 @@ def test_a_worker_restarted_under_its_id_completes_the_search(tmp_path):
         assert numbers == list(range(int(trial_id) + 1, MAX_TRIALS + 1)), worker.log()
         assert "COMPLETED" in read(chief.out)  # the final table
         check_results(project, MAX_TRIALS)
+    finally:
+        for run in runs:
+            kill(run.process)
+
+
+ASHA_LINE = re.compile(r"^trial (\d+)/(\d+)  .* after (\d+) epochs? ", re.MULTILINE)
+
+
+@pytest.mark.slow
+def test_asha_workers_share_rungs_and_promotions(tmp_path):
+    project = tmp_path / PROJECT
+    port = free_port()
+    runs = []
+    try:
+        budget = {"tuner": "asha", "trials": 6, "epochs": 3}  # rungs at 1 and 3 epochs
+        chief = Tuning(tmp_path, "chief", "chief", port, "--worker-timeout", "150", **budget)
+        workers = [
+            Tuning(tmp_path, name, name, port, "--worker-timeout", "150", **budget)
+            for name in ("tuner1", "tuner2")
+        ]
+        runs += [chief, *workers]
+        assert chief.wait(STARTUP + 240) == 0, "".join(run.log() for run in runs)
+        ended = {}
+        for worker in workers:
+            assert worker.wait(60) == 0, worker.log()
+            lines = ASHA_LINE.findall(read(worker.out))
+            assert lines, worker.log()  # both took part
+            ended[worker.name] = [(int(number), int(epochs)) for number, _, epochs in lines]
+        # Every configuration ended its first rung once, and every promotion
+        # its next rung once, on one worker or the other.
+        every = sorted(ended["tuner1"] + ended["tuner2"])
+        assert len(every) == len(set(every))
+        assert sorted(n for n, epochs in every if epochs == 1) == list(range(1, 7))
+        promoted = [n for n, epochs in every if epochs == 3]
+        assert promoted and all((n, 1) in every for n in promoted)
+        best = json.loads((project / "best.json").read_text())
+        assert best["trials"] == best["completed"] == 6
+        with open(project / "trials.csv", newline="") as f:
+            rows = {int(row["trial_id"]) + 1: int(row["epochs"]) for row in csv.DictReader(f)}
+        assert rows == {n: 3 if n in promoted else 1 for n in range(1, 7)}
     finally:
         for run in runs:
             kill(run.process)

@@ -118,7 +118,7 @@ def test_the_model_fits_the_settled_score_not_the_best_epoch(tmp_path):
     to_jumpy = np.linalg.norm(guided - [0.8, 0.8], axis=1)
     assert np.mean(to_settled < to_jumpy) >= 0.8, guided
     # The process is fitted to log(settled score) of each completed trial.
-    _, y = oracle._observations()
+    _, y = oracle._observations(oracle._observed())
     completed = [t for t in oracle.trials.values() if t.status == "COMPLETED"]
     expected = [math.log(t.metrics.get_last_value(SETTLED_METRIC)) for t in completed]
     np.testing.assert_allclose(y[: len(expected)], expected)
@@ -130,7 +130,7 @@ def test_without_every_settled_score_the_model_fits_the_best_epoch(tmp_path):
     oracle = bayesian(1)
     run_search(oracle, bowl([0.5, 0.5]), tmp_path, trials=4, settled=lambda u: 0.5)
     run_search(oracle, bowl([0.5, 0.5]), tmp_path, trials=2)  # these report no settled score
-    _, y = oracle._observations()
+    _, y = oracle._observations(oracle._observed())
     expected = [math.log(t.score) for t in oracle.trials.values() if t.status == "COMPLETED"]
     np.testing.assert_allclose(y[: len(expected)], expected)
 
@@ -139,7 +139,7 @@ def test_without_every_settled_score_the_model_fits_the_best_epoch(tmp_path):
 def test_candidates_reflect_into_the_space_never_clipped_to_the_edge(tmp_path, seed):
     oracle = bayesian(seed)
     run_search(oracle, bowl([0.99, 0.99]), tmp_path, trials=7)
-    x, y = oracle._observations()
+    x, y = oracle._observations(oracle._observed())
     candidates = oracle._candidates(x, y)
     bounds = oracle._get_hp_bounds()
     assert candidates.shape == (oracle.candidates, 2)

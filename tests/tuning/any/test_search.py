@@ -12,38 +12,27 @@ import pytest
 
 import keras_adam
 import tuning
+from tests.helpers.digits import LOSS, linear, search, search_subset
 from tuning import AdamSearchSpace
-from tuning.datasets import load_dataset
 from tuning.records import SETTLED_METRIC
-
-LOSS = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
 
 
 @pytest.fixture(scope="module")
 def data():
-    d = load_dataset("digits")
-    return d.x_train[:600], d.y_train[:600], d.x_test[:200], d.y_test[:200]
+    return search_subset()
 
 
-def build():
-    return keras.Sequential([keras.Input((64,)), keras.layers.Dense(10)])
+build = linear
 
 
 def run(data, tmp_path, **kwargs):
-    x, y, x_test, y_test = data
     options = {
-        "loss": LOSS,
-        "metrics": ["accuracy"],
         "tuner": "random",
         "max_trials": 3,
         "epochs": 2,
-        "directory": str(tmp_path),
-        "project": "p",
         "comparison_repeats": 1,
-        "test_data": (x_test, y_test),
     }
-    options.update(kwargs)
-    return tuning.search(build, x, y, **options)
+    return search(data, tmp_path, **{**options, **kwargs})
 
 
 class RecordValLoss(keras.callbacks.Callback):
@@ -114,7 +103,8 @@ def test_search_returns_and_writes_what_people_act_on(data, tmp_path):
     with open(paths["trials.csv"]) as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0])[:5] == ["trial_id", "status", "learning_rate", "beta_1", "beta_2"]
-    assert list(rows[0])[-4:] == ["score", "settled", "seconds", "reason"]
+    assert list(rows[0])[-5:] == ["score", "settled", "epochs", "seconds", "reason"]
+    assert [int(r["epochs"]) for r in rows] == [7, 7, 7]
     assert [r["trial_id"] for r in rows] == ["0", "1", "2"]
     assert float(rows[1]["score"]) == result.trials[1].score
     assert float(rows[1]["settled"]) == result.trials[1].settled
