@@ -8,7 +8,23 @@ data split, model and initial weights:
 - `ours`: `tuning.search(tuner="bayesian")` as shipped;
 - `previous`: the previous default, KerasTuner's `BayesianOptimizationOracle`
   (UCB, β=2.6) with its per-trial checkpoints, random first trial;
-- `optuna`: Optuna's TPE sampler on the same space (`pip install ".[benchmarks]"`).
+- `optuna`: Optuna's TPE sampler on the same space (`pip install ".[benchmarks]"`);
+- `asha`: `tuning.search(tuner="asha")` on the same space, with
+  `--asha-trials` configurations (default 60: about the epochs of 20 full
+  trials), rungs at 2, 5 and 15 epochs;
+- `random2`: `tuning.search(tuner="random")` with twice `--trials`, the
+  classic baseline of the multi-fidelity papers;
+- `optuna_hyperband`, `optuna_sh`: Optuna's TPE with its `HyperbandPruner`
+  or `SuccessiveHalvingPruner` (reduction factor 3, 1 to `--epochs`
+  epochs), `--asha-trials` trials, each reporting its validation loss at
+  every epoch;
+- `kt_hyperband`: KerasTuner's own `Hyperband` (factor 3, `--epochs` at
+  most) with `keras.optimizers.Adam`, as a Keras user would run it.
+
+Every system also records its *anytime curve*: at each moment a trial
+finishes its full `--epochs`, the wall time since the search began and the
+settled score (mean of the last 5 epochs' validation loss) of the best such
+trial so far; `--plot PATH` draws them per problem.
 
 Reported per problem and system (means over seeds):
 
@@ -46,8 +62,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np  # noqa: E402
 
-PROBLEMS = ("digits", "breast_cancer", "wine", "synthetic")
-SYSTEMS = ("ours", "previous", "optuna")
+#: The bundled problems (seconds per trial) and two larger ones (a minute or more per
+#: trial on 2 cores): a convnet on synthetic 28×28 images and a small text transformer.
+PROBLEMS = ("digits", "breast_cancer", "wine", "synthetic", "convnet", "transformer")
+SYSTEMS = (
+    "ours", "previous", "optuna", "asha", "random2", "optuna_hyperband", "optuna_sh",
+    "kt_hyperband",
+)  # fmt: skip
+#: Systems run through `tuning.search`, with the tuner they use.
+TUNING_SYSTEMS = {"ours": "bayesian", "previous": "bayesian", "asha": "asha", "random2": "random"}
 EDGE = 1e-3
 
 
@@ -55,6 +78,10 @@ def load(name: str):
     """`(x_train, y_train, x_test, y_test, classes)` for a problem, split with seed 0."""
     from tuning.datasets import load_dataset
 
+    if name == "convnet":
+        return images()
+    if name == "transformer":
+        return token_sequences()
     if name != "synthetic":
         d = load_dataset(name)
         return d.x_train, d.y_train, d.x_test, d.y_test, d.num_classes
@@ -67,11 +94,94 @@ def load(name: str):
     return x[300:], y[300:], x[:300], y[:300], 3
 
 
-def builder(features: int, classes: int):
-    """The CLI's default model: a two-hidden-layer perceptron ending in logits."""
+def images(train: int = 12000, test: int = 2000, classes: int = 10):
+    """28×28 grey images of 10 classes: a smooth template per class, shifted, scaled, noisy.
+
+    The classes' templates share a random 7×7 pattern and differ by a
+    smaller one of their own, blown up to 28×28; an image is its class's
+    template rolled by up to 4 pixels each way, times a random contrast in
+    [0.5, 1.5], plus Gaussian noise of standard deviation 1.5: a task a
+    small convnet learns over many epochs, not one.
+    """
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((1, 7, 7))
+    templates = np.kron(shared + 0.5 * rng.standard_normal((classes, 7, 7)), np.ones((4, 4)))
+    n = train + test
+    labels = rng.integers(classes, size=n)
+    shifts = rng.integers(-4, 5, size=(n, 2))
+    x = np.stack(
+        [np.roll(templates[c], tuple(s), axis=(0, 1)) for c, s in zip(labels, shifts, strict=True)]
+    )
+    x = x * rng.uniform(0.5, 1.5, size=(n, 1, 1)) + rng.normal(scale=1.5, size=x.shape)
+    x = x[..., None].astype("float32")
+    return x[test:], labels[test:], x[:test], labels[:test], classes
+
+
+def token_sequences(train: int = 12000, test: int = 2000, classes: int = 4, length: int = 40):
+    """Sequences of 40 tokens (vocabulary 100) whose class is the topic some of their words share.
+
+    Each class owns 10 topic tokens; a sequence draws a tenth of its tokens
+    from its class's topic and the rest uniformly from the vocabulary, in
+    random order, so the label is in which tokens recur, not where, and a
+    few sequences hold too little of their topic to be told.
+    """
+    rng = np.random.default_rng(0)
+    vocabulary = 100
+    topics = rng.permutation(vocabulary)[: classes * 10].reshape(classes, 10)
+    n = train + test
+    labels = rng.integers(classes, size=n)
+    x = rng.integers(vocabulary, size=(n, length))
+    topical = rng.random((n, length)) < 0.1
+    x = np.where(
+        topical, topics[labels][np.arange(n)[:, None], rng.integers(10, size=(n, length))], x
+    )
+    x = x.astype("int32")
+    return x[test:], labels[test:], x[:test], labels[:test], classes
+
+
+def builder(x: np.ndarray, classes: int):
+    """The problem's model, chosen by its inputs; every model ends in logits.
+
+    A convnet for images, a one-block transformer for tokens, else the CLI's
+    default model (a two-hidden-layer perceptron).
+    """
+    import keras
+
+    if x.ndim == 4:
+
+        def convnet() -> keras.Model:
+            return keras.Sequential(
+                [
+                    keras.Input(x.shape[1:]),
+                    keras.layers.Conv2D(32, 3, activation="relu"),
+                    keras.layers.MaxPooling2D(),
+                    keras.layers.Conv2D(64, 3, activation="relu"),
+                    keras.layers.MaxPooling2D(),
+                    keras.layers.Flatten(),
+                    keras.layers.Dense(64, activation="relu"),
+                    keras.layers.Dense(classes),
+                ]
+            )
+
+        return convnet
+    if np.issubdtype(x.dtype, np.integer):
+
+        def transformer() -> keras.Model:
+            tokens = keras.Input(x.shape[1:], dtype="int32")
+            positions = keras.ops.arange(x.shape[1])
+            h = keras.layers.Embedding(int(x.max()) + 1, 32)(tokens)
+            h = h + keras.layers.Embedding(x.shape[1], 32)(positions)
+            attended = keras.layers.MultiHeadAttention(num_heads=2, key_dim=16)(h, h)
+            h = keras.layers.LayerNormalization()(h + attended)
+            forward = keras.layers.Dense(64, activation="relu")(h)
+            h = keras.layers.LayerNormalization()(h + keras.layers.Dense(32)(forward))
+            h = keras.layers.GlobalAveragePooling1D()(h)
+            return keras.Model(tokens, keras.layers.Dense(classes)(h))
+
+        return transformer
     from tuning.cli import default_model
 
-    return default_model(features, classes)
+    return default_model(x.shape[1], classes)
 
 
 RANGES = {"learning_rate": (1e-5, 1e-1), "one_minus_beta_1": (0.01, 0.5)}
@@ -110,7 +220,7 @@ def retrain(data, values: dict, seeds: list[int], epochs: int, batch_size: int) 
     for seed in seeds:
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
-        model = builder(x.shape[1], classes)()
+        model = builder(x, classes)()
         model.compile(
             optimizer=keras_adam.Adam(**{k: v for k, v in values.items() if v is not None}),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -129,7 +239,7 @@ def run_tuning(
     system: str, data, seed: int, trials: int, epochs: int, batch_size: int, directory,
     repeats: int,
 ):  # fmt: skip
-    """One search with `tuning.search` ("ours" or "previous").
+    """One search with `tuning.search` ("ours", "previous" or "asha").
 
     Returns the trials' points, the best point, the wall and `fit` seconds,
     and (ours) the verdict.
@@ -142,6 +252,7 @@ def run_tuning(
 
     import tuning
     from tuning import oracles, tuners
+    from tuning.space import AdamSearchSpace
 
     x, y, x_test, y_test, classes = data
     saved = oracles.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap
@@ -150,17 +261,22 @@ def run_tuning(
         tuners.AdamTuner.checkpoints = True
         tuners.frozen_heap = contextlib.nullcontext
     ended = [0.0]
+    anytime = Anytime()
 
     def trial_ended(record) -> None:
+        if record.final and record.epochs == epochs and record.settled is not None:
+            anytime.add(record.settled)
         ended[0] = time.perf_counter()
 
     try:
-        started = time.perf_counter()
+        started = anytime.start()
         result = tuning.search(
-            builder(x.shape[1], classes), x, y, test_data=(x_test, y_test),
-            tuner="bayesian", max_trials=trials, epochs=epochs, batch_size=batch_size,
-            seed=seed, directory=directory, overwrite=True, on_trial_end=trial_ended,
-            comparison_repeats=repeats if system == "ours" else 0,
+            builder(x, classes), x, y, test_data=(x_test, y_test),
+            tuner=TUNING_SYSTEMS[system], max_trials=trials,
+            epochs=epochs, batch_size=batch_size, seed=seed, directory=directory,
+            overwrite=True, on_trial_end=trial_ended,
+            comparison_repeats=repeats if system != "previous" else 0,
+            space=AdamSearchSpace(tuned=("learning_rate", "beta_1")),
         )  # fmt: skip
         wall = ended[0] - started
     finally:
@@ -177,11 +293,46 @@ def run_tuning(
             "default": comparison.default_score,
             "default_spread": comparison.default_spread,
         }
-    return points, result.best_hyperparameters, wall, fit, verdict
+    epochs_trained = sum(r.epochs or 0 for r in result.trials)
+    return points, result.best_hyperparameters, wall, fit, verdict, epochs_trained, anytime.points
 
 
-def run_optuna(data, seed: int, trials: int, epochs: int, batch_size: int):
-    """The same search with Optuna's TPE: trials, wall and fit seconds."""
+class Anytime:
+    """The anytime curve of a search: (seconds since its start, best settled score so far)."""
+
+    def __init__(self) -> None:
+        self.points: list[tuple[float, float]] = []
+        self.started = 0.0
+
+    def start(self) -> float:
+        """Start the clock; its start, in `time.perf_counter` seconds."""
+        self.started = time.perf_counter()
+        return self.started
+
+    def add(self, settled: float) -> None:
+        """A trial finished all its epochs with this settled score."""
+        if not math.isfinite(settled):
+            return
+        best = min([settled] + [score for _, score in self.points[-1:]])
+        self.points.append((time.perf_counter() - self.started, best))
+
+
+def settled(losses: list[float]) -> float:
+    """The mean of the last 5 values (as `tuning.records.settled_score`), inf if not finite."""
+    from tuning.records import settled_score
+
+    value = settled_score(losses)
+    return float("inf") if value is None else value
+
+
+def run_optuna(
+    data, seed: int, trials: int, epochs: int, batch_size: int, pruner: str | None = None
+):
+    """The same search with Optuna's TPE, optionally pruned (`pruner`: "hyperband", "sh").
+
+    Returns the trials' points, the best point, wall and fit seconds, no
+    verdict, the epochs trained and the anytime curve.
+    """
     import keras
     import optuna
 
@@ -190,27 +341,62 @@ def run_optuna(data, seed: int, trials: int, epochs: int, batch_size: int):
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     x, y, _, _, classes = data
     fit = [0.0]
+    trained = [0]
+    anytime = Anytime()
+
+    class Report(keras.callbacks.Callback):
+        """Reports each epoch's validation loss to Optuna, and stops a pruned trial."""
+
+        def __init__(self, trial):
+            super().__init__()
+            self.trial, self.pruned = trial, False
+
+        def on_epoch_end(self, epoch, logs=None):
+            trained[0] += 1
+            value = float(logs["val_loss"])
+            if pruner is None:
+                return
+            self.trial.report(value if math.isfinite(value) else 1e9, epoch)
+            if self.trial.should_prune():
+                self.pruned = True
+                self.model.stop_training = True
 
     def objective(trial):
         eta = trial.suggest_float("learning_rate", 1e-5, 1e-1, log=True)
         one_minus = trial.suggest_float("one_minus_beta_1", 0.01, 0.5, log=True)
         keras.backend.clear_session()
         keras.utils.set_random_seed(seed)
-        model = builder(x.shape[1], classes)()
+        model = builder(x, classes)()
         model.compile(
             optimizer=keras_adam.Adam(learning_rate=eta, beta_1=1 - one_minus),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         )
+        report = Report(trial)
         started = time.perf_counter()
         history = model.fit(
-            x, y, epochs=epochs, batch_size=batch_size, validation_split=0.2, verbose=0
-        )
+            x, y, epochs=epochs, batch_size=batch_size, validation_split=0.2, verbose=0,
+            callbacks=[report],
+        )  # fmt: skip
         fit[0] += time.perf_counter() - started
-        losses = [v for v in history.history["val_loss"] if math.isfinite(v)]
+        if report.pruned:
+            raise optuna.TrialPruned()
+        curve = history.history["val_loss"]
+        if len(curve) == epochs:
+            anytime.add(settled(curve))
+        losses = [v for v in curve if math.isfinite(v)]
         return min(losses) if losses else float("inf")
 
-    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed))
-    started = time.perf_counter()
+    pruners = {
+        None: optuna.pruners.NopPruner(),
+        "hyperband": optuna.pruners.HyperbandPruner(
+            min_resource=1, max_resource=epochs, reduction_factor=3
+        ),
+        "sh": optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=3),
+    }
+    study = optuna.create_study(
+        sampler=optuna.samplers.TPESampler(seed=seed), pruner=pruners[pruner]
+    )
+    started = anytime.start()
     study.optimize(objective, n_trials=trials)
     wall = time.perf_counter() - started
     points = [
@@ -218,13 +404,76 @@ def run_optuna(data, seed: int, trials: int, epochs: int, batch_size: int):
         for t in study.trials
     ]
     best = dict(points[study.best_trial.number], beta_2=0.999, epsilon=1e-7)
-    return points, best, wall, fit[0], None
+    return points, best, wall, fit[0], None, trained[0], anytime.points
+
+
+def run_kerastuner_hyperband(data, seed: int, epochs: int, batch_size: int, directory):
+    """KerasTuner's own `Hyperband` with `keras.optimizers.Adam`, as a Keras user runs it."""
+    import keras
+    import keras_tuner
+
+    x, y, _, _, classes = data
+    trained = [0]
+    anytime = Anytime()
+    fit = [0.0]
+
+    def build(hp):
+        eta = hp.Float("learning_rate", 1e-5, 1e-1, sampling="log")
+        one_minus = hp.Float("one_minus_beta_1", 0.01, 0.5, sampling="log")
+        keras.utils.set_random_seed(seed)
+        model = builder(x, classes)()
+        model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=eta, beta_1=1 - one_minus),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        )
+        return model
+
+    class Watch(keras.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            self.curve, self.began = [], time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            trained[0] += 1
+            self.curve.append(float(logs["val_loss"]))
+            self.last = epoch
+
+        def on_train_end(self, logs=None):
+            fit[0] += time.perf_counter() - self.began
+            if self.last + 1 == epochs:  # a trial that reached Hyperband's top bracket
+                anytime.add(settled(self.curve))
+
+    tuner = keras_tuner.Hyperband(
+        build, objective="val_loss", max_epochs=epochs, factor=3, seed=seed,
+        directory=directory, project_name="kt", overwrite=True, max_consecutive_failed_trials=10**9,
+    )  # fmt: skip
+    started = anytime.start()
+    tuner.search(x, y, batch_size=batch_size, validation_split=0.2, verbose=0, callbacks=[Watch()])
+    wall = time.perf_counter() - started
+    trials = list(tuner.oracle.trials.values())
+    points = [
+        {
+            "learning_rate": t.hyperparameters.values["learning_rate"],
+            "beta_1": 1 - t.hyperparameters.values["one_minus_beta_1"],
+        }
+        for t in trials
+    ]
+    values = tuner.oracle.get_best_trials(1)[0].hyperparameters.values
+    best = {
+        "learning_rate": values["learning_rate"],
+        "beta_1": 1 - values["one_minus_beta_1"],
+        "beta_2": 0.999,
+        "epsilon": 1e-7,
+    }
+    return points, best, wall, fit[0], None, trained[0], anytime.points
 
 
 def main(argv: list[str] | None = None) -> None:
     """Run the benchmark and write `benchmarks/results/tuning_search.json`."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks.tuning_search")
-    parser.add_argument("--problems", nargs="+", default=list(PROBLEMS), choices=PROBLEMS)
+    parser.add_argument(
+        "--problems", nargs="+", default=list(PROBLEMS[:4]), choices=PROBLEMS,
+        help="default: the four bundled ones (convnet and transformer take far longer)",
+    )  # fmt: skip
     parser.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=SYSTEMS)
     parser.add_argument("--seeds", type=int, default=2, help="search seeds per problem")
     parser.add_argument("--first-seed", type=int, default=0, help="the first search seed")
@@ -233,11 +482,23 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the rows of an existing tuning_search.json that this run does not redo",
     )  # fmt: skip
     parser.add_argument("--trials", type=int, default=20)
+    parser.add_argument("--asha-trials", type=int, default=60, help="configurations of asha")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="retrainings of each winner")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument(
+        "--plot", type=Path, default=None, metavar="PATH",
+        help="draw the anytime curves of every problem into PATH (a .png)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--plot-only", action="store_true", help="plot the saved results, run nothing"
+    )
     args = parser.parse_args(argv)
+    path = args.output / "tuning_search.json"
+    if args.plot_only:
+        plot_anytime(json.loads(path.read_text())["rows"], args.plot)
+        return
 
     from tuning.space import NAMES  # noqa: F401 - imports TensorFlow once, before timing
 
@@ -252,16 +513,30 @@ def main(argv: list[str] | None = None) -> None:
         for system in args.systems:
             for seed in range(args.first_seed, args.first_seed + args.seeds):
                 with tempfile.TemporaryDirectory() as directory:
-                    if system == "optuna":
-                        out = run_optuna(data, seed, args.trials, args.epochs, args.batch_size)
+                    if system.startswith("optuna"):
+                        pruned = system != "optuna"
+                        out = run_optuna(
+                            data, seed, args.asha_trials if pruned else args.trials,
+                            args.epochs, args.batch_size,
+                            pruner={"optuna": None, "optuna_hyperband": "hyperband",
+                                    "optuna_sh": "sh"}[system],
+                        )  # fmt: skip
                         guided_from = 10  # TPE's default n_startup_trials
+                    elif system == "kt_hyperband":
+                        out = run_kerastuner_hyperband(
+                            data, seed, args.epochs, args.batch_size, directory
+                        )
+                        guided_from = 0  # no model
                     else:
+                        trials = {"asha": args.asha_trials, "random2": 2 * args.trials}.get(
+                            system, args.trials
+                        )
                         out = run_tuning(
-                            system, data, seed, args.trials, args.epochs, args.batch_size,
+                            system, data, seed, trials, args.epochs, args.batch_size,
                             directory, args.repeats,
                         )  # fmt: skip
                         guided_from = initial
-                points, best, wall, fit, verdict = out
+                points, best, wall, fit, verdict, epochs_trained, anytime = out
                 guided = points[guided_from:]
                 losses = retrain(data, best, unseen, args.epochs, args.batch_size)
                 spread = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
@@ -273,6 +548,8 @@ def main(argv: list[str] | None = None) -> None:
                     "guided": len(guided),
                     "overhead": (wall - fit) / wall,
                     "wall": wall,
+                    "epochs_trained": epochs_trained,
+                    "anytime": anytime,
                     "test_loss": float(np.mean(losses)),
                     "test_spread": spread,
                     "default_test_loss": default_loss,
@@ -284,12 +561,57 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     args.output.mkdir(parents=True, exist_ok=True)
-    path = args.output / "tuning_search.json"
-    saved = {"args": vars(args) | {"output": str(args.output)}, "rows": rows}
+    arguments = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    saved = {"args": arguments, "rows": rows}
     if args.merge and path.exists():
         saved = merged(json.loads(path.read_text()), saved)
     path.write_text(json.dumps(saved, indent=1))
     print(summary(saved["rows"]))
+    if args.plot is not None:
+        plot_anytime(saved["rows"], args.plot)
+
+
+def anytime_mean(rows: list[dict], grid: np.ndarray) -> np.ndarray:
+    """The mean over `rows` (seeds) of the best settled score found by each time of `grid`.
+
+    NaN at the times some seed had not yet finished a full trial.
+    """
+    curves = []
+    for row in rows:
+        points = row.get("anytime") or []
+        times = np.array([t for t, _ in points])
+        scores = np.array([v for _, v in points])
+        found = np.searchsorted(times, grid, side="right") - 1
+        curves.append(np.where(found >= 0, scores[np.maximum(found, 0)], np.nan))
+    return np.mean(curves, axis=0)
+
+
+def plot_anytime(rows: list[dict], path: Path) -> None:
+    """One panel per problem: each system's `anytime_mean` against wall time."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    problems = [p for p in PROBLEMS if any(r["problem"] == p for r in rows)]
+    figure, axes = plt.subplots(1, len(problems), figsize=(4.2 * len(problems), 3.6))
+    for axis, problem in zip(np.atleast_1d(axes), problems, strict=True):
+        group = [r for r in rows if r["problem"] == problem and r.get("anytime")]
+        end = max(r["wall"] for r in group)
+        grid = np.linspace(0, end, 200)
+        for system in SYSTEMS:
+            runs = [r for r in group if r["system"] == system]
+            if runs:
+                axis.plot(grid, anytime_mean(runs, grid), label=f"{system} ({len(runs)})")
+        axis.set_title(problem)
+        axis.set_xlabel("wall seconds")
+        axis.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("best settled val_loss so far (mean over seeds)")
+    np.atleast_1d(axes)[-1].legend(fontsize=7)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
 
 
 def merged(old: dict, new: dict) -> dict:
@@ -314,7 +636,8 @@ def summary(rows: list[dict]) -> str:
     within about two standard errors is not a difference.
     """
     lines = [
-        f"{'problem':14} {'system':9} {'seeds':>5} {'edge':>5} {'overhead':>8} {'wall s':>7} "
+        f"{'problem':14} {'system':16} {'seeds':>5} {'edge':>5} {'overhead':>8} {'wall s':>7} "
+        f"{'epochs':>6} "
         f"{'test loss':>15} {'default':>7} {'minus ours':>16}  verdicts"
     ]
     keys = sorted(
@@ -337,8 +660,9 @@ def summary(rows: list[dict]) -> str:
             gap = f"{np.mean(gaps):+.4f} ± {error:.4f}"
         verdicts = Counter(r["verdict"]["use"] for r in group if r["verdict"])
         lines.append(
-            f"{problem:14} {system:9} {len(group):>5} {mean['edge']:>5.0%} "
+            f"{problem:14} {system:16} {len(group):>5} {mean['edge']:>5.0%} "
             f"{mean['overhead']:>8.0%} {mean['wall']:>7.1f} "
+            f"{np.mean([r.get('epochs_trained', 0) for r in group]):>6.0f} "
             f"{mean['test_loss']:>7.4f} ± {spread:.4f} {group[0]['default_test_loss']:>7.4f} "
             f"{gap:>16}  {', '.join(f'{k} {n}' for k, n in verdicts.items())}".rstrip()
         )

@@ -102,17 +102,51 @@ def test_tuning_search_benchmark_reports_edges_overhead_and_verdict(tmp_path):
     from benchmarks import tuning_search
 
     tuning_search.main(
-        ["--problems", "wine", "--systems", "ours", "previous", "--seeds", "1",
-         "--trials", "8", "--epochs", "2", "--repeats", "2", "--output", str(tmp_path)]
+        ["--problems", "wine", "--systems", "ours", "previous", "asha", "--seeds", "1",
+         "--trials", "8", "--asha-trials", "9", "--epochs", "3", "--repeats", "2",
+         "--output", str(tmp_path)]
     )  # fmt: skip
     rows = json.loads((tmp_path / "tuning_search.json").read_text())["rows"]
-    assert [r["system"] for r in rows] == ["ours", "previous"]
+    assert [r["system"] for r in rows] == ["ours", "previous", "asha"]
     for row in rows:
         assert 0 <= row["edge"] <= 1 and 0 < row["overhead"] < 1
-        assert len(row["points"]) == 8 and row["guided"] == 2
         assert np.isfinite(row["test_loss"])
+    assert [len(r["points"]) for r in rows] == [8, 8, 9]
+    assert [r["guided"] for r in rows] == [2, 2, 3]
+    # Full trials train all their epochs; ASHA (rungs at 1 and 3) most of them 1.
+    assert rows[0]["epochs_trained"] == rows[1]["epochs_trained"] == 8 * 3
+    assert 9 + 2 * 3 <= rows[2]["epochs_trained"] < 9 * 3
     assert rows[0]["verdict"]["use"] in ("tuned", "default")
     assert rows[1]["verdict"] is None
+    assert rows[2]["verdict"]["use"] in ("tuned", "default")
+
+
+@pytest.mark.slow
+def test_tuning_search_peers_record_their_epochs_and_anytime_curves(tmp_path):
+    from benchmarks import tuning_search
+
+    plot = tmp_path / "anytime.png"
+    tuning_search.main(
+        ["--problems", "wine", "--systems", "random2", "optuna_hyperband", "optuna_sh",
+         "kt_hyperband", "--seeds", "1", "--trials", "3", "--asha-trials", "9", "--epochs", "3",
+         "--repeats", "1", "--output", str(tmp_path), "--plot", str(plot)]
+    )  # fmt: skip
+    rows = {
+        r["system"]: r for r in json.loads((tmp_path / "tuning_search.json").read_text())["rows"]
+    }
+    assert len(rows["random2"]["points"]) == 6 and rows["random2"]["epochs_trained"] == 18
+    for system in ("optuna_hyperband", "optuna_sh"):
+        assert len(rows[system]["points"]) == 9
+        assert rows[system]["epochs_trained"] <= 9 * 3
+    # KerasTuner's Hyperband with max_epochs=3, factor 3: brackets of 1 and 3 epochs.
+    assert rows["kt_hyperband"]["epochs_trained"] < len(rows["kt_hyperband"]["points"]) * 3
+    for row in rows.values():
+        assert np.isfinite(row["test_loss"])
+        times = [t for t, _ in row["anytime"]]
+        best = [v for _, v in row["anytime"]]
+        assert times == sorted(times) and 0 < times[-1] <= row["wall"]
+        assert best == sorted(best, reverse=True)  # the best so far never worsens
+    assert plot.stat().st_size > 10_000
 
 
 def test_tuning_search_merge_keeps_the_rows_a_run_does_not_redo():
