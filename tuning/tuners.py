@@ -26,6 +26,7 @@ carries it as well.)
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import gc
@@ -279,6 +280,11 @@ class AdamAsha(AdamTuner):
     #: Seconds a worker waits before asking again when the oracle has nothing for it yet.
     idle_seconds = 0.5
 
+    #: Models of the last trials that ended a rung, kept in memory to continue
+    #: without a rebuild, a checkpoint load and a new trace of `fit`'s step
+    #: (ASHA often promotes a trial that just ended its rung); 0: always load.
+    cached_models = 2
+
     continues_trials = True
 
     def __init__(self, oracle: asha.AshaOracle, *args: Any, **kwargs: Any) -> None:
@@ -289,6 +295,10 @@ class AdamAsha(AdamTuner):
         super().__init__(oracle, *args, **kwargs)
         self._asked = False
         self._resume: tuple[str, str] | None = None
+        self._model: keras.Model | None = None
+        self._cache: collections.OrderedDict[str, tuple[int, keras.Model]] = (
+            collections.OrderedDict()
+        )
 
     def checkpoint_path(self, trial_id: str, epochs: int) -> str:
         """Where the trial's state after `epochs` epochs is saved."""
@@ -312,10 +322,13 @@ class AdamAsha(AdamTuner):
         self._resume = None
         if start:
             self._resume = (trial.trial_id, self.checkpoint_path(trial.trial_id, start))
+        callbacks = list(kwargs.get("callbacks", []))
+        if start:
+            # The continued epochs draw their own shuffles, not the first epochs' again.
+            callbacks.append(Reseed(self.hypermodel.seed + start))
         if end < self.last_rung:
-            checkpoint = RungCheckpoint(self.checkpoint_path(trial.trial_id, end))
-            kwargs["callbacks"] = [*kwargs.get("callbacks", []), checkpoint]
-        return super().run_trial(trial, *args, **kwargs)
+            callbacks.append(RungCheckpoint(self.checkpoint_path(trial.trial_id, end)))
+        return super().run_trial(trial, *args, **{**kwargs, "callbacks": callbacks})
 
     def _run_and_update_trial(self, trial: Any, *fit_args: Any, **fit_kwargs: Any) -> None:
         """Train the rung and report each of its epochs to the oracle, at its epoch.
@@ -328,8 +341,14 @@ class AdamAsha(AdamTuner):
         results = self.run_trial(trial, *fit_args, **fit_kwargs)
         tuner_utils.validate_trial_results(results, self.oracle.objective, "Tuner.run_trial()")
         start = trial.hyperparameters.values[asha.INITIAL_EPOCH_KEY]
+        end = trial.hyperparameters.values[asha.EPOCHS_KEY]
         logs = self.hypermodel.history or {}
         epochs = max((len(values) for values in logs.values()), default=0)
+        if self.cached_models and end < self.last_rung and start + epochs == end:
+            self._cache[trial.trial_id] = (end, self._model)
+            while len(self._cache) > self.cached_models:
+                self._cache.popitem(last=False)
+        self._model = None
         settled = results[0].history.get(SETTLED_METRIC, [None])[-1]
         for index in range(epochs):
             metrics = {k: v[index] for k, v in logs.items() if index < len(v)}
@@ -337,13 +356,22 @@ class AdamAsha(AdamTuner):
                 metrics[SETTLED_METRIC] = settled
             self.oracle.update_trial(trial.trial_id, metrics, step=start + index)
 
+    def _try_build(self, hp: keras_tuner.HyperParameters) -> keras.Model:
+        """The trial's model: kept in memory from its last rung, or built (and restored)."""
+        start = hp.values[asha.INITIAL_EPOCH_KEY]
+        cached = self._cache.pop(self._resume[0], None) if self._resume else None
+        if cached is not None and cached[0] == start:
+            keras.backend.clear_session()  # as KerasTuner does before each build
+            self._model = cached[1]
+        else:
+            self._model = super()._try_build(hp)
+        return self._model
+
     def _build_hypermodel(self, hp: keras_tuner.HyperParameters) -> keras.Model:
         model = super()._build_hypermodel(hp)
         if self._resume is not None:
             trial_id, checkpoint = self._resume
             restore(model, self._get_build_config_fname(trial_id), checkpoint)
-            # The continued epochs draw their own shuffles, not the first epochs' again.
-            keras.utils.set_random_seed(self.hypermodel.seed + hp.values[asha.INITIAL_EPOCH_KEY])
         return model
 
     def on_trial_end(self, trial: Any) -> None:
@@ -361,6 +389,28 @@ class AdamAsha(AdamTuner):
             if name.startswith("after_") and name.endswith(".weights.h5") and name != kept:
                 with contextlib.suppress(FileNotFoundError):
                     os.remove(os.path.join(directory, name))
+
+
+class Reseed(keras.callbacks.Callback):
+    """Sets the random seed as training begins (after `fit`'s own set-up has drawn from it).
+
+    A continued trial's shuffles then depend only on the seed: the same
+    whether its model was kept in memory or built and loaded, which draw
+    different amounts of randomness before training begins on JAX and
+    PyTorch.
+
+    Args:
+        seed: The seed, for `keras.utils.set_random_seed`.
+    """
+
+    def __init__(self, seed: int) -> None:
+        """See the class docstring."""
+        super().__init__()
+        self.seed = seed
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        """Seed Python, NumPy and the backends."""
+        keras.utils.set_random_seed(self.seed)
 
 
 class RungCheckpoint(keras.callbacks.Callback):

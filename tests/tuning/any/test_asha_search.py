@@ -201,3 +201,34 @@ def test_tensorboard_runs_go_on_across_rungs(data, tmp_path, probe):
         np.testing.assert_allclose(
             [v for _, v in scalars[SETTLED_TAG]], [v for _, v in expected], rtol=1e-6
         )
+
+
+def test_a_model_kept_in_memory_continues_exactly_as_one_loaded(data, tmp_path, monkeypatch):
+    from tuning import tuners
+
+    loads = []
+    restore = tuners.restore
+
+    def counted(*args):
+        loads.append(args[-1])
+        return restore(*args)
+
+    monkeypatch.setattr(tuners, "restore", counted)
+    histories = {}
+    for cached in (0, 2):
+        monkeypatch.setattr(tuners.AdamAsha, "cached_models", cached)
+        loads.clear()
+        result = run(data, tmp_path / str(cached))
+        promoted = sum(r.epochs == 3 for r in result.trials)
+        histories[cached] = {
+            r.trial_id: json.load(
+                open(os.path.join(result.project_dir, f"trial_{r.trial_id}", "history.json"))
+            )
+            for r in result.trials
+        }
+        # Without the cache every promotion loads its checkpoint; with it, few do.
+        assert len(loads) == promoted if cached == 0 else len(loads) < promoted
+    assert histories[0].keys() == histories[2].keys()
+    for trial_id, history in histories[0].items():
+        for key, values in history.items():
+            np.testing.assert_allclose(histories[2][trial_id][key], values, rtol=1e-6, err_msg=key)
