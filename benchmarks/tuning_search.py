@@ -10,8 +10,9 @@ data split, model and initial weights:
   (UCB, β=2.6) with its per-trial checkpoints, random first trial;
 - `optuna`: Optuna's TPE sampler on the same space (`pip install ".[benchmarks]"`);
 - `asha`: `tuning.search(tuner="asha")` on the same space, with
-  `--asha-trials` configurations (default 60: about the epochs of 20 full
-  trials), rungs at 2, 5 and 15 epochs;
+  `--asha-trials` configurations (default 30: about 0.85 of the epochs of
+  20 full trials), rungs at 5 and 15 epochs (`--asha-min-epochs 1`: 2, 5
+  and 15);
 - `random2`: `tuning.search(tuner="random")` with twice `--trials`, the
   classic baseline of the multi-fidelity papers;
 - `optuna_hyperband`, `optuna_sh`: Optuna's TPE with its `HyperbandPruner`
@@ -237,7 +238,7 @@ def retrain(data, values: dict, seeds: list[int], epochs: int, batch_size: int) 
 
 def run_tuning(
     system: str, data, seed: int, trials: int, epochs: int, batch_size: int, directory,
-    repeats: int,
+    repeats: int, min_epochs: int | None = None,
 ):  # fmt: skip
     """One search with `tuning.search` ("ours", "previous" or "asha").
 
@@ -277,6 +278,7 @@ def run_tuning(
             overwrite=True, on_trial_end=trial_ended,
             comparison_repeats=repeats if system != "previous" else 0,
             space=AdamSearchSpace(tuned=("learning_rate", "beta_1")),
+            **({"min_epochs": min_epochs} if system == "asha" else {}),
         )  # fmt: skip
         wall = ended[0] - started
     finally:
@@ -482,7 +484,10 @@ def main(argv: list[str] | None = None) -> None:
         help="keep the rows of an existing tuning_search.json that this run does not redo",
     )  # fmt: skip
     parser.add_argument("--trials", type=int, default=20)
-    parser.add_argument("--asha-trials", type=int, default=60, help="configurations of asha")
+    parser.add_argument("--asha-trials", type=int, default=30, help="configurations of asha")
+    parser.add_argument(
+        "--asha-min-epochs", type=int, default=None, help="asha's first rung (default: its own)"
+    )
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="retrainings of each winner")
@@ -533,7 +538,7 @@ def main(argv: list[str] | None = None) -> None:
                         )
                         out = run_tuning(
                             system, data, seed, trials, args.epochs, args.batch_size,
-                            directory, args.repeats,
+                            directory, args.repeats, args.asha_min_epochs,
                         )  # fmt: skip
                         guided_from = initial
                 points, best, wall, fit, verdict, epochs_trained, anytime = out
@@ -593,7 +598,9 @@ def plot_anytime(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    problems = [p for p in PROBLEMS if any(r["problem"] == p for r in rows)]
+    problems = [p for p in PROBLEMS if any(r["problem"] == p and r.get("anytime") for r in rows)]
+    if not problems:
+        raise ValueError("No row has an anytime curve to plot (rows saved before they were kept).")
     figure, axes = plt.subplots(1, len(problems), figsize=(4.2 * len(problems), 3.6))
     for axis, problem in zip(np.atleast_1d(axes), problems, strict=True):
         group = [r for r in rows if r["problem"] == problem and r.get("anytime")]

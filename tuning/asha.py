@@ -5,8 +5,10 @@
 with proposals from the Bayesian model of `tuning.oracles.BayesianOracle`:
 
 - **Rungs.** Training is cut into rungs of epochs (`rung_epochs`): with
-  `epochs=15`, `reduction_factor=3` and `min_epochs=1`, the rungs end at
-  epochs 2, 5 and 15. Every new configuration trains to the first rung.
+  `epochs=15` and `reduction_factor=3` the rungs end at epochs 5 and 15
+  (the default `min_epochs`, `default_min_epochs`, is a third of the
+  epochs); with `min_epochs=1` at 2, 5 and 15. Every new configuration
+  trains to the first rung.
 - **Promotion.** A trial that finished rung k goes on to rung k + 1 when
   its score at rung k (`rung_score`: the settled score of its first r_k
   epochs, the score the winner is chosen by) is among the best
@@ -56,12 +58,21 @@ INITIAL_EPOCH_KEY = "tuner/initial_epoch"
 
 #: Default `reduction_factor`: a third of each rung's trials goes on.
 REDUCTION_FACTOR = 3
-#: Default `min_epochs`: the first rung's least epochs.
-MIN_EPOCHS = 1
+
+
+def default_min_epochs(epochs: int, reduction_factor: int = REDUCTION_FACTOR) -> int:
+    """The first rung's least epochs when none is given: `epochs / reduction_factor`, rounded.
+
+    So by default a search has two rungs (5 and 15 of 15 epochs). Rungs
+    of fewer epochs rank Adam's η by how fast a trial starts, not where it
+    ends: on the tuning guide's problems a first rung at 2 of 15 epochs
+    promoted large-η trials that ended worse (docs/tuning.md measures it).
+    """
+    return max(1, round(epochs / reduction_factor))
 
 
 def rung_epochs(
-    epochs: int, min_epochs: int = MIN_EPOCHS, reduction_factor: int = REDUCTION_FACTOR
+    epochs: int, min_epochs: int | None = None, reduction_factor: int = REDUCTION_FACTOR
 ) -> tuple[int, ...]:
     """The epochs at which the rungs end: `epochs / reduction_factor**k`, rounded, ≥ `min_epochs`.
 
@@ -71,6 +82,7 @@ def rung_epochs(
     Args:
         epochs: The last rung: a trial that is never stopped trains this many epochs.
         min_epochs: The least epochs of the first rung; at most `epochs`.
+            None: `default_min_epochs`.
         reduction_factor: The ratio of consecutive rungs' epochs, and the
             inverse of the share of a rung's trials that goes on; at least 2.
 
@@ -82,8 +94,10 @@ def rung_epochs(
             in its range, or a `min_epochs` above `epochs`.
     """
     validation.integer("epochs", epochs, 1)
-    validation.integer("min_epochs", min_epochs, 1)
     validation.integer("reduction_factor", reduction_factor, 2)
+    if min_epochs is None:
+        min_epochs = default_min_epochs(epochs, reduction_factor)
+    validation.integer("min_epochs", min_epochs, 1)
     if min_epochs > epochs:
         raise ValueError(
             "Argument `min_epochs` must be at most `epochs` (the last rung). "
@@ -129,7 +143,8 @@ class AshaOracle(BayesianOracle):
 
     Args:
         epochs: The epochs of the last rung (a trial never stopped trains this many).
-        min_epochs: The least epochs of the first rung (`rung_epochs`).
+        min_epochs: The least epochs of the first rung (`rung_epochs`);
+            None: `default_min_epochs`.
         reduction_factor: Rung ratio and inverse promoted share (`rung_epochs`).
         **kwargs: `BayesianOracle` arguments; `max_trials` (required)
             counts configurations.
@@ -142,7 +157,7 @@ class AshaOracle(BayesianOracle):
         self,
         *,
         epochs: int,
-        min_epochs: int = MIN_EPOCHS,
+        min_epochs: int | None = None,
         reduction_factor: int = REDUCTION_FACTOR,
         **kwargs: Any,
     ) -> None:
@@ -307,7 +322,7 @@ class AshaOracle(BayesianOracle):
         return observed
 
 
-def describe(epochs: int, min_epochs: int, reduction_factor: int) -> str:
+def describe(epochs: int, min_epochs: int | None, reduction_factor: int) -> str:
     """One phrase for the rungs, e.g. "rungs at 2, 5, 15 epochs, a third going on"."""
     rungs = ", ".join(str(r) for r in rung_epochs(epochs, min_epochs, reduction_factor))
     share = {2: "a half", 3: "a third", 4: "a quarter"}.get(reduction_factor)

@@ -107,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=None,
         metavar="N",
-        help="asha: the least epochs of the first rung (default: 1)",
+        help="asha: the least epochs of the first rung (default: a third of --epochs)",
     )
     budget.add_argument(
         "--reduction-factor",
@@ -345,9 +345,11 @@ def _run(args: argparse.Namespace, stream: Any) -> int:
     rungs = {}
     if args.tuner == "asha":
         rungs = {
-            "min_epochs": asha.MIN_EPOCHS if args.min_epochs is None else args.min_epochs,
+            "min_epochs": args.min_epochs,
             "reduction_factor": args.reduction_factor or asha.REDUCTION_FACTOR,
         }
+        if rungs["min_epochs"] is None:
+            rungs["min_epochs"] = asha.default_min_epochs(args.epochs, rungs["reduction_factor"])
         if rungs["min_epochs"] > args.epochs:
             raise UsageError(
                 f"argument --min-epochs: must be at most --epochs ({args.epochs}), "

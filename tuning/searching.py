@@ -150,12 +150,13 @@ def search(
         max_trials: The trial budget (it also picks what is searched, see
             `AdamSearchSpace`); None: 20 (`space.DEFAULT_MAX_TRIALS`). For
             Hyperband, a cap on its own count (None: no cap). For ASHA, the
-            number of configurations; None: 60
-            (`tuning.tuners.ASHA_MAX_TRIALS`), which train about as many
-            epochs as 20 full trials.
+            number of configurations; None: 30
+            (`tuning.tuners.ASHA_MAX_TRIALS`), which train about 0.85 of
+            the epochs of 20 full trials.
         epochs: Epochs per trial (Hyperband's and ASHA's maximum).
         min_epochs: ASHA only: the least epochs of the first rung (default
-            1; the rungs are `tuning.asha.rung_epochs`).
+            a third of `epochs`, `tuning.asha.default_min_epochs`; the rungs
+            are `tuning.asha.rung_epochs`).
         reduction_factor: ASHA only: the ratio of consecutive rungs'
             epochs, and the inverse of the share of trials that go on
             (default 3; at least 2).
@@ -294,9 +295,10 @@ class SearchPlan:
                     f"Received: {name}={getattr(plan, name)!r} with tuner={plan.tuner!r}"
                 )
         if plan.tuner == "asha":
-            plan.min_epochs = asha.MIN_EPOCHS if plan.min_epochs is None else plan.min_epochs
             if plan.reduction_factor is None:
                 plan.reduction_factor = asha.REDUCTION_FACTOR
+            if plan.min_epochs is None:
+                plan.min_epochs = asha.default_min_epochs(plan.epochs, plan.reduction_factor)
             asha.rung_epochs(plan.epochs, plan.min_epochs, plan.reduction_factor)  # or raise
         if plan.validation_data is None and not 0 < plan.validation_split < 1:
             raise ValueError(

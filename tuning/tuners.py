@@ -55,13 +55,14 @@ from tuning.tensorboard import TrialLog
 #: Tuner names accepted by `make_tuner` and the `--tuner` option.
 TUNERS = ("random", "bayesian", "hyperband", "grid", "asha")
 
-#: Configurations an ASHA search tries by default: about the time of
-#: `space.DEFAULT_MAX_TRIALS` full trials (most stop at the first rung).
-ASHA_MAX_TRIALS = 60
+#: Configurations an ASHA search tries by default: with its default two
+#: rungs, about 0.85 of the epochs of `space.DEFAULT_MAX_TRIALS` full trials
+#: (30 × a third of the epochs, then a third of them to the end).
+ASHA_MAX_TRIALS = 30
 
 
 def default_max_trials(tuner: str) -> int | None:
-    """The budget of a search that names none: 20 trials; ASHA 60 configurations.
+    """The budget of a search that names none: 20 trials; ASHA 30 configurations.
 
     Hyperband's is None: the number of trials its brackets make.
     """
@@ -483,7 +484,7 @@ def make_oracle(
     max_trials: int | None,
     epochs: int,
     seed: int,
-    min_epochs: int = asha.MIN_EPOCHS,
+    min_epochs: int | None = None,
     reduction_factor: int = asha.REDUCTION_FACTOR,
 ) -> keras_tuner.Oracle:
     """The oracle (search algorithm, see `tuning.oracles` and `tuning.asha`) for a tuner name.
@@ -496,7 +497,7 @@ def make_oracle(
             number of configurations.
         epochs: Training epochs per trial (Hyperband's and ASHA's most).
         seed: The search's seed; 0 is a seed like any other.
-        min_epochs: ASHA: the first rung's least epochs.
+        min_epochs: ASHA: the first rung's least epochs (None: a third of `epochs`).
         reduction_factor: ASHA: the rungs' ratio (`asha.rung_epochs`).
 
     Returns:

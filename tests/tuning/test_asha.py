@@ -29,6 +29,13 @@ OBJECTIVE = keras_tuner.Objective("val_loss", "min")
         (20, 2, 4, (5, 20)),
         (4, 4, 3, (4,)),
         (1, 1, 3, (1,)),
+        # The default first rung: a third of the epochs.
+        (15, None, 3, (5, 15)),
+        (9, None, 3, (3, 9)),
+        (27, None, 3, (9, 27)),
+        (16, None, 2, (8, 16)),
+        (3, None, 3, (1, 3)),
+        (1, None, 3, (1,)),
     ],
 )
 def test_rungs_divide_the_epochs_by_the_reduction_factor(epochs, min_epochs, factor, rungs):
@@ -78,9 +85,15 @@ def curve(values, epoch):
     return floor + (2.3 - floor) * math.exp(-speed * (epoch + 1))
 
 
-def oracle_for(tmp_path, *, max_trials=27, epochs=9, seed=0, **rungs):
+def oracle_for(tmp_path, *, max_trials=27, epochs=9, seed=0, min_epochs=1, **rungs):
     oracle = tuners.make_oracle(
-        "asha", objective=OBJECTIVE, max_trials=max_trials, epochs=epochs, seed=seed, **rungs
+        "asha",
+        objective=OBJECTIVE,
+        max_trials=max_trials,
+        epochs=epochs,
+        seed=seed,
+        min_epochs=min_epochs,
+        **rungs,
     )
     oracle._set_project_dir(str(tmp_path), "search")
     oracle.verbose = 0

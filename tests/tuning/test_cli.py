@@ -204,7 +204,7 @@ def test_python_and_the_command_line_share_the_epochs_default():
     assert defaults["max_trials"].default is None
     assert cli.build_parser().parse_args([]).max_trials is None
     assert default_max_trials("bayesian") == cli.DEFAULT_MAX_TRIALS == 20
-    assert default_max_trials("asha") == 60 and default_max_trials("hyperband") is None
+    assert default_max_trials("asha") == 30 and default_max_trials("hyperband") is None
 
 
 def test_another_search_in_the_same_project_exits_2_naming_what_changed(tmp_path, capsys):

@@ -175,11 +175,11 @@ def test_bad_asha_arguments_name_themselves_before_anything_is_written(
 
 
 def test_resuming_with_another_strategy_is_refused(data, tmp_path):
-    run(data, tmp_path, max_trials=2, epochs=1)
-    for other in ({"tuner": "bayesian"}, {"reduction_factor": 2}):
+    run(data, tmp_path, max_trials=2, epochs=3)  # rungs at 1 and 3 epochs
+    for other in ({"tuner": "bayesian"}, {"reduction_factor": 2}, {"min_epochs": 3}):
         with pytest.raises(SearchMismatchError, match=r"changed: tuner.*overwrite=True"):
-            run(data, tmp_path, max_trials=2, epochs=1, **other)
-    again = run(data, tmp_path, max_trials=2, epochs=1, min_epochs=1)  # the default: resumes
+            run(data, tmp_path, max_trials=2, epochs=3, **other)
+    again = run(data, tmp_path, max_trials=2, epochs=3, min_epochs=1)  # the default: resumes
     assert len(again.trials) == 2
 
 
