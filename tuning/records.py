@@ -103,8 +103,8 @@ def best_trial(trials: Sequence[TrialRecord], direction: str) -> TrialRecord | N
     last `SETTLED_EPOCHS` epochs; if any completed trial has no settled
     score (one saved without its per-epoch logs), the best `score` decides
     for all. Ties go to the earlier trial. Only `final` trials compete (in
-    an ASHA search, those that trained all epochs or stopped early), unless
-    none completed.
+    an ASHA search, those that trained all epochs or stopped early); if no
+    final trial completed, every completed trial does.
 
     Args:
         trials: The search's trials, in trial order.

@@ -155,8 +155,9 @@ def search(
             the epochs of 20 full trials.
         epochs: Epochs per trial (Hyperband's and ASHA's maximum).
         min_epochs: ASHA only: the least epochs of the first rung (default
-            a third of `epochs`, `tuning.asha.default_min_epochs`; the rungs
-            are `tuning.asha.rung_epochs`).
+            `epochs / reduction_factor`, rounded: a third of them,
+            `tuning.asha.default_min_epochs`; the rungs are
+            `tuning.asha.rung_epochs`).
         reduction_factor: ASHA only: the ratio of consecutive rungs'
             epochs, and the inverse of the share of trials that go on
             (default 3; at least 2).
@@ -297,6 +298,7 @@ class SearchPlan:
         if plan.tuner == "asha":
             if plan.reduction_factor is None:
                 plan.reduction_factor = asha.REDUCTION_FACTOR
+            validation.integer("reduction_factor", plan.reduction_factor, 2)
             if plan.min_epochs is None:
                 plan.min_epochs = asha.default_min_epochs(plan.epochs, plan.reduction_factor)
             asha.rung_epochs(plan.epochs, plan.min_epochs, plan.reduction_factor)  # or raise

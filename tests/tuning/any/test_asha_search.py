@@ -153,6 +153,7 @@ def test_a_killed_search_resumes_losing_only_the_rung_in_flight(data, tmp_path, 
     ("kwargs", "match"),
     [
         ({"reduction_factor": 1}, r"`reduction_factor` must be an integer >= 2.*1"),
+        ({"reduction_factor": "3"}, r"`reduction_factor` must be an integer >= 2.*'3'"),
         ({"min_epochs": 0}, r"`min_epochs` must be a positive integer.*0"),
         ({"min_epochs": 4}, r"`min_epochs` must be at most `epochs`.*min_epochs=4, epochs=3"),
         ({"max_trials": 0}, r"`max_trials` must be a positive integer.*0"),
