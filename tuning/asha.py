@@ -42,6 +42,7 @@ on dropped first.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import keras_tuner
@@ -203,8 +204,8 @@ class AshaOracle(BayesianOracle):
         sign = -1.0 if self.objective.direction == "max" else 1.0
 
         def key(member: tuple[Any, float | None]) -> tuple:
-            trial, score = member
-            finite = score is not None and score == score and abs(score) != float("inf")
+            score = member[1]
+            finite = score is not None and math.isfinite(score)
             return (0, sign * score) if finite else (1, 0.0)
 
         return [trial for trial, _ in sorted(members, key=key)]
@@ -225,11 +226,8 @@ class AshaOracle(BayesianOracle):
             if spent:
                 quota = max(quota, 1)
             for trial in self._ranked(members)[:quota]:
-                if (
-                    trial.status == "COMPLETED"
-                    and self.target(trial) == self.rungs[k]
-                    and len(observed_epochs(trial, self.objective.name)) >= self.rungs[k]
-                ):
+                # A completed member has the rung's epochs; one not yet promoted targets them.
+                if trial.status == "COMPLETED" and self.target(trial) == self.rungs[k]:
                     return trial, k
         return None
 
@@ -311,15 +309,13 @@ class AshaOracle(BayesianOracle):
         """
         k = self.model_rung()
         observed = [(t, s) for t, s in self._rung_members(k) if s is not None]
-        seen = {t.trial_id for t, _ in observed}
-        for trial in self.trials.values():
-            if (
-                trial.status == "FAILED"
-                and trial.trial_id not in seen
-                and self.target(trial) <= self.rungs[k]
-            ):
-                observed.append((trial, None))
-        return observed
+        # A trial failed in rung k or below has fewer epochs: it is not among those.
+        failed = [
+            (t, None)
+            for t in self.trials.values()
+            if t.status == "FAILED" and self.target(t) <= self.rungs[k]
+        ]
+        return observed + failed
 
 
 def describe(epochs: int, min_epochs: int | None, reduction_factor: int) -> str:
