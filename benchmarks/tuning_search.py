@@ -261,13 +261,13 @@ def run_tuning(
         oracles.BayesianOracle = keras_tuner.oracles.BayesianOptimizationOracle
         tuners.AdamTuner.checkpoints = True
         tuners.frozen_heap = contextlib.nullcontext
-    ended = [0.0]
-    anytime = Anytime()
+    ended = [0.0, 0.0]  # when the last trial ended, and the seconds scoring had taken by then
+    anytime = Anytime((x_test, y_test))
 
     def trial_ended(record) -> None:
         if record.final and record.epochs == epochs and record.settled is not None:
             anytime.add(record.settled)
-        ended[0] = time.perf_counter()
+        ended[:] = time.perf_counter(), anytime.paused
 
     try:
         started = anytime.start()
@@ -276,14 +276,16 @@ def run_tuning(
             tuner=TUNING_SYSTEMS[system], max_trials=trials,
             epochs=epochs, batch_size=batch_size, seed=seed, directory=directory,
             overwrite=True, on_trial_end=trial_ended,
+            callbacks=[full_trial_scorer(anytime, epochs)],
             comparison_repeats=repeats if system != "previous" else 0,
             space=AdamSearchSpace(tuned=("learning_rate", "beta_1")),
             **({"min_epochs": min_epochs} if system == "asha" else {}),
         )  # fmt: skip
-        wall = ended[0] - started
+        wall = ended[0] - started - ended[1]
     finally:
         oracles.BayesianOracle, tuners.AdamTuner.checkpoints, tuners.frozen_heap = saved
-    fit = sum(record.fit_seconds or 0.0 for record in result.trials)
+    # The trials' `fit` seconds hold the test scoring done in their callbacks.
+    fit = sum(record.fit_seconds or 0.0 for record in result.trials) - ended[1]
     points = [r.hyperparameters for r in result.trials]
     comparison = result.comparison
     verdict = None
@@ -300,23 +302,70 @@ def run_tuning(
 
 
 class Anytime:
-    """The anytime curve of a search: (seconds since its start, best settled score so far)."""
+    """The anytime curve of a search, held out: what it has found by each moment.
 
-    def __init__(self) -> None:
-        self.points: list[tuple[float, float]] = []
+    A point is `(seconds, settled, test)`, added as a trial finishes all its
+    epochs: the seconds since the search began, the best settled score
+    (validation) of such trials so far, and the test-split loss of the
+    trial that holds it, evaluated as it ended (`score`). Scoring is off
+    the clock: `paused` seconds are left out of the points' times and of
+    the search's wall time.
+    """
+
+    def __init__(self, test_data) -> None:
+        self.points: list[tuple[float, float, float]] = []
         self.started = 0.0
+        self.paused = 0.0
+        self.test_data = test_data
+        self.last_test = float("nan")
 
     def start(self) -> float:
         """Start the clock; its start, in `time.perf_counter` seconds."""
         self.started = time.perf_counter()
         return self.started
 
+    def score(self, model) -> None:
+        """Evaluate a model that has trained all its epochs on the test split, off the clock."""
+        began = time.perf_counter()
+        value = model.evaluate(*self.test_data, verbose=0)
+        self.last_test = float(value[0] if isinstance(value, list) else value)
+        self.paused += time.perf_counter() - began
+
     def add(self, settled: float) -> None:
-        """A trial finished all its epochs with this settled score."""
+        """A trial finished all its epochs with this settled score (and the last `score`)."""
         if not math.isfinite(settled):
             return
-        best = min([settled] + [score for _, score in self.points[-1:]])
-        self.points.append((time.perf_counter() - self.started, best))
+        seconds = time.perf_counter() - self.started - self.paused
+        if self.points and self.points[-1][1] <= settled:
+            self.points.append((seconds, *self.points[-1][1:]))
+        else:
+            self.points.append((seconds, settled, self.last_test))
+
+
+def full_trial_scorer(anytime: Anytime, epochs: int):
+    """A Keras callback that `anytime.score`s the model of every run that reaches `epochs`.
+
+    KerasTuner deep-copies a search's callbacks for each trial; the callback
+    reaches `anytime` through a closure, which deep copies share.
+    """
+    import keras
+
+    def score(model) -> None:
+        anytime.score(model)
+
+    class ScoreFullTrials(keras.callbacks.Callback):
+        def __init__(self) -> None:
+            super().__init__()
+            self.last = -1
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.last = epoch
+
+        def on_train_end(self, logs=None):
+            if self.last + 1 == epochs:
+                score(self.model)
+
+    return ScoreFullTrials()
 
 
 def settled(losses: list[float]) -> float:
@@ -341,10 +390,10 @@ def run_optuna(
     import keras_adam
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    x, y, _, _, classes = data
+    x, y, x_test, y_test, classes = data
     fit = [0.0]
     trained = [0]
-    anytime = Anytime()
+    anytime = Anytime((x_test, y_test))
 
     class Report(keras.callbacks.Callback):
         """Reports each epoch's validation loss to Optuna, and stops a pruned trial."""
@@ -384,6 +433,7 @@ def run_optuna(
             raise optuna.TrialPruned()
         curve = history.history["val_loss"]
         if len(curve) == epochs:
+            anytime.score(model)
             anytime.add(settled(curve))
         losses = [v for v in curve if math.isfinite(v)]
         return min(losses) if losses else float("inf")
@@ -400,7 +450,7 @@ def run_optuna(
     )
     started = anytime.start()
     study.optimize(objective, n_trials=trials)
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - started - anytime.paused
     points = [
         {"learning_rate": t.params["learning_rate"], "beta_1": 1 - t.params["one_minus_beta_1"]}
         for t in study.trials
@@ -414,9 +464,9 @@ def run_kerastuner_hyperband(data, seed: int, epochs: int, batch_size: int, dire
     import keras
     import keras_tuner
 
-    x, y, _, _, classes = data
+    x, y, x_test, y_test, classes = data
     trained = [0]
-    anytime = Anytime()
+    anytime = Anytime((x_test, y_test))
     fit = [0.0]
 
     def build(hp):
@@ -442,6 +492,7 @@ def run_kerastuner_hyperband(data, seed: int, epochs: int, batch_size: int, dire
         def on_train_end(self, logs=None):
             fit[0] += time.perf_counter() - self.began
             if self.last + 1 == epochs:  # a trial that reached Hyperband's top bracket
+                anytime.score(self.model)
                 anytime.add(settled(self.curve))
 
     tuner = keras_tuner.Hyperband(
@@ -450,7 +501,7 @@ def run_kerastuner_hyperband(data, seed: int, epochs: int, batch_size: int, dire
     )  # fmt: skip
     started = anytime.start()
     tuner.search(x, y, batch_size=batch_size, validation_split=0.2, verbose=0, callbacks=[Watch()])
-    wall = time.perf_counter() - started
+    wall = time.perf_counter() - started - anytime.paused
     trials = list(tuner.oracle.trials.values())
     points = [
         {
@@ -491,6 +542,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3, help="retrainings of each winner")
+    parser.add_argument(
+        "--no-verdict", action="store_true",
+        help="skip the searches' own comparison with default Adam (it runs after the wall time)",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument(
         "--plot", type=Path, default=None, metavar="PATH",
@@ -515,8 +570,9 @@ def main(argv: list[str] | None = None) -> None:
         default_loss = float(
             np.mean(retrain(data, {"learning_rate": 1e-3}, unseen, args.epochs, args.batch_size))
         )
-        for system in args.systems:
-            for seed in range(args.first_seed, args.first_seed + args.seeds):
+        # Seed by seed, so that a run cut short still holds paired rows (printed as they come).
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
+            for system in args.systems:
                 with tempfile.TemporaryDirectory() as directory:
                     if system.startswith("optuna"):
                         pruned = system != "optuna"
@@ -538,7 +594,8 @@ def main(argv: list[str] | None = None) -> None:
                         )
                         out = run_tuning(
                             system, data, seed, trials, args.epochs, args.batch_size,
-                            directory, args.repeats, args.asha_min_epochs,
+                            directory, 0 if args.no_verdict else args.repeats,
+                            args.asha_min_epochs,
                         )  # fmt: skip
                         guided_from = initial
                 points, best, wall, fit, verdict, epochs_trained, anytime = out
@@ -576,23 +633,41 @@ def main(argv: list[str] | None = None) -> None:
         plot_anytime(saved["rows"], args.plot)
 
 
-def anytime_mean(rows: list[dict], grid: np.ndarray) -> np.ndarray:
-    """The mean over `rows` (seeds) of the best settled score found by each time of `grid`.
+def anytime_mean(rows: list[dict], grid: np.ndarray, held_out: bool = True) -> np.ndarray:
+    """The mean over `rows` (seeds) of what each had found by each time of `grid`.
 
-    NaN at the times some seed had not yet finished a full trial.
+    With `held_out`, the test loss of the best trial so far; else its
+    settled validation score. NaN at the times some seed had not yet
+    finished a full trial.
     """
     curves = []
     for row in rows:
         points = row.get("anytime") or []
-        times = np.array([t for t, _ in points])
-        scores = np.array([v for _, v in points])
+        times = np.array([p[0] for p in points])
+        scores = np.array([p[2 if held_out else 1] for p in points])
         found = np.searchsorted(times, grid, side="right") - 1
         curves.append(np.where(found >= 0, scores[np.maximum(found, 0)], np.nan))
     return np.mean(curves, axis=0)
 
 
+def reach(row: dict, ours: dict) -> float:
+    """When `row`'s search first held a trial as good on the test split as ours ended with.
+
+    In units of ours' wall time (same problem and seed); inf if never.
+    """
+    target = ours["anytime"][-1][2] if ours.get("anytime") else math.nan
+    for seconds, _, test in row.get("anytime") or []:
+        if test <= target:
+            return seconds / ours["wall"]
+    return math.inf
+
+
 def plot_anytime(rows: list[dict], path: Path) -> None:
-    """One panel per problem: each system's `anytime_mean` against wall time."""
+    """One panel per problem: each system's `anytime_mean` against wall time.
+
+    Held out (the test loss of the best trial so far) when every row of a
+    problem recorded it, else the settled validation score.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -604,17 +679,21 @@ def plot_anytime(rows: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(1, len(problems), figsize=(4.2 * len(problems), 3.6))
     for axis, problem in zip(np.atleast_1d(axes), problems, strict=True):
         group = [r for r in rows if r["problem"] == problem and r.get("anytime")]
+        held_out = all(len(r["anytime"][0]) == 3 for r in group)
         end = max(r["wall"] for r in group)
         grid = np.linspace(0, end, 200)
         for system in SYSTEMS:
             runs = [r for r in group if r["system"] == system]
             if runs:
-                axis.plot(grid, anytime_mean(runs, grid), label=f"{system} ({len(runs)})")
+                axis.plot(grid, anytime_mean(runs, grid, held_out), label=f"{system} ({len(runs)})")
         axis.set_title(problem)
         axis.set_xlabel("wall seconds")
+        axis.set_ylabel(
+            "test loss of the best trial so far" if held_out else "best settled val_loss so far"
+        )
         axis.grid(alpha=0.3)
-    np.atleast_1d(axes)[0].set_ylabel("best settled val_loss so far (mean over seeds)")
     np.atleast_1d(axes)[-1].legend(fontsize=7)
+    figure.suptitle("mean over seeds", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=110)
@@ -640,12 +719,15 @@ def summary(rows: list[dict]) -> str:
     `test loss` is the mean ± standard deviation over seeds of each seed's
     retrained winner; `minus ours` is the mean over the seeds both systems
     ran of (this system's test loss − ours) ± its standard error, so a gap
-    within about two standard errors is not a difference.
+    within about two standard errors is not a difference. `reach` is the
+    median over those seeds of `reach` (the time to hold a trial as good on
+    the test split as ours ended with, ÷ ours' wall), and how many seeds
+    got there at all.
     """
     lines = [
         f"{'problem':14} {'system':16} {'seeds':>5} {'edge':>5} {'overhead':>8} {'wall s':>7} "
         f"{'epochs':>6} "
-        f"{'test loss':>15} {'default':>7} {'minus ours':>16}  verdicts"
+        f"{'test loss':>15} {'default':>7} {'minus ours':>16} {'reach':>10}  verdicts"
     ]
     keys = sorted(
         {(r["problem"], r["system"]) for r in rows}, key=lambda k: (k[0], SYSTEMS.index(k[1]))
@@ -658,9 +740,17 @@ def summary(rows: list[dict]) -> str:
         }
         losses = [r["test_loss"] for r in group]
         spread = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
-        ours = {r["seed"]: r["test_loss"] for r in rows if r["problem"] == problem
-                and r["system"] == "ours"}  # fmt: skip
-        gaps = [r["test_loss"] - ours[r["seed"]] for r in group if r["seed"] in ours]
+        ours = {r["seed"]: r for r in rows if r["problem"] == problem and r["system"] == "ours"}
+        gaps = [r["test_loss"] - ours[r["seed"]]["test_loss"] for r in group if r["seed"] in ours]
+        reached = [
+            reach(r, ours[r["seed"]])
+            for r in group
+            if r["seed"] in ours and r.get("anytime") and len(r["anytime"][0]) == 3
+        ]
+        ratio = ""
+        if reached:
+            finite = sum(map(math.isfinite, reached))
+            ratio = f"{np.median(reached):.2f} {finite}/{len(reached)}"
         gap = ""
         if system != "ours" and len(gaps) > 1:
             error = float(np.std(gaps, ddof=1)) / math.sqrt(len(gaps))
@@ -671,7 +761,7 @@ def summary(rows: list[dict]) -> str:
             f"{mean['overhead']:>8.0%} {mean['wall']:>7.1f} "
             f"{np.mean([r.get('epochs_trained', 0) for r in group]):>6.0f} "
             f"{mean['test_loss']:>7.4f} ± {spread:.4f} {group[0]['default_test_loss']:>7.4f} "
-            f"{gap:>16}  {', '.join(f'{k} {n}' for k, n in verdicts.items())}".rstrip()
+            f"{gap:>16} {ratio:>10}  {', '.join(f'{k} {n}' for k, n in verdicts.items())}".rstrip()
         )
     return "\n".join(lines)
 

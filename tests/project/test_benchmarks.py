@@ -142,11 +142,29 @@ def test_tuning_search_peers_record_their_epochs_and_anytime_curves(tmp_path):
     assert rows["kt_hyperband"]["epochs_trained"] < len(rows["kt_hyperband"]["points"]) * 3
     for row in rows.values():
         assert np.isfinite(row["test_loss"])
-        times = [t for t, _ in row["anytime"]]
-        best = [v for _, v in row["anytime"]]
-        assert times == sorted(times) and 0 < times[-1] <= row["wall"]
-        assert best == sorted(best, reverse=True)  # the best so far never worsens
+        times, best, test = zip(*row["anytime"], strict=True)
+        assert list(times) == sorted(times) and 0 < times[-1] <= row["wall"]
+        assert list(best) == sorted(best, reverse=True)  # the best so far never worsens
+        # The held-out loss is the best trial's: it changes only with the best.
+        assert all(np.isfinite(test)) and min(test) > 0
+        for i in range(1, len(best)):
+            assert best[i] < best[i - 1] or test[i] == test[i - 1]
     assert plot.stat().st_size > 10_000
+
+
+def test_tuning_search_reach_is_the_time_to_ours_final_held_out_loss():
+    from benchmarks.tuning_search import reach, summary
+
+    ours = {"problem": "wine", "system": "ours", "seed": 0, "wall": 10.0, "test_loss": 0.5,
+            "default_test_loss": 0.6, "verdict": None, "edge": 0, "overhead": 0.1,
+            "anytime": [[2.0, 0.9, 0.8], [6.0, 0.7, 0.4], [9.0, 0.6, 0.45]]}  # fmt: skip
+    fast = dict(ours, system="asha", anytime=[[1.0, 0.8, 0.5], [3.0, 0.6, 0.44]])
+    never = dict(ours, system="optuna", anytime=[[1.0, 0.8, 0.46]])
+    # Ours ends holding a trial whose test loss is 0.45 (not its best-ever 0.4).
+    assert reach(ours, ours) == 0.6
+    assert reach(fast, ours) == 0.3 and reach(never, ours) == float("inf")
+    table = summary([ours, fast, dict(fast, seed=1), dict(ours, seed=1)])
+    assert "0.30 2/2" in table.splitlines()[2]
 
 
 def test_tuning_search_merge_keeps_the_rows_a_run_does_not_redo():
