@@ -1,14 +1,18 @@
 """`python -m benchmarks --fit [--backend NAME]`: `model.fit` time per epoch on four real models.
 
 Runs in a process of one Keras backend (`KERAS_BACKEND`). For each model of
-`benchmarks.models` and each compile mode (`jit_compile="auto"`, Keras's
-default, everywhere; on TensorFlow also `jit_compile=True`, XLA), it trains
-from the same initial weights, in the same data order (no shuffling), with:
+`benchmarks.models` and each compile mode (`--modes`: `jit_compile="auto"`,
+Keras's default, everywhere; by default also `jit_compile=True` on
+TensorFlow, XLA, and on PyTorch, torch.compile), it trains from the same
+initial weights, in the same data order (no shuffling), with:
 
 - `keras.optimizers.Adam()`;
 - `keras_adam.Adam()`, the default path;
 - `keras_adam.Adam(lazy_sparse=True)` for the models with embeddings, on
-  TensorFlow (the only backend whose gradients are sparse rows).
+  TensorFlow (the only backend whose gradients are sparse rows);
+- under torch.compile, `keras_adam.Adam(fused=False)` (the `keras.ops`
+  step, which the compiler traces like Keras's), to compare the first
+  compiled epoch with.
 
 Each system trains `--rounds` times (the systems in a new random order each
 round). The table gives the first epoch (tracing, compilation and the
@@ -41,7 +45,7 @@ class Run:
 
     Attributes:
         model: The model's name.
-        mode: "auto" or "xla".
+        mode: A key of `MODES`.
         system: The optimizer's label.
         first: Seconds of the first epoch, one per round.
         steady: Median seconds of the later epochs, one per round.
@@ -56,7 +60,23 @@ class Run:
     losses: list[float] = field(default_factory=list)
 
 
-def systems(backend: str, embeddings: bool) -> dict:
+#: Compile modes: name to `jit_compile`.
+MODES = {"auto": "auto", "true": True, "false": False}
+#: The modes measured on each backend unless `--modes` says otherwise (on JAX
+#: "auto" is `jax.jit`, on PyTorch it is eager, on TensorFlow CPU `tf.function`).
+DEFAULT_MODES = {"tensorflow": ("auto", "true"), "jax": ("auto",), "torch": ("auto", "true")}
+
+
+def mode_title(mode: str, backend: str) -> str:
+    """A mode's section title, e.g. "jit_compile=True (XLA)"."""
+    if mode == "auto":
+        return 'jit_compile="auto" (Keras\'s default)'
+    if mode == "false":
+        return "jit_compile=False"
+    return f"jit_compile=True ({'torch.compile' if backend == 'torch' else 'XLA'})"
+
+
+def systems(backend: str, embeddings: bool, mode: str = "auto") -> dict:
     """Label to optimizer factory for a model."""
     import keras
 
@@ -65,6 +85,8 @@ def systems(backend: str, embeddings: bool) -> dict:
     chosen = {KERAS: keras.optimizers.Adam, "keras_adam": keras_adam.Adam}
     if embeddings and backend == "tensorflow":
         chosen["keras_adam lazy_sparse"] = lambda: keras_adam.Adam(lazy_sparse=True)
+    if backend == "torch" and mode == "true":
+        chosen["keras_adam fused=False"] = lambda: keras_adam.Adam(fused=False)
     return chosen
 
 
@@ -89,7 +111,7 @@ def train(case, make_optimizer, mode: str, epochs: int, data) -> tuple[list[floa
     model.compile(
         optimizer=make_optimizer(),
         loss=case.loss,
-        jit_compile=True if mode == "xla" else "auto",
+        jit_compile=MODES[mode],
     )
     clock = EpochClock()
     x, y = data
@@ -100,14 +122,16 @@ def train(case, make_optimizer, mode: str, epochs: int, data) -> tuple[list[floa
     return clock.seconds, [float(v) for v in history.history["loss"]]
 
 
-def measure(quick: bool, epochs: int, rounds: int, names: list[str] | None) -> list[Run]:
+def measure(
+    quick: bool, epochs: int, rounds: int, names: list[str] | None, modes: list[str] | None = None
+) -> list[Run]:
     """Train every model, mode and system; rounds interleaved."""
     import keras
 
     from benchmarks.models import cases
 
     backend = keras.backend.backend()
-    modes = ("auto", "xla") if backend == "tensorflow" else ("auto",)
+    modes = modes or DEFAULT_MODES[backend]
     runs = []
     rng = random.Random(0)
     for case in cases(quick):
@@ -115,7 +139,7 @@ def measure(quick: bool, epochs: int, rounds: int, names: list[str] | None) -> l
             continue
         data = case.data()
         for mode in modes:
-            chosen = systems(backend, case.embeddings)
+            chosen = systems(backend, case.embeddings, mode)
             results = {label: Run(case.name, mode, label) for label in chosen}
             for round_ in range(rounds):
                 order = list(chosen)
@@ -157,10 +181,9 @@ def markdown(runs: list[Run], meta: dict) -> str:
         "of an epoch's mean training loss from Keras's Adam's.",
     ]
     for mode in dict.fromkeys(r.mode for r in runs):
-        title = {"auto": 'jit_compile="auto" (Keras\'s default)', "xla": "jit_compile=True (XLA)"}
         lines += [
             "",
-            f"## {title[mode]}",
+            f"## {mode_title(mode, meta['backend'])}",
             "",
             "| model | optimizer | first epoch s | epoch s | speedup | loss diff | final loss |",
             "|---|---|---:|---:|---:|---:|---:|",
@@ -195,6 +218,10 @@ def main(argv: list[str] | None = None) -> None:
 
     names = [case.name for case in cases()]
     parser.add_argument("--models", nargs="+", default=None, choices=names)
+    parser.add_argument(
+        "--modes", nargs="+", default=None, choices=list(MODES),
+        help="jit_compile modes (default: auto, and true on TensorFlow and PyTorch)",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -203,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"--rounds must be >= 1, got {args.rounds}")
     import keras
 
-    runs = measure(args.quick, args.epochs, args.rounds, args.models)
+    runs = measure(args.quick, args.epochs, args.rounds, args.models, args.modes)
     meta = {
         "backend": keras.backend.backend(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

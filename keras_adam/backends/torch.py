@@ -41,10 +41,16 @@ Which variables go where is planned once (`TorchEngine._plan`) and reused
 while the variables and options stay the same: a step checks the gradients'
 dtypes, devices and contiguity in bulk and makes one kernel call per group.
 
-Under `torch.compile` (`model.fit` with `jit_compile=True`) the kernel calls
-and the skip verdict run outside the compiled graph
-(`torch.compiler.disable`): one graph break each, and the kernels run as
-they do eagerly.
+Under `torch.compile` (`model.fit` with `jit_compile=True`) each group's
+kernel call is our operator `torch.ops.keras_adam.fused_adam_`
+(`torch.library.custom_op`): the graph holds it as an in-place update of the
+variables and moments, with no graph break, and at run time it reads $t$
+and η and calls the same kernel as an eager step, so compiled and eager
+steps agree bit for bit. The grouping is done as the step is traced
+(`_compiled_fused_step`). Two things stay outside the graph
+(`torch.compiler.disable`, one graph break each): quantized moments' kernel,
+whose plan holds raw pointers, and `skip_nonfinite`'s verdict, a host
+decision by nature.
 """
 
 from __future__ import annotations
@@ -92,6 +98,11 @@ def _fused_device_types() -> tuple[str, ...]:
         return tuple(_get_fused_kernels_supported_devices())
     except ImportError:  # pragma: no cover - older torch
         return ("cpu", "cuda")
+
+
+#: Device types that have torch's fused Adam kernels (read once: a step under
+#: `torch.compile` must not import).
+FUSED_DEVICE_TYPES = _fused_device_types()
 
 
 def _tensor(x: Any) -> Any:
@@ -218,7 +229,6 @@ class TorchEngine(Engine):
 
     def __init__(self) -> None:
         self._cached_plan: _Plan | None = None
-        self._step_tensors: dict[torch.device, torch.Tensor] = {}
 
     # -- which path ------------------------------------------------------------
 
@@ -246,7 +256,7 @@ class TorchEngine(Engine):
                 "(torch's fused kernels take one dtype per call)"
             )
         value = getattr(variable, "_value", None)
-        if isinstance(value, torch.Tensor) and value.device.type not in _fused_device_types():
+        if isinstance(value, torch.Tensor) and value.device.type not in FUSED_DEVICE_TYPES:
             return f"its device {value.device} has no fused Adam kernel"
         return None
 
@@ -273,14 +283,17 @@ class TorchEngine(Engine):
         scalars = ScalarsCache(update)
         with torch.no_grad():
             if self.fuses(update.options):
-                rest = _fused_step(self, update)
+                if torch.compiler.is_compiling():
+                    rest = _compiled_fused_step(self, update)
+                else:
+                    rest = _fused_step(self, update)
             else:
                 rest = [i for i, g in enumerate(update.grads) if g is not None]
             for i in rest:
                 self.update_one(update.grads[i], update.variables[i], update, scalars)
 
+    @staticmethod
     def fused(
-        self,
         params: list,
         grads: list,
         ms: list,
@@ -318,7 +331,7 @@ class TorchEngine(Engine):
                 ms,
                 vs,
                 v_hats,
-                [self._step_tensor(device, step)] * len(params),
+                [_step_tensor(device, step)] * len(params),
                 lr=lr,
                 beta1=hyper.beta_1,
                 beta2=hyper.beta_2,
@@ -431,13 +444,170 @@ class TorchEngine(Engine):
             for t in tensors
         )
 
-    def _step_tensor(self, device: torch.device, t: float) -> torch.Tensor:
-        """A float32 scalar holding $t$ on `device` (torch's `state_steps` dtype)."""
-        step = self._step_tensors.get(device)
-        if step is None:
-            step = self._step_tensors[device] = torch.zeros((), dtype=torch.float32, device=device)
-        step.fill_(t)
-        return step
+
+_STEP_TENSORS: dict[torch.device, torch.Tensor] = {}
+
+
+def _step_tensor(device: torch.device, t: float) -> torch.Tensor:
+    """A float32 scalar holding $t$ on `device` (torch's `state_steps` dtype)."""
+    step = _STEP_TENSORS.get(device)
+    if step is None:
+        step = _STEP_TENSORS[device] = torch.zeros((), dtype=torch.float32, device=device)
+    step.fill_(t)
+    return step
+
+
+def _host_scalars(iterations: Any, learning_rate: Any) -> tuple[float, float]:
+    r"""$t$ = `iterations` + 1 as the kernels see it (a float32, torch's `state_steps`), and η.
+
+    (`iterations` counts updates: with gradient accumulation it is a tensor.)
+    """
+    return float(np.float32(int(iterations) + 1)), float(learning_rate)
+
+
+@torch.library.custom_op(
+    "keras_adam::fused_adam_",
+    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
+)
+def fused_adam_(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    max_exp_avg_sqs: list[torch.Tensor],
+    iterations: torch.Tensor,
+    learning_rate: torch.Tensor,
+    beta_1: float,
+    beta_2: float,
+    epsilon: float,
+    weight_decay: float,
+    decoupled_weight_decay: bool,
+    epsilon_mode: str,
+    amsgrad: bool,
+    maximize: bool,
+    compute_dtype: str,
+    single_threaded: bool,
+) -> None:
+    r"""One fused kernel call of a group, as a torch operator: `torch.ops.keras_adam.fused_adam_`.
+
+    The step `TorchEngine.fused` takes, with its host scalars ($t$, η)
+    read from `iterations` (the optimizer's counter before the step) and
+    `learning_rate` when it runs. `torch.compile` sees an operator that
+    writes the variables and moments in place (its fake implementation
+    returns nothing), so a compiled `fit` keeps the whole step in its
+    graph, with no graph break at the update; the kernels run as they do
+    eagerly, on the same numbers.
+    """
+    hyper = Hyperparameters(
+        beta_1=beta_1,
+        beta_2=beta_2,
+        epsilon=epsilon,
+        weight_decay=weight_decay,
+        decoupled_weight_decay=decoupled_weight_decay,
+        epsilon_mode=epsilon_mode,
+        amsgrad=amsgrad,
+        maximize=maximize,
+    )
+    t, lr = _host_scalars(iterations, learning_rate)
+    scalars = update_rule.host_step_scalars(hyper, t, lr, compute_dtype)
+    grads = [grad.contiguous() for grad in grads]
+    TorchEngine.fused(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        max_exp_avg_sqs,
+        scalars,
+        single_threaded=single_threaded,
+    )
+
+
+@fused_adam_.register_fake
+def _(*args: Any) -> None:
+    return None
+
+
+def _compiled_fused_step(engine: TorchEngine, update: Update) -> list[int]:
+    """`_fused_step` as `torch.compile` traces it: one `fused_adam_` call per group.
+
+    The grouping is `TorchEngine._plan`'s (device, dtype, hyperparameters,
+    size class), done as the step is traced, so a compiled step makes the
+    same kernel calls as an eager one. Quantized moments keep the eager
+    path (outside the graph).
+    """
+    grads = update.grads
+    options = update.options
+    if options.moment_dtype in quantization.QUANTIZED_DTYPES:
+        return _fused_step(engine, update)
+    if in_stateless_scope() or str(get_device()) == "meta":
+        return [i for i, g in enumerate(grads) if g is not None]
+    groups: list[_Group] = []
+    group_grads: list[list] = []
+    rest = []
+    for index, (grad, variable) in enumerate(zip(grads, update.variables, strict=True)):
+        if grad is None:
+            continue
+        param = _tensor(variable)
+        slots = update.slots(variable)
+        tensors = [param, *(_tensor(x) for x in slots)]
+        if engine.variable_blocker(variable, options) is not None or not engine._fusable(tensors):
+            rest.append(index)
+            continue
+        group = _Group(
+            param.device,
+            param.dtype,
+            update.hyper(variable),
+            compute_dtype(variable, slots),
+            param.device.type == "cpu" and param.numel() < SMALL,
+        )
+        same = [k for k, g in enumerate(groups) if _same_call(g, group)]
+        if same:
+            group = groups[same[0]]
+        else:
+            groups.append(group)
+            group_grads.append([])
+        group.params.append(param)
+        group.exp_avgs.append(tensors[1])
+        group.exp_avg_sqs.append(tensors[2])
+        group.max_exp_avg_sqs.extend(tensors[3:])
+        group_grads[groups.index(group)].append(_dense(grad, param.dtype, param.device))
+    iterations = _tensor(update.iterations)
+    learning_rate = update.learning_rate
+    if not isinstance(learning_rate, (torch.Tensor, keras.Variable)):
+        learning_rate = torch.tensor(float(learning_rate))
+    for group, gs in zip(groups, group_grads, strict=True):
+        hyper = group.hyper
+        torch.ops.keras_adam.fused_adam_(
+            group.params,
+            gs,
+            group.exp_avgs,
+            group.exp_avg_sqs,
+            group.max_exp_avg_sqs,
+            iterations,
+            _tensor(learning_rate),
+            hyper.beta_1,
+            hyper.beta_2,
+            hyper.epsilon,
+            hyper.weight_decay,
+            hyper.decoupled_weight_decay,
+            hyper.epsilon_mode,
+            hyper.amsgrad,
+            hyper.maximize,
+            group.compute_dtype,
+            group.single_threaded,
+        )
+    return rest
+
+
+def _same_call(a: _Group, b: _Group) -> bool:
+    """Whether two groups' variables can share a kernel call."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.hyper == b.hyper
+        and a.compute_dtype == b.compute_dtype
+        and a.single_threaded == b.single_threaded
+    )
 
 
 @torch.compiler.disable
@@ -454,10 +624,7 @@ def _fused_step(engine: TorchEngine, update: Update) -> list[int]:
     plan = engine._plan(update)
     if not plan.groups and not plan.quantized:
         return [i for i in plan.rest if grads[i] is not None]
-    # t = iterations + 1, as the kernels see it: a float32 (torch's `state_steps`).
-    # (`iterations` counts updates: with gradient accumulation it is a tensor.)
-    t = float(np.float32(int(_tensor(update.iterations)) + 1))
-    learning_rate = float(_tensor(update.learning_rate))
+    t, learning_rate = _host_scalars(_tensor(update.iterations), _tensor(update.learning_rate))
     ready = plan.gradients_ready(grads)
     for group in plan.groups:
         members, group_grads = _members(group.indices, grads, ready, group.dtype, group.device)

@@ -81,6 +81,19 @@ def test_fit_mode_trains_each_system_and_reports_the_loss_agreement(tmp_path):
         assert float(row.split(" | ")[5]) < 1e-5
 
 
+def test_fit_modes_name_their_compiler_and_add_the_ops_path_under_torch_compile():
+    from benchmarks.end_to_end import DEFAULT_MODES, mode_title, systems
+
+    assert mode_title("true", "torch") == "jit_compile=True (torch.compile)"
+    assert mode_title("true", "jax") == "jit_compile=True (XLA)"
+    assert mode_title("false", "tensorflow") == "jit_compile=False"
+    assert list(systems("torch", False, "true")) == [
+        "keras Adam", "keras_adam", "keras_adam fused=False"
+    ]  # fmt: skip
+    assert list(systems("torch", False, "auto")) == ["keras Adam", "keras_adam"]
+    assert DEFAULT_MODES["torch"] == ("auto", "true")
+
+
 def test_fit_mode_models_build_and_take_their_data():
     import keras
 
