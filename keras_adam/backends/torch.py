@@ -56,7 +56,10 @@ decision by nature.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import glob
 import operator
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -708,21 +711,64 @@ def _quantized_step(
 
 @contextlib.contextmanager
 def _one_thread() -> Any:
-    """Run torch's CPU ops on one thread (no OpenMP region) inside the block.
+    """Run torch's CPU ops *of this thread* on one thread (no OpenMP region) inside the block.
 
-    `torch.set_num_threads` is process-wide: CPU ops of another Python
-    thread during the call also run on one thread (slower, never different).
-    The count is restored on exit.
+    ATen's `parallel_for` asks OpenMP how many threads the calling thread
+    may use (`omp_get_max_threads`, a per-thread setting), so setting it
+    with the `omp_set_num_threads` of torch's own OpenMP runtime
+    (`_thread_count_setter`) touches only this thread, for the block.
+    `torch.set_num_threads` would also change the count that threads
+    starting their first parallel op meanwhile are given for good; it is
+    the fallback where torch's OpenMP cannot be found.
     """
     threads = torch.get_num_threads()
     if threads == 1:
         yield
         return
-    torch.set_num_threads(1)
+    set_threads = _thread_count_setter()
+    set_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        set_threads(threads)
+
+
+_SETTER: list = []
+
+
+def _thread_count_setter() -> Any:
+    """`omp_set_num_threads` of the OpenMP runtime torch uses, else `torch.set_num_threads`.
+
+    The runtime is the one torch ships (`torch/lib/libgomp*`, `libiomp5*`),
+    checked once: setting it in this thread must be what
+    `torch.get_num_threads` then reports.
+    """
+    if not _SETTER:
+        _SETTER.append(_openmp_setter() or torch.set_num_threads)
+    return _SETTER[0]
+
+
+def _openmp_setter() -> Any:
+    """The `omp_set_num_threads` of torch's OpenMP, or None if not found or not acting."""
+    threads = torch.get_num_threads()
+    folder = os.path.join(os.path.dirname(torch.__file__), "lib")
+    for pattern in ("libgomp*.so*", "libiomp5*.so*", "libomp*.so*"):
+        for path in sorted(glob.glob(os.path.join(folder, pattern))):
+            try:
+                setter = ctypes.CDLL(path).omp_set_num_threads
+            except (OSError, AttributeError):
+                continue
+            setter.argtypes, setter.restype = [ctypes.c_int], None
+            acted = False
+            probe = 2 if threads == 1 else 1
+            try:
+                setter(probe)
+                acted = torch.get_num_threads() == probe
+            finally:
+                setter(threads)
+            if acted and torch.get_num_threads() == threads:
+                return setter
+    return None
 
 
 def _dense(gradient: Any, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

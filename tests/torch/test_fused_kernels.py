@@ -3,6 +3,7 @@ dispatch: which variables the kernels take (by wrapping `torch._fused_adam_`
 and `torch._fused_adamw_`), fallbacks, and `fused=True`'s errors."""
 
 import math
+import threading
 
 import keras
 import numpy as np
@@ -131,6 +132,32 @@ def test_small_cpu_variables_are_updated_on_one_thread(kernel_calls):
         torch.set_num_threads(threads)
     calls = sorted((c["count"], c["threads"]) for c in kernel_calls)
     assert calls == [(1, 2), (2, 1)]
+
+
+def test_one_thread_is_this_threads_setting_only():
+    """Small groups run on one thread without changing other threads' count.
+
+    Not even a thread's that starts its first torch op meanwhile:
+    `torch.set_num_threads(1)` would give it one thread for good.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    seen = {}
+
+    def count(name):
+        seen[name] = torch.get_num_threads()
+
+    try:
+        assert torch_backend._thread_count_setter() is not torch.set_num_threads
+        with torch_backend._one_thread():
+            assert torch.get_num_threads() == 1
+            started = threading.Thread(target=count, args=("started inside",))
+            started.start()
+            started.join()
+        count("after")
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == {"started inside": 2, "after": 2}
 
 
 def test_dtypes_form_groups(kernel_calls):
