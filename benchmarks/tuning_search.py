@@ -22,10 +22,14 @@ data split, model and initial weights:
 - `kt_hyperband`: KerasTuner's own `Hyperband` (factor 3, `--epochs` at
   most) with `keras.optimizers.Adam`, as a Keras user would run it.
 
-Every system also records its *anytime curve*: at each moment a trial
-finishes its full `--epochs`, the wall time since the search began and the
-settled score (mean of the last 5 epochs' validation loss) of the best such
-trial so far; `--plot PATH` draws them per problem.
+Every system also records its *anytime curve*, held out: at each moment a
+trial finishes its full `--epochs`, the wall time since the search began,
+the settled score (mean of the last 5 epochs' validation loss) of the best
+such trial so far, and that trial's loss on the test split, evaluated as it
+ended, off the clock (`Anytime`); `--plot PATH` draws the test losses per
+problem. `reach` (in the summary) is how soon a system first held a trial
+as good on the test split as the one ours ended with, in units of ours'
+wall time: the issue's "same quality in a third of the time" is reach ≤ 1/3.
 
 Reported per problem and system (means over seeds):
 
