@@ -666,6 +666,19 @@ def reach(row: dict, ours: dict) -> float:
     return math.inf
 
 
+def held_out_at(row: dict, seconds: float) -> float:
+    """The test loss of the best trial `row`'s search held `seconds` into it (nan if none yet)."""
+    found = [test for time_, _, test in row.get("anytime") or [] if time_ <= seconds]
+    return found[-1] if found else math.nan
+
+
+def paired(gaps: list[float]) -> str:
+    """`mean ± standard error` of paired differences ("" for fewer than 2)."""
+    if len(gaps) < 2:
+        return ""
+    return f"{np.mean(gaps):+.4f} ± {float(np.std(gaps, ddof=1)) / math.sqrt(len(gaps)):.4f}"
+
+
 def plot_anytime(rows: list[dict], path: Path) -> None:
     """One panel per problem: each system's `anytime_mean` against wall time.
 
@@ -726,12 +739,15 @@ def summary(rows: list[dict]) -> str:
     within about two standard errors is not a difference. `reach` is the
     median over those seeds of `reach` (the time to hold a trial as good on
     the test split as ours ended with, ÷ ours' wall), and how many seeds
-    got there at all.
+    got there at all. `at ours' time` is the equal-time comparison: the test
+    loss of the trial each search held when ours ended (`held_out_at` ours'
+    wall time), minus ours', mean ± standard error over seeds.
     """
     lines = [
         f"{'problem':14} {'system':16} {'seeds':>5} {'edge':>5} {'overhead':>8} {'wall s':>7} "
         f"{'epochs':>6} "
-        f"{'test loss':>15} {'default':>7} {'minus ours':>16} {'reach':>10}  verdicts"
+        f"{'test loss':>15} {'default':>7} {'minus ours':>16} {'reach':>10} "
+        f"{'at ours time':>16}  verdicts"
     ]
     keys = sorted(
         {(r["problem"], r["system"]) for r in rows}, key=lambda k: (k[0], SYSTEMS.index(k[1]))
@@ -746,26 +762,29 @@ def summary(rows: list[dict]) -> str:
         spread = float(np.std(losses, ddof=1)) if len(losses) > 1 else 0.0
         ours = {r["seed"]: r for r in rows if r["problem"] == problem and r["system"] == "ours"}
         gaps = [r["test_loss"] - ours[r["seed"]]["test_loss"] for r in group if r["seed"] in ours]
-        reached = [
-            reach(r, ours[r["seed"]])
+        held_out = [
+            (r, ours[r["seed"]])
             for r in group
             if r["seed"] in ours and r.get("anytime") and len(r["anytime"][0]) == 3
         ]
+        reached = [reach(r, o) for r, o in held_out]
         ratio = ""
         if reached:
             finite = sum(map(math.isfinite, reached))
             ratio = f"{np.median(reached):.2f} {finite}/{len(reached)}"
-        gap = ""
-        if system != "ours" and len(gaps) > 1:
-            error = float(np.std(gaps, ddof=1)) / math.sqrt(len(gaps))
-            gap = f"{np.mean(gaps):+.4f} ± {error:.4f}"
-        verdicts = Counter(r["verdict"]["use"] for r in group if r["verdict"])
+        at_time = [held_out_at(r, o["wall"]) - held_out_at(o, o["wall"]) for r, o in held_out]
+        gap = paired(gaps) if system != "ours" else ""
+        equal_time = paired(at_time) if system != "ours" else ""
+        verdicts = ", ".join(
+            f"{k} {n}"
+            for k, n in Counter(r["verdict"]["use"] for r in group if r["verdict"]).items()
+        )
         lines.append(
             f"{problem:14} {system:16} {len(group):>5} {mean['edge']:>5.0%} "
             f"{mean['overhead']:>8.0%} {mean['wall']:>7.1f} "
             f"{np.mean([r.get('epochs_trained', 0) for r in group]):>6.0f} "
             f"{mean['test_loss']:>7.4f} ± {spread:.4f} {group[0]['default_test_loss']:>7.4f} "
-            f"{gap:>16} {ratio:>10}  {', '.join(f'{k} {n}' for k, n in verdicts.items())}".rstrip()
+            f"{gap:>16} {ratio:>10} {equal_time:>16}  {verdicts}".rstrip()
         )
     return "\n".join(lines)
 

@@ -5,6 +5,7 @@ that the harness measures what it says and writes what it promises.
 """
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -166,7 +167,7 @@ def test_tuning_search_peers_record_their_epochs_and_anytime_curves(tmp_path):
 
 
 def test_tuning_search_reach_is_the_time_to_ours_final_held_out_loss():
-    from benchmarks.tuning_search import reach, summary
+    from benchmarks.tuning_search import held_out_at, reach, summary
 
     ours = {"problem": "wine", "system": "ours", "seed": 0, "wall": 10.0, "test_loss": 0.5,
             "default_test_loss": 0.6, "verdict": None, "edge": 0, "overhead": 0.1,
@@ -176,8 +177,10 @@ def test_tuning_search_reach_is_the_time_to_ours_final_held_out_loss():
     # Ours ends holding a trial whose test loss is 0.45 (not its best-ever 0.4).
     assert reach(ours, ours) == 0.6
     assert reach(fast, ours) == 0.3 and reach(never, ours) == float("inf")
+    assert held_out_at(fast, 10.0) == 0.44 and math.isnan(held_out_at(ours, 1.0))
     table = summary([ours, fast, dict(fast, seed=1), dict(ours, seed=1)])
-    assert "0.30 2/2" in table.splitlines()[2]
+    # Reached in 0.3 of ours' time on both seeds; at ours' end, 0.01 better.
+    assert "0.30 2/2  -0.0100 ± 0.0000" in table.splitlines()[2]
 
 
 def test_tuning_search_merge_keeps_the_rows_a_run_does_not_redo():
