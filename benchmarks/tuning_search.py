@@ -775,10 +775,8 @@ def summary(rows: list[dict]) -> str:
         at_time = [held_out_at(r, o["wall"]) - held_out_at(o, o["wall"]) for r, o in held_out]
         gap = paired(gaps) if system != "ours" else ""
         equal_time = paired(at_time) if system != "ours" else ""
-        verdicts = ", ".join(
-            f"{k} {n}"
-            for k, n in Counter(r["verdict"]["use"] for r in group if r["verdict"]).items()
-        )
+        used = Counter(r["verdict"]["use"] for r in group if r["verdict"])
+        verdicts = ", ".join(f"{k} {n}" for k, n in used.items())
         lines.append(
             f"{problem:14} {system:16} {len(group):>5} {mean['edge']:>5.0%} "
             f"{mean['overhead']:>8.0%} {mean['wall']:>7.1f} "

@@ -180,7 +180,7 @@ def test_tuning_search_reach_is_the_time_to_ours_final_held_out_loss():
     assert held_out_at(fast, 10.0) == 0.44 and math.isnan(held_out_at(ours, 1.0))
     table = summary([ours, fast, dict(fast, seed=1), dict(ours, seed=1)])
     # Reached in 0.3 of ours' time on both seeds; at ours' end, 0.01 better.
-    assert "0.30 2/2  -0.0100 ± 0.0000" in table.splitlines()[2]
+    assert "0.30 2/2 -0.0100 ± 0.0000" in table.splitlines()[2]
 
 
 def test_tuning_search_merge_keeps_the_rows_a_run_does_not_redo():
