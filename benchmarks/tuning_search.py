@@ -702,14 +702,17 @@ def plot_anytime(rows: list[dict], path: Path) -> None:
         for system in SYSTEMS:
             runs = [r for r in group if r["system"] == system]
             if runs:
-                axis.plot(grid, anytime_mean(runs, grid, held_out), label=f"{system} ({len(runs)})")
+                axis.plot(
+                    grid, anytime_mean(runs, grid, held_out), label=f"{system} ({len(runs)})",
+                    color=f"C{SYSTEMS.index(system)}",
+                )  # fmt: skip
         axis.set_title(problem)
         axis.set_xlabel("wall seconds")
         axis.set_ylabel(
             "test loss of the best trial so far" if held_out else "best settled val_loss so far"
         )
         axis.grid(alpha=0.3)
-    np.atleast_1d(axes)[-1].legend(fontsize=7)
+        axis.legend(fontsize=7)
     figure.suptitle("mean over seeds", fontsize=9)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -774,7 +777,10 @@ def summary(rows: list[dict]) -> str:
             ratio = f"{np.median(reached):.2f} {finite}/{len(reached)}"
         at_time = [held_out_at(r, o["wall"]) - held_out_at(o, o["wall"]) for r, o in held_out]
         gap = paired(gaps) if system != "ours" else ""
-        equal_time = paired(at_time) if system != "ours" else ""
+        # (A search with no full trial yet when ours ended has no loss to compare.)
+        equal_time = paired([x for x in at_time if math.isfinite(x)]) if system != "ours" else ""
+        if equal_time and not all(map(math.isfinite, at_time)):
+            equal_time += f" ({sum(map(math.isfinite, at_time))}/{len(at_time)})"
         used = Counter(r["verdict"]["use"] for r in group if r["verdict"])
         verdicts = ", ".join(f"{k} {n}" for k, n in used.items())
         lines.append(
