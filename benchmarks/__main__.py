@@ -4,9 +4,10 @@
 `--backend jax` and `--backend torch` run `benchmarks.jax_backend` or
 `benchmarks.torch_backend` in a process of that backend (Keras reads
 `KERAS_BACKEND` once per process) and save its table beside the others.
-`--fit` times `model.fit` on four real models instead
+`--fit` times `model.fit` on five real models instead
 (`benchmarks.end_to_end`), on the chosen backend, and saves
-`fit_<backend>.md`.
+`fit_<backend>.md` and `.json`; `--fit --backend all` runs the three
+backends one after the other and draws `fit_speedup.png`.
 """
 
 from __future__ import annotations
@@ -37,14 +38,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-probe", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument(
         "--backend",
-        choices=("tensorflow", "jax", "torch"),
+        choices=("tensorflow", "jax", "torch", "all"),
         default="tensorflow",
-        help="the Keras backend to measure (default: tensorflow)",
+        help="the Keras backend to measure (default: tensorflow; all: every one, with --fit)",
     )
     parser.add_argument(
-        "--fit", action="store_true", help="time model.fit on four real models (end_to_end)"
+        "--fit", action="store_true", help="time model.fit on five real models (end_to_end)"
     )
     args = parser.parse_args(argv)
+    if args.backend == "all" and not args.fit:
+        parser.error("--backend all goes with --fit (the step tables run one backend each)")
     if args.fit:
         run_fit(args)
         return
@@ -110,14 +113,22 @@ def run_backend(args: argparse.Namespace) -> None:
 
 
 def run_fit(args: argparse.Namespace) -> None:
-    """Run `benchmarks.end_to_end` under the chosen backend; save (and document) its table."""
-    saved = args.output / f"fit_{args.backend}.md"
-    command = [sys.executable, "-m", "benchmarks.end_to_end", "--output", str(saved)]
-    command += ["--quick"] if args.quick else []
-    command += ["--rounds", str(args.repeats)] if args.repeats else []
-    env = {**os.environ, "KERAS_BACKEND": args.backend}
-    subprocess.run(command, env=env, check=True)
-    print(f"wrote {saved}")
+    """Run `benchmarks.end_to_end` under the chosen backend(s); save (and document) the tables."""
+    backends = ("tensorflow", "jax", "torch") if args.backend == "all" else (args.backend,)
+    for backend in backends:
+        saved = args.output / f"fit_{backend}.md"
+        command = [sys.executable, "-m", "benchmarks.end_to_end", "--output", str(saved)]
+        command += ["--quick"] if args.quick else []
+        command += ["--rounds", str(args.repeats)] if args.repeats else []
+        env = {**os.environ, "KERAS_BACKEND": backend}
+        subprocess.run(command, env=env, check=True)
+        print(f"wrote {saved}")
+    if args.backend == "all":
+        from benchmarks.end_to_end import plot_speedups
+
+        plot = args.output / "fit_speedup.png"
+        plot_speedups([args.output / f"fit_{backend}.json" for backend in backends], plot)
+        print(f"wrote {plot}")
     rewrite_docs(args)
 
 

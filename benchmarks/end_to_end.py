@@ -16,16 +16,23 @@ initial weights, in the same data order (no shuffling), with:
 
 Each system trains `--rounds` times (the systems in a new random order each
 round). The table gives the first epoch (tracing, compilation and the
-first steps), the median steady epoch (epochs 2 and later), its ratio to
-Keras's Adam (above 1: faster than Keras's), and how far the loss curve is
-from Keras's: the largest relative difference of an epoch's mean training
-loss. `keras_adam.Adam()` differs from Keras's Adam by design where an
+first steps), the median steady epoch (epochs 2 and later), the speed-up
+over Keras's Adam (above 1: faster than Keras's) as the median of each
+round's ratio, with the lowest and highest round's (the spread: the rounds
+are paired, so a machine's slow spell slows both), and how far the loss
+curve is from Keras's: the largest relative difference of an epoch's mean
+training loss. `--output fit_<backend>.md` also writes
+`fit_<backend>.json`, every number; `python -m benchmarks --fit --backend
+all` runs the three backends and draws `fit_speedup.png` from them
+(`plot_speedups`). `keras_adam.Adam()` differs from Keras's Adam by design where an
 embedding sees repeated rows in a batch (see the migration guide).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 import random
 import statistics
@@ -161,6 +168,11 @@ def measure(
     return runs
 
 
+def round_ratios(run: Run, keras_run: Run) -> list[float]:
+    """Keras's steady epoch over the run's, round by round (the rounds are paired)."""
+    return [k / r for k, r in zip(keras_run.steady, run.steady, strict=True)]
+
+
 def loss_difference(ours: list[float], keras_losses: list[float]) -> float:
     """Largest relative difference of an epoch's mean loss."""
     return max(abs(a - b) / abs(b) for a, b in zip(ours, keras_losses, strict=True))
@@ -176,30 +188,33 @@ def markdown(runs: list[Run], meta: dict) -> str:
         "",
         f"{meta['machine']}; {meta['epochs']} epochs, {meta['rounds']} rounds, "
         f"{'quick (a quarter of the data)' if meta['quick'] else 'full data'}. "
-        "Times are medians over the rounds; speedup is Keras's steady epoch over the row's "
-        "(above 1: faster than Keras's Adam); loss diff is the largest relative difference "
-        "of an epoch's mean training loss from Keras's Adam's.",
+        "Times are medians over the rounds; speedup is the median over the rounds of "
+        "Keras's steady epoch over the row's (above 1: faster than Keras's Adam), and "
+        "spread the lowest and highest round's; loss diff is the largest relative "
+        "difference of an epoch's mean training loss from Keras's Adam's.",
     ]
     for mode in dict.fromkeys(r.mode for r in runs):
         lines += [
             "",
             f"## {mode_title(mode, meta['backend'])}",
             "",
-            "| model | optimizer | first epoch s | epoch s | speedup | loss diff | final loss |",
-            "|---|---|---:|---:|---:|---:|---:|",
+            "| model | optimizer | first epoch s | epoch s | speedup | spread | loss diff "
+            "| final loss |",
+            "|---|---|---:|---:|---:|---:|---:|---:|",
         ]
         for model in dict.fromkeys(r.model for r in runs if r.mode == mode):
             group = {r.system: r for r in runs if r.mode == mode and r.model == model}
             keras_run = group[KERAS]
-            base = statistics.median(keras_run.steady)
             for label, run in group.items():
-                steady = statistics.median(run.steady)
-                difference = "-"
+                ratios = round_ratios(run, keras_run)
+                difference, spread = "-", "-"
                 if label != KERAS:
                     difference = f"{loss_difference(run.losses, keras_run.losses):.1e}"
+                    spread = f"{min(ratios):.2f}-{max(ratios):.2f}"
                 lines.append(
-                    f"| {model} | {label} | {statistics.median(run.first):.2f} | {steady:.3f} | "
-                    f"{base / steady:.2f}x | {difference} | {run.losses[-1]:.4f} |"
+                    f"| {model} | {label} | {statistics.median(run.first):.2f} | "
+                    f"{statistics.median(run.steady):.3f} | {statistics.median(ratios):.2f}x | "
+                    f"{spread} | {difference} | {run.losses[-1]:.4f} |"
                 )
     lines += ["", "Models:", ""]
     lines += [f"- `{name}`: {text}" for name, text in descriptions.items()]
@@ -242,6 +257,53 @@ def main(argv: list[str] | None = None) -> None:
     from benchmarks import report
 
     report.show_and_save(table, args.output)
+    if args.output:
+        saved = {"meta": meta, "runs": [dataclasses.asdict(run) for run in runs]}
+        args.output.with_suffix(".json").write_text(json.dumps(saved, indent=1))
+
+
+def plot_speedups(paths: list[Path], output: Path, mode: str = "auto") -> None:
+    """Bar chart of `keras_adam.Adam()`'s speed-up over Keras's Adam, per model and backend.
+
+    One bar per backend (each `fit_<backend>.json` of `paths`) in each
+    model's group, at the median of the rounds' ratios, with a line from the
+    lowest to the highest round's; `mode` picks the `jit_compile` section.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = {}
+    for path in paths:
+        saved = json.loads(Path(path).read_text())
+        runs = [Run(**run) for run in saved["runs"] if run["mode"] == mode]
+        keras_runs = {run.model: run for run in runs if run.system == KERAS}
+        results[saved["meta"]["backend"]] = {
+            run.model: round_ratios(run, keras_runs[run.model])
+            for run in runs
+            if run.system == "keras_adam"
+        }
+    models = list(dict.fromkeys(model for ratios in results.values() for model in ratios))
+    width = 0.8 / max(1, len(results))
+    figure, axes = plt.subplots(figsize=(1.6 * len(models) + 2, 3.6))
+    for k, (backend, ratios) in enumerate(results.items()):
+        xs = [i + (k - (len(results) - 1) / 2) * width for i, m in enumerate(models) if m in ratios]
+        values = [ratios[m] for m in models if m in ratios]
+        medians = [statistics.median(v) for v in values]
+        low = [m - min(v) for m, v in zip(medians, values, strict=True)]
+        high = [max(v) - m for m, v in zip(medians, values, strict=True)]
+        axes.bar(xs, medians, width, yerr=[low, high], capsize=3, label=backend, color=f"C{k}")
+    axes.axhline(1.0, color="black", linewidth=0.8)
+    axes.set_xticks(range(len(models)), models)
+    axes.set_ylabel("speed-up over keras.optimizers.Adam")
+    axes.set_yscale("log")
+    axes.set_title(f"model.fit, steady epochs, jit_compile={mode!r}")
+    axes.legend()
+    figure.tight_layout()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output, dpi=110)
+    plt.close(figure)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Four keras-io example models, with synthetic data of the right shapes, for `model.fit` timings.
+"""Five keras-io example models, with synthetic data of the right shapes, for `model.fit` timings.
 
 Each is the shape of a keras-io example (scaled so that an epoch takes
 seconds on two CPU cores), with data drawn from a fixed random "teacher" so
@@ -10,7 +10,9 @@ that the loss has something to learn:
 - `recommender`: "Collaborative filtering for movie recommendations"
   (user and movie embeddings and biases, a dot product), ratings in [0, 1];
 - `lstm`: "Timeseries forecasting for weather prediction" (one LSTM),
-  120 steps of 7 features.
+  120 steps of 7 features;
+- `resnet`: "Image classification from scratch" scaled down: residual
+  blocks of convolutions with batch normalization, 32x32 colour images.
 
 `transformer` and `recommender` have embeddings, so their gradients are
 sparse rows on TensorFlow and `keras_adam.Adam(lazy_sparse=True)` applies.
@@ -66,13 +68,33 @@ def convnet():
     )
 
 
-def convnet_data(samples: int):
+def convnet_data(samples: int, shape: tuple[int, ...] = (28, 28, 1)):
     """Images in [0, 1]; the class is the argmax of a fixed random projection."""
     rng = np.random.default_rng(0)
-    x = rng.random((samples, 28, 28, 1), dtype=np.float32)
-    teacher = rng.standard_normal((28 * 28, 10)).astype(np.float32)
+    x = rng.random((samples, *shape), dtype=np.float32)
+    teacher = rng.standard_normal((int(np.prod(shape)), 10)).astype(np.float32)
     y = np.argmax(x.reshape(samples, -1) @ teacher, axis=1)
     return x, y
+
+
+def resnet():
+    """A small ResNet: a stem, two residual blocks (16 and 32 filters) with batch norm, pooling."""
+    import keras
+    from keras import layers
+
+    def normalized(x, filters, size=3):
+        x = layers.Conv2D(filters, size, padding="same", use_bias=False)(x)
+        return layers.BatchNormalization()(x)
+
+    images = keras.Input((32, 32, 3))
+    x = layers.Activation("relu")(normalized(images, 16))
+    for filters in (16, 32):
+        shortcut = x if x.shape[-1] == filters else normalized(x, filters, 1)
+        y = layers.Activation("relu")(normalized(x, filters))
+        y = normalized(y, filters)
+        x = layers.MaxPooling2D(2)(layers.Activation("relu")(layers.add([shortcut, y])))
+    x = layers.GlobalAveragePooling2D()(x)
+    return keras.Model(images, layers.Dense(10, activation="softmax")(x))
 
 
 VOCABULARY, SEQUENCE = 20_000, 200
@@ -179,7 +201,7 @@ def lstm_data(samples: int):
 
 
 def cases(quick: bool = False) -> list[ModelCase]:
-    """The four models; `quick` uses a quarter of the data."""
+    """The five models; `quick` uses a quarter of the data."""
     k = 4 if quick else 1
     return [
         ModelCase(
@@ -199,5 +221,9 @@ def cases(quick: bool = False) -> list[ModelCase]:
         ModelCase(
             "lstm", "LSTM forecaster, 120 steps x 7 features, 5.2k parameters", lstm,
             lambda: lstm_data(8192 // k), "mse", 256,
+        ),
+        ModelCase(
+            "resnet", "residual convnet with batch norm, 32x32x3, 20.3k parameters", resnet,
+            lambda: convnet_data(2048 // k, (32, 32, 3)), "sparse_categorical_crossentropy", 64,
         ),
     ]  # fmt: skip

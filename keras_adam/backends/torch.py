@@ -7,7 +7,9 @@ r"""What runs on the PyTorch backend.
   `torch.optim.Adam(fused=True)`. One call per group of variables that share
   a device, a dtype and a weight decay $\lambda$ (0 for the variables
   excluded from decay), and on CPU a size class: variables under `SMALL`
-  elements are updated on one thread. A model's step is a few calls.
+  elements are updated on one thread each (a large group of them is cut
+  into parts run side by side, one per torch thread: `SPLIT`). A model's
+  step is a few calls.
   Every option they can express runs in them: `epsilon_mode="paper"`
   natively, Keras's $\hat\epsilon$ (the default) as the per-step
   $\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}$, AMSGrad (`velocity_hat`),
@@ -43,7 +45,7 @@ dtypes, devices and contiguity in bulk and makes one kernel call per group.
 
 Under `torch.compile` (`model.fit` with `jit_compile=True`) each group's
 kernel call is our operator `torch.ops.keras_adam.fused_adam_`
-(`torch.library.custom_op`): the graph holds it as an in-place update of the
+(`torch.library`): the graph holds it as an in-place update of the
 variables and moments, with no graph break, and at run time it reads $t$
 and η and calls the same kernel as an eager step, so compiled and eager
 steps agree bit for bit. The grouping is done as the step is traced
@@ -57,9 +59,11 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import glob
 import operator
 import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -91,6 +95,10 @@ FUSED_DTYPES = ("float32", "float64")
 #: all threads (grain size 0): an OpenMP region per tensor, whose start and
 #: barrier cost more than a small tensor's update.
 SMALL = 32768
+#: A group of small CPU variables holding `SPLIT` values per thread or more
+#: is cut into parts, one per thread, each run on one thread
+#: (`_small_group_call`).
+SPLIT = 4 * SMALL
 
 
 def _fused_device_types() -> tuple[str, ...]:
@@ -146,6 +154,14 @@ class _Group:
     exp_avgs: list[torch.Tensor] = field(default_factory=list)
     exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
     max_exp_avg_sqs: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, index: int, tensors: list[torch.Tensor]) -> None:
+        """Add the variable at `index` of the step: its tensor, then its moments' tensors."""
+        self.indices.append(index)
+        self.params.append(tensors[0])
+        self.exp_avgs.append(tensors[1])
+        self.exp_avg_sqs.append(tensors[2])
+        self.max_exp_avg_sqs.extend(tensors[3:])
 
     def tensors(self, members: Any) -> tuple[list, list, list, list]:
         """The kernel's four tensor lists, for the members at these positions of the group."""
@@ -322,27 +338,24 @@ class TorchEngine(Engine):
             single_threaded: Run on one thread (small CPU tensors).
         """
         hyper = scalars.hyper
-        device = params[0].device
-        step = float(scalars.step)
         lr, eps = update_rule.torch_kernel_scalars(scalars)
         decoupled = hyper.decoupled_weight_decay and hyper.weight_decay
-        kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
-        with _one_thread() if single_threaded else contextlib.nullcontext():
-            kernel(
-                params,
-                grads,
-                ms,
-                vs,
-                v_hats,
-                [_step_tensor(device, step)] * len(params),
-                lr=lr,
-                beta1=hyper.beta_1,
-                beta2=hyper.beta_2,
-                weight_decay=hyper.weight_decay,
-                eps=eps,
-                amsgrad=hyper.amsgrad,
-                maximize=hyper.maximize,
-            )
+        kernel = functools.partial(
+            torch._fused_adamw_ if decoupled else torch._fused_adam_,
+            lr=lr,
+            beta1=hyper.beta_1,
+            beta2=hyper.beta_2,
+            weight_decay=hyper.weight_decay,
+            eps=eps,
+            amsgrad=hyper.amsgrad,
+            maximize=hyper.maximize,
+        )
+        tensors = (params, grads, ms, vs, v_hats)
+        step = _step_tensor(params[0].device, float(scalars.step))
+        if single_threaded:
+            _small_group_call(kernel, tensors, step)
+        else:
+            kernel(*tensors, [step] * len(params))
 
     def _plan(self, update: Update) -> _Plan:
         """The fused groups of `update.variables` (cached while variables and options hold)."""
@@ -351,7 +364,7 @@ class TorchEngine(Engine):
         plan = self._cached_plan
         if plan is not None and plan.key == key and plan.is_current():
             return plan
-        groups: dict[tuple, _Group] = {}
+        groups: list[_Group] = []
         quantized: dict[Hyperparameters, _QuantizedGroup] = {}
         rest: list[int] = []
         dtypes, devices = [], []
@@ -386,29 +399,12 @@ class TorchEngine(Engine):
             if not self._fusable(tensors):
                 rest.append(index)
                 continue
-            hyper = update.hyper(variable)
-            single_threaded = param.device.type == "cpu" and param.numel() < SMALL
-            group_key = (param.device, param.dtype, hyper, single_threaded)
-            group = groups.get(group_key)
-            if group is None:
-                group = groups[group_key] = _Group(
-                    param.device,
-                    param.dtype,
-                    hyper,
-                    compute_dtype(variable, slots),
-                    single_threaded,
-                )
-            group.indices.append(index)
-            group.params.append(param)
-            group.exp_avgs.append(tensors[1])
-            group.exp_avg_sqs.append(tensors[2])
-            if len(tensors) > 3:
-                group.max_exp_avg_sqs.append(tensors[3])
+            _group_for(groups, variable, tensors, update).add(index, tensors)
             bound_variables += [variable, *slots]
             bound_tensors += tensors
         plan = _Plan(
             key,
-            list(groups.values()),
+            groups,
             list(quantized.values()),
             tuple(rest),
             tuple(dtypes),
@@ -468,10 +464,6 @@ def _host_scalars(iterations: Any, learning_rate: Any) -> tuple[float, float]:
     return float(np.float32(int(iterations) + 1)), float(learning_rate)
 
 
-@torch.library.custom_op(
-    "keras_adam::fused_adam_",
-    mutates_args=("params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs"),
-)
 def fused_adam_(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -496,10 +488,17 @@ def fused_adam_(
     The step `TorchEngine.fused` takes, with its host scalars ($t$, η)
     read from `iterations` (the optimizer's counter before the step) and
     `learning_rate` when it runs. `torch.compile` sees an operator that
-    writes the variables and moments in place (its fake implementation
-    returns nothing), so a compiled `fit` keeps the whole step in its
-    graph, with no graph break at the update; the kernels run as they do
-    eagerly, on the same numbers.
+    writes the variables and moments in place (its schema marks them
+    mutated; its fake implementation returns nothing), so a compiled `fit`
+    keeps the whole step in its graph, with no graph break at the update;
+    the kernels run as they do eagerly, on the same numbers.
+
+    It is registered with `torch.library.Library` and a
+    `CompositeExplicitAutograd` kernel rather than `torch.library.custom_op`,
+    whose Python autograd and version-counting layers cost 0.45 ms a call on
+    200 small variables, four times the kernel's own time; the dispatcher's
+    C++ fallbacks do that work here, and the versions of the written tensors
+    are bumped in one call, as in-place ops do.
     """
     hyper = Hyperparameters(
         beta_1=beta_1,
@@ -513,7 +512,8 @@ def fused_adam_(
     )
     t, lr = _host_scalars(iterations, learning_rate)
     scalars = update_rule.host_step_scalars(hyper, t, lr, compute_dtype)
-    grads = [grad.contiguous() for grad in grads]
+    if not all(map(torch.Tensor.is_contiguous, grads)):
+        grads = [grad.contiguous() for grad in grads]
     TorchEngine.fused(
         params,
         grads,
@@ -523,20 +523,67 @@ def fused_adam_(
         scalars,
         single_threaded=single_threaded,
     )
+    increment_version([*params, *exp_avgs, *exp_avg_sqs, *max_exp_avg_sqs])
 
 
-@fused_adam_.register_fake
+_LIBRARY = torch.library.Library("keras_adam", "FRAGMENT")
+_LIBRARY.define(
+    "fused_adam_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, "
+    "Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] max_exp_avg_sqs, Tensor iterations, "
+    "Tensor learning_rate, float beta_1, float beta_2, float epsilon, float weight_decay, "
+    "bool decoupled_weight_decay, str epsilon_mode, bool amsgrad, bool maximize, "
+    "str compute_dtype, bool single_threaded) -> ()"
+)
+_LIBRARY.impl("fused_adam_", fused_adam_, "CompositeExplicitAutograd")
+
+
+@torch.library.register_fake("keras_adam::fused_adam_", lib=_LIBRARY)
 def _(*args: Any) -> None:
     return None
+
+
+def _group_for(groups: list[_Group], variable: Any, tensors: list, update: Update) -> _Group:
+    """The group of `groups` a fusable variable joins; a new one, appended, if none fits.
+
+    Variables share a kernel call when they share a device, a dtype, their
+    hyperparameters and a size class (`SMALL`). `TorchEngine._plan` and
+    `_compiled_fused_step` group with it, so compiled and eager steps make
+    the same calls. (A list, not a dict keyed by those: `torch.compile`
+    traces the comparisons, where hashing the hyperparameters would break
+    the graph.)
+    """
+    param = tensors[0]
+    candidate = _Group(
+        param.device,
+        param.dtype,
+        update.hyper(variable),
+        compute_dtype(variable, update.slots(variable)),
+        param.device.type == "cpu" and param.numel() < SMALL,
+    )
+    for group in groups:
+        if _same_call(group, candidate):
+            return group
+    groups.append(candidate)
+    return candidate
+
+
+def _same_call(a: _Group, b: _Group) -> bool:
+    """Whether two groups' variables can share a kernel call."""
+    return (
+        a.device == b.device
+        and a.dtype == b.dtype
+        and a.hyper == b.hyper
+        and a.compute_dtype == b.compute_dtype
+        and a.single_threaded == b.single_threaded
+    )
 
 
 def _compiled_fused_step(engine: TorchEngine, update: Update) -> list[int]:
     """`_fused_step` as `torch.compile` traces it: one `fused_adam_` call per group.
 
-    The grouping is `TorchEngine._plan`'s (device, dtype, hyperparameters,
-    size class), done as the step is traced, so a compiled step makes the
-    same kernel calls as an eager one. Quantized moments keep the eager
-    path (outside the graph).
+    The grouping is `TorchEngine._plan`'s (`_group_for`), done as the step
+    is traced, so a compiled step makes the same kernel calls as an eager
+    one. Quantized moments keep the eager path (outside the graph).
     """
     grads = update.grads
     options = update.options
@@ -545,44 +592,24 @@ def _compiled_fused_step(engine: TorchEngine, update: Update) -> list[int]:
     if in_stateless_scope() or str(get_device()) == "meta":
         return [i for i, g in enumerate(grads) if g is not None]
     groups: list[_Group] = []
-    group_grads: list[list] = []
     rest = []
     for index, (grad, variable) in enumerate(zip(grads, update.variables, strict=True)):
         if grad is None:
             continue
-        param = _tensor(variable)
-        slots = update.slots(variable)
-        tensors = [param, *(_tensor(x) for x in slots)]
+        tensors = [_tensor(variable), *(_tensor(x) for x in update.slots(variable))]
         if engine.variable_blocker(variable, options) is not None or not engine._fusable(tensors):
             rest.append(index)
             continue
-        group = _Group(
-            param.device,
-            param.dtype,
-            update.hyper(variable),
-            compute_dtype(variable, slots),
-            param.device.type == "cpu" and param.numel() < SMALL,
-        )
-        same = [k for k, g in enumerate(groups) if _same_call(g, group)]
-        if same:
-            group = groups[same[0]]
-        else:
-            groups.append(group)
-            group_grads.append([])
-        group.params.append(param)
-        group.exp_avgs.append(tensors[1])
-        group.exp_avg_sqs.append(tensors[2])
-        group.max_exp_avg_sqs.extend(tensors[3:])
-        group_grads[groups.index(group)].append(_dense(grad, param.dtype, param.device))
+        _group_for(groups, variable, tensors, update).add(index, tensors)
     iterations = _tensor(update.iterations)
     learning_rate = update.learning_rate
     if not isinstance(learning_rate, (torch.Tensor, keras.Variable)):
         learning_rate = torch.tensor(float(learning_rate))
-    for group, gs in zip(groups, group_grads, strict=True):
+    for group in groups:
         hyper = group.hyper
         torch.ops.keras_adam.fused_adam_(
             group.params,
-            gs,
+            [_dense(grads[i], group.dtype, group.device) for i in group.indices],
             group.exp_avgs,
             group.exp_avg_sqs,
             group.max_exp_avg_sqs,
@@ -600,17 +627,6 @@ def _compiled_fused_step(engine: TorchEngine, update: Update) -> list[int]:
             group.single_threaded,
         )
     return rest
-
-
-def _same_call(a: _Group, b: _Group) -> bool:
-    """Whether two groups' variables can share a kernel call."""
-    return (
-        a.device == b.device
-        and a.dtype == b.dtype
-        and a.hyper == b.hyper
-        and a.compute_dtype == b.compute_dtype
-        and a.single_threaded == b.single_threaded
-    )
 
 
 @torch.compiler.disable
@@ -707,6 +723,85 @@ def _quantized_step(
         # The library starts a thread only for enough blocks of work.
         threads=torch.get_num_threads(),
     )
+
+
+def _small_group_call(kernel: Any, tensors: tuple[list, ...], step: torch.Tensor) -> None:
+    """A small CPU group's kernel call: each part of it on one thread (`SMALL`).
+
+    One part in all, on the calling thread, unless the group holds `SPLIT`
+    values for each of two or more of torch's threads: then it is cut into
+    as many parts of about equal size (whole variables, in order), the
+    first run on the calling thread and the others on helper threads
+    (`_helpers`), side by side; the call returns when all are done.
+    Variables are updated element by element, so the numbers are the
+    same however the group is cut.
+
+    Args:
+        kernel: torch's fused kernel with its scalars bound: it takes the
+            tensor lists and the step tensors.
+        tensors: The group's params, grads, first and second moments and
+            `velocity_hat` lists (the last empty without AMSGrad).
+        step: The step tensor every variable is given.
+    """
+    params = tensors[0]
+    parts = min(torch.get_num_threads(), sum(map(torch.Tensor.numel, params)) // SPLIT)
+    pool = _helpers(parts - 1) if parts > 1 else None
+
+    def run(start: int, stop: int) -> None:
+        with _one_thread():
+            kernel(*(x[start:stop] for x in tensors), [step] * (stop - start))
+
+    if pool is None:
+        run(0, len(params))
+        return
+    first, *others = _parts([p.numel() for p in params], parts)
+    futures = [pool.submit(run, *part) for part in others]
+    try:
+        run(*first)
+    finally:
+        # Every part has finished writing before this returns (or raises).
+        for future in futures:
+            future.result()
+
+
+def _parts(sizes: list[int], count: int) -> list[tuple[int, int]]:
+    """Cut a list of variables of these sizes into at most `count` runs of about equal total size.
+
+    Returns:
+        (start, stop) positions of each run, in order, none empty.
+    """
+    total, bounds, cumulative = sum(sizes), [0], 0
+    for index, size in enumerate(sizes[:-1]):
+        cumulative += size
+        if len(bounds) < count and cumulative * count >= total * len(bounds):
+            bounds.append(index + 1)
+    bounds.append(len(sizes))
+    return list(zip(bounds, bounds[1:], strict=False))
+
+
+_HELPERS: dict[tuple[int, int], ThreadPoolExecutor] = {}
+
+
+def _helpers(count: int) -> ThreadPoolExecutor | None:
+    """`count` threads that run parts of small groups' calls (each on one OpenMP thread).
+
+    None where torch's OpenMP runtime was not found (`_thread_count_setter`):
+    then a thread's count cannot be set without changing every thread's.
+    (ATen sets a thread's count at its first parallel op, so `_one_thread`
+    sets it around each call, as on the calling thread.)
+    Made once per process (a forked child gets its own: the parent's
+    threads do not exist there) and per count.
+    """
+    if _thread_count_setter() is torch.set_num_threads:
+        return None
+    key = (os.getpid(), count)
+    pool = _HELPERS.get(key)
+    if pool is None:
+        for old in _HELPERS.values():
+            old.shutdown(wait=False)
+        _HELPERS.clear()
+        pool = _HELPERS[key] = ThreadPoolExecutor(count, thread_name_prefix="keras_adam")
+    return pool
 
 
 @contextlib.contextmanager

@@ -79,7 +79,56 @@ def test_fit_mode_trains_each_system_and_reports_the_loss_agreement(tmp_path):
     assert [row.split(" | ")[1] for row in rows] == ["keras Adam", "keras_adam"] * 2
     # Same weights, same data order, no embedding: the loss curves agree to round-off.
     for row in rows[1::2]:
-        assert float(row.split(" | ")[5]) < 1e-5
+        assert float(row.split(" | ")[6]) < 1e-5
+    saved = json.loads(output.with_suffix(".json").read_text())
+    assert saved["meta"]["backend"] == "tensorflow"
+    assert [(r["mode"], r["system"]) for r in saved["runs"]] == [
+        (mode, system) for mode in ("auto", "true") for system in ("keras Adam", "keras_adam")
+    ]
+    # The row's speed-up is its round's ratio (one round: the spread is that ratio too).
+    keras_epoch, ours_epoch = (saved["runs"][k]["steady"][0] for k in (0, 1))
+    speedup, spread = rows[1].split(" | ")[4:6]
+    assert speedup == f"{keras_epoch / ours_epoch:.2f}x"
+    assert spread == f"{keras_epoch / ours_epoch:.2f}-{keras_epoch / ours_epoch:.2f}"
+
+
+def test_fit_speedup_plot_has_a_bar_per_backend_and_model(tmp_path, monkeypatch):
+    from benchmarks import end_to_end
+
+    def saved(backend, ratios):
+        runs = []
+        for model, values in ratios.items():
+            runs.append(dict(model=model, mode="auto", system="keras Adam", steady=[1.0] * 3))
+            runs.append(
+                dict(model=model, mode="auto", system="keras_adam", steady=[1 / v for v in values])
+            )
+        path = tmp_path / f"fit_{backend}.json"
+        path.write_text(json.dumps({"meta": {"backend": backend}, "runs": runs}))
+        return path
+
+    paths = [
+        saved("tensorflow", {"convnet": [1.2, 1.4, 1.3], "lstm": [1.0, 1.1, 0.9]}),
+        saved("torch", {"convnet": [3.0, 2.0, 4.0]}),
+    ]
+    bars = []
+    import matplotlib.axes
+
+    original = matplotlib.axes.Axes.bar
+
+    def bar(self, x, height, *args, **kwargs):
+        bars.append((kwargs["label"], list(x), list(height), kwargs["yerr"]))
+        return original(self, x, height, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
+    end_to_end.plot_speedups(paths, tmp_path / "plot.png")
+    assert (tmp_path / "plot.png").stat().st_size > 0
+    (tf_label, tf_x, tf_medians, tf_err), (torch_label, torch_x, torch_medians, torch_err) = bars
+    assert (tf_label, torch_label) == ("tensorflow", "torch")
+    assert tf_x == [-0.2, 0.8] and torch_x == [0.2]  # convnet, then lstm
+    np.testing.assert_allclose(tf_medians, [1.3, 1.0])
+    np.testing.assert_allclose(tf_err, [[0.1, 0.1], [0.1, 0.1]], atol=1e-12)
+    np.testing.assert_allclose(torch_medians, [3.0])
+    np.testing.assert_allclose(torch_err, [[1.0], [1.0]])
 
 
 def test_fit_modes_name_their_compiler_and_add_the_ops_path_under_torch_compile():

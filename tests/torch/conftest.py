@@ -1,5 +1,7 @@
 """Fixtures of tests/torch/."""
 
+import threading
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ def kernel_calls(monkeypatch):
                     **{k: v for k, v in kwargs.items() if k != "lr"},
                     lr=float(kwargs["lr"]),
                     threads=torch.get_num_threads(),
+                    thread=threading.get_ident(),
                 )
             )
             return _original(params, grads, *tensors, **kwargs)
