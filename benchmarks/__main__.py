@@ -28,6 +28,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="smaller workloads, under 3 min")
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--repeats", type=int, default=None, help="interleaved rounds")
+    parser.add_argument(
+        "--compiled-repeats", type=int, default=None,
+        help="with --fit: rounds of jit_compile=True (default: --repeats)",
+    )  # fmt: skip
     parser.add_argument("--no-memory", action="store_true", help="skip peak-memory probes")
     parser.add_argument(
         "--docs",
@@ -120,6 +124,8 @@ def run_fit(args: argparse.Namespace) -> None:
         command = [sys.executable, "-m", "benchmarks.end_to_end", "--output", str(saved)]
         command += ["--quick"] if args.quick else []
         command += ["--rounds", str(args.repeats)] if args.repeats else []
+        if args.compiled_repeats:
+            command += ["--compiled-rounds", str(args.compiled_repeats)]
         env = {**os.environ, "KERAS_BACKEND": backend}
         subprocess.run(command, env=env, check=True)
         print(f"wrote {saved}")

@@ -130,9 +130,18 @@ def train(case, make_optimizer, mode: str, epochs: int, data) -> tuple[list[floa
 
 
 def measure(
-    quick: bool, epochs: int, rounds: int, names: list[str] | None, modes: list[str] | None = None
+    quick: bool,
+    epochs: int,
+    rounds: int,
+    names: list[str] | None,
+    modes: list[str] | None = None,
+    compiled_rounds: int | None = None,
 ) -> list[Run]:
-    """Train every model, mode and system; rounds interleaved."""
+    """Train every model, mode and system; rounds interleaved.
+
+    `compiled_rounds` (default `rounds`) is the rounds of `jit_compile=True`,
+    whose every fit compiles anew (on torch, half a minute and more).
+    """
     import keras
 
     from benchmarks.models import cases
@@ -148,7 +157,8 @@ def measure(
         for mode in modes:
             chosen = systems(backend, case.embeddings, mode)
             results = {label: Run(case.name, mode, label) for label in chosen}
-            for round_ in range(rounds):
+            mode_rounds = rounds if mode != "true" or compiled_rounds is None else compiled_rounds
+            for round_ in range(mode_rounds):
                 order = list(chosen)
                 rng.shuffle(order)
                 for label in order:
@@ -186,7 +196,14 @@ def markdown(runs: list[Run], meta: dict) -> str:
     lines = [
         f"# model.fit on the {meta['backend']} backend",
         "",
-        f"{meta['machine']}; {meta['epochs']} epochs, {meta['rounds']} rounds, "
+        f"{meta.get('date', 'undated')}, {meta['machine']}; {meta['epochs']} epochs, "
+        f"{meta['rounds']} rounds"
+        + (
+            f" ({meta['compiled_rounds']} with jit_compile=True)"
+            if meta.get("compiled_rounds")
+            else ""
+        )
+        + ", "
         f"{'quick (a quarter of the data)' if meta['quick'] else 'full data'}. "
         "Times are medians over the rounds; speedup is the median over the rounds of "
         "Keras's steady epoch over the row's (above 1: faster than Keras's Adam), and "
@@ -229,6 +246,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="a quarter of the data")
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument(
+        "--compiled-rounds", type=int, default=None,
+        help="rounds of jit_compile=True (default: --rounds); each of its fits compiles",
+    )  # fmt: skip
     from benchmarks.models import cases
 
     names = [case.name for case in cases()]
@@ -241,16 +262,22 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.epochs < 2:
         parser.error(f"--epochs must be >= 2 (the first is reported apart), got {args.epochs}")
-    if args.rounds < 1:
-        parser.error(f"--rounds must be >= 1, got {args.rounds}")
+    for name in ("rounds", "compiled_rounds"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     import keras
 
-    runs = measure(args.quick, args.epochs, args.rounds, args.models, args.modes)
+    runs = measure(
+        args.quick, args.epochs, args.rounds, args.models, args.modes, args.compiled_rounds
+    )
     meta = {
         "backend": keras.backend.backend(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "date": time.strftime("%Y-%m-%d"),
         "epochs": args.epochs,
         "rounds": args.rounds,
+        "compiled_rounds": args.compiled_rounds,
         "quick": args.quick,
     }
     table = markdown(runs, meta)
