@@ -295,10 +295,13 @@ recurrences) the optimizer is a small part of the step, and a few rounds on
 shared cores swing epoch times by tens of percent: a ratio far from 1 there
 is noise unless it holds over more rounds (`--repeats`). Under XLA the dense step of
 both optimizers is `keras.ops` code compiled into the same program.
-Four keras-io example models on synthetic data of the right shapes
+Five keras-io example models on synthetic data of the right shapes
 (`benchmarks/models.py`), trained from the same weights in the same order.
-Reproduce with `python -m benchmarks --fit` (add `--backend jax` or
-`--backend torch` for the other backends).
+Reproduce with `python -m benchmarks --fit --backend all` (one backend:
+`--backend jax`, and so on; `--quick` trains on a quarter of the data).
+The rounds are paired: each round trains every optimizer once, in a new
+random order, and the *speedup* is the median of the rounds' ratios, with
+the lowest and highest round's as the *spread*.
 
 The *loss diff* column is the largest relative difference of an epoch's
 mean loss from Keras's Adam's. Models with an `Embedding` differ by design:
@@ -330,7 +333,14 @@ def fit_sections(results_dir) -> str:
             parts.append(f"\n### On {title}\n{_saved_section(saved, '####')}")
     if not parts:
         return ""
-    return "\n## Training real models (`model.fit`)\n\n" + FIT_INTRO + "".join(parts)
+    plot = Path(results_dir) / "fit_speedup.png"
+    figure = ""
+    if plot.is_file():
+        figure = (
+            "\n![keras_adam.Adam's speed-up over keras.optimizers.Adam in model.fit, "
+            "per model and backend](img/fit-speedup.png)\n"
+        )
+    return "\n## Training real models (`model.fit`)\n\n" + FIT_INTRO + figure + "".join(parts)
 
 
 def backend_sections(results_dir) -> str:
@@ -366,6 +376,9 @@ def write_docs_page(path, table: str, png) -> None:
     image = path.parent / "img" / "benchmarks.png"
     image.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(png, image)
+    fit_plot = Path(png).parent / "fit_speedup.png"
+    if fit_plot.is_file():
+        shutil.copyfile(fit_plot, image.parent / "fit-speedup.png")
     body = table.split("\n", 1)[1]  # the page has its own title
     path.write_text(
         DOCS_INTRO

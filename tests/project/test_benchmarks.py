@@ -120,8 +120,8 @@ def test_fit_speedup_plot_has_a_bar_per_backend_and_model(tmp_path, monkeypatch)
         return original(self, x, height, *args, **kwargs)
 
     monkeypatch.setattr(matplotlib.axes.Axes, "bar", bar)
-    end_to_end.plot_speedups(paths, tmp_path / "plot.png")
-    assert (tmp_path / "plot.png").stat().st_size > 0
+    end_to_end.plot_speedups(paths, tmp_path / "fit_speedup.png")
+    assert (tmp_path / "fit_speedup.png").read_bytes()[:4] == b"\x89PNG"
     (tf_label, tf_x, tf_medians, tf_err), (torch_label, torch_x, torch_medians, torch_err) = bars
     assert (tf_label, torch_label) == ("tensorflow", "torch")
     assert tf_x == [-0.2, 0.8] and torch_x == [0.2]  # convnet, then lstm
@@ -129,6 +129,16 @@ def test_fit_speedup_plot_has_a_bar_per_backend_and_model(tmp_path, monkeypatch)
     np.testing.assert_allclose(tf_err, [[0.1, 0.1], [0.1, 0.1]], atol=1e-12)
     np.testing.assert_allclose(torch_medians, [3.0])
     np.testing.assert_allclose(torch_err, [[1.0], [1.0]])
+
+    # The Performance page shows the plot above the fit tables, and copies it to docs/img.
+    (tmp_path / "fit_tensorflow.md").write_text("# model.fit on the tensorflow backend\n\nrows\n")
+    (tmp_path / "r.png").write_bytes(b"png")
+    report.write_docs_page(tmp_path / "docs" / "performance.md", "# T\n", tmp_path / "r.png")
+    page = (tmp_path / "docs" / "performance.md").read_text()
+    figure = page.index("](img/fit-speedup.png)")
+    assert page.index("## Training real models") < figure < page.index("### On TensorFlow")
+    copied = tmp_path / "docs" / "img" / "fit-speedup.png"
+    assert copied.read_bytes() == (tmp_path / "fit_speedup.png").read_bytes()
 
 
 def test_fit_modes_name_their_compiler_and_add_the_ops_path_under_torch_compile():
