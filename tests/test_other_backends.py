@@ -24,7 +24,7 @@ SECONDS = {
     ("jax", "any"): 85,
     ("jax", "tuning/any"): 65,
     ("jax", "jax"): 60,
-    ("torch", "torch"): 35,
+    ("torch", "torch"): 90,
     ("torch", "any"): 35,
     ("torch", "tuning/any"): 30,
 }
