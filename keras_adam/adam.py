@@ -302,6 +302,11 @@ class Adam(keras.optimizers.Optimizer):
         """
         if self.built:
             return
+        with self._engine.build_scope():
+            self._build(var_list)
+
+    def _build(self, var_list: list) -> None:
+        """`build`'s work, in the engine's `build_scope`."""
         self._engine.check_build(var_list, self._options())
         super().build(var_list)
         self._momentums, self._velocities = self._add_moments(var_list, ["momentum", "velocity"])

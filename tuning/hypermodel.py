@@ -30,20 +30,6 @@ def _takes_hp(build_model: Callable) -> bool:
     return bool(positional)
 
 
-def prebuild_optimizer(model: keras.Model) -> None:
-    """Create the optimizer's variables now, eagerly, if the model has its variables.
-
-    Without a distribution strategy Keras on TensorFlow leaves that to the
-    first traced training step, where each variable costs about 20 ms to
-    create: 0.8 s of every trial's first epoch on the tuning benchmark's
-    transformer (38 variables), a fixed cost that a search pays per trial.
-    Built here, the same zeros take 0.05 s, and the training is the same.
-    A model that creates its variables on its first call is left to Keras.
-    """
-    if model.built and model.trainable_variables and not model.optimizer.built:
-        model.optimizer.build(model.trainable_variables)
-
-
 class DivergenceGuard(keras.callbacks.Callback):
     """Stops training at the first NaN or infinite loss and remembers why.
 
@@ -194,7 +180,6 @@ class AdamHyperModel(keras_tuner.HyperModel):
             metrics=self.metrics,
             **self.compile_options,
         )
-        prebuild_optimizer(model)
         return model
 
     def build(self, hp: keras_tuner.HyperParameters) -> keras.Model:

@@ -269,6 +269,10 @@ class Engine:
         """Where `build` restores state loaded before it (eagerly, outside traces)."""
         return contextlib.nullcontext()
 
+    def build_scope(self) -> contextlib.AbstractContextManager:
+        """Where `build` creates the optimizer's variables (see `TensorFlowEngine.build_scope`)."""
+        return contextlib.nullcontext()
+
     # -- gradients -------------------------------------------------------------
 
     def stored_values(self, gradient: Any) -> Any:

@@ -236,3 +236,34 @@ def test_set_weights_with_wrong_length_raises():
     optimizer = built_optimizer()
     with pytest.raises(ValueError, match=r"got 2 arrays but the optimizer has 6"):
         optimizer.set_weights([np.array(0), np.array(0.1)])
+
+
+@pytest.mark.parametrize("mode", ["function", "xla"])
+def test_a_build_inside_a_traced_step_makes_the_variables_eagerly(mode, monkeypatch):
+    """`fit` (no strategy) builds the optimizer in its first traced step: ours makes
+    its moments eagerly, all at once (`TensorFlowEngine.build_scope`), where Keras's
+    Adam lifts each out of the trace; the numbers are Keras's."""
+    from keras.src.optimizers.base_optimizer import BaseOptimizer
+
+    made = []
+    original = BaseOptimizer.add_variable
+
+    def add_variable(self, *args, **kwargs):
+        variable = original(self, *args, **kwargs)
+        made.append((type(self).__module__.split(".")[0], variable.name, tf.executing_eagerly()))
+        return variable
+
+    monkeypatch.setattr(BaseOptimizer, "add_variable", add_variable)
+    results = {}
+    for name, cls in CLASSES.items():
+        optimizer = cls(**BINARY)
+        variables, loss_fn = make_problem("float32")
+        train_step = make_step(optimizer, variables, loss_fn, mode)
+        for i in range(3):
+            train_step(tf.constant(i, dtype="int64"))
+        results[name] = values(variables) + values(optimizer.variables)
+    moments = [(owner, eager) for owner, name, eager in made if "momentum" in name]
+    moments += [(owner, eager) for owner, name, eager in made if "velocity" in name]
+    assert sorted(set(moments)) == [("keras", False), ("keras_adam", True)]
+    for ours, theirs in zip(results["keras_adam"], results["keras"], strict=True):
+        np.testing.assert_array_equal(ours, theirs)

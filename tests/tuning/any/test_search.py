@@ -496,28 +496,3 @@ def test_tensorboard_must_be_a_directory(data, tmp_path):
     with pytest.raises(ValueError, match=r"tensorboard=3"):
         run(data, tmp_path, tensorboard=3)
     assert not (tmp_path / "p").exists()
-
-
-def test_trial_models_come_with_adams_variables_built_and_train_the_same(data):
-    """Adam's variables are made before `fit` (off the traced first step), same training."""
-    import keras_tuner
-
-    from tuning.hypermodel import AdamHyperModel
-
-    x, y, _, _ = data
-    hypermodel = AdamHyperModel(linear, loss=LOSS, seed=3)
-    hp = keras_tuner.HyperParameters()
-    model = hypermodel.build(hp)
-    optimizer = model.optimizer
-    assert optimizer.built  # m and v of the kernel and the bias
-    assert sorted(tuple(v.shape) for v in optimizer.variables[2:]) == [(10,)] * 2 + [(64, 10)] * 2
-    # The same optimizer on the same initial weights, built lazily by Keras.
-    keras.utils.set_random_seed(3)
-    reference = linear()
-    reference.compile(optimizer=keras_adam.Adam.from_config(optimizer.get_config()), loss=LOSS)
-    assert not reference.optimizer.built
-    for trained in (model, reference):
-        trained.fit(x, y, epochs=2, batch_size=32, shuffle=False, verbose=0)
-    for mine, theirs in zip(model.get_weights(), reference.get_weights(), strict=True):
-        np.testing.assert_array_equal(mine, theirs)
-    assert int(model.optimizer.iterations) == int(reference.optimizer.iterations) > 0
