@@ -312,6 +312,25 @@ The rounds are paired: each round trains every optimizer once, in a new
 random order, and the *speedup* is the median of the rounds' ratios, with
 the lowest and highest round's as the *spread*.
 
+On PyTorch, epoch times swing with the machine's other load, Keras's Adam's
+most. torch's CPU ops split their work over all of torch's threads
+(OpenMP) and each waits at its end for the slowest thread; when another
+process holds one of the cores, every such op waits for a thread that is
+not running. Measured on 2 cores with 2 torch threads (quick data, 3
+epochs, a busy loop pinned to the second core for the "busy" runs), the
+convnet's epochs went from 1.0 s to 3.4-3.7 s with Keras's Adam and from
+1.2 s to 2.8-3.3 s with ours, and the recommender's from 3.9 s to
+9.7-12.6 s with Keras's Adam and from 3.0 s to 5.2-7.0 s with ours:
+Keras's step runs several ops per variable, each one such wait, where
+ours runs one kernel call per group of variables. That is why Keras's
+epochs on torch can take 2 s in one run and 18 s in the next on a shared
+machine, or grow after the first epoch when other work starts; the
+optimizer's state is not the cause (no subnormal value appeared in its
+moments, checked in the same runs). Giving torch only the cores that are
+free avoids the waits: with `torch.set_num_threads(1)` on the free core,
+the recommender's epochs with Keras's Adam took 3.2-3.4 s while the other
+core was busy.
+
 The *loss diff* column is the largest relative difference of an epoch's
 mean loss from Keras's Adam's. Models with an `Embedding` differ by design:
 Keras's Adam squares each slice of a repeated row before summing, ours
