@@ -14,11 +14,16 @@
   version and flags, the compiler's version; not where TensorFlow, the
   sources or the compiler are installed.
 
-Each cold build takes a fresh cache directory in a subprocess (about 15 s
-of compiling, once for the module).
+Two cold builds run once for the test session (`once_per_session`), each into
+a fresh cache directory in a subprocess: `load()` of the TensorFlow library,
+and the build command of every library (about 5 minutes on 2 cores); the
+other tests copy what they need from them instead of compiling again.
 """
 
+import fcntl
+import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,13 +61,53 @@ def python(args, cache, **env):
     return result, time.perf_counter() - start
 
 
+def once_per_session(tmp_path_factory, name, args):
+    """Run `python args` on a fresh cache once for the whole test session.
+
+    pytest-xdist's workers share the result (the first to come runs it under a
+    file lock, the other waits: a cold build compiles its sources side by side
+    on both cores anyway), so a cold build is paid once, not once per worker.
+
+    Returns:
+        (the cache directory, the finished process).
+    """
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the session's folder, shared by the workers
+    cache, saved = root / f"{name}_cache", root / f"{name}.json"
+    with open(root / f"{name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not saved.exists():
+            shutil.rmtree(cache, ignore_errors=True)  # what a killed run left
+            cache.mkdir()
+            result, _ = python(args, cache)
+            saved.write_text(json.dumps([result.returncode, result.stdout, result.stderr]))
+    returncode, stdout, stderr = json.loads(saved.read_text())
+    assert returncode == 0, stderr[-3000:]
+    return cache, subprocess.CompletedProcess(args, returncode, stdout, stderr)
+
+
 @pytest.fixture(scope="module")
 def cold(tmp_path_factory):
     """A first use on an empty cache: (cache directory, its process result)."""
-    cache = tmp_path_factory.mktemp("kernel_cache")
-    result, _ = python(["-c", LOAD], cache)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return cache, result
+    return once_per_session(tmp_path_factory, "cold", ["-c", LOAD])
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """The build command on an empty cache: (cache directory, its process result).
+
+    The one cold build of every library in this module (about 5 minutes on 2
+    cores); the tests that need the other libraries present copy them from here.
+    """
+    return once_per_session(tmp_path_factory, "built", ["-m", "keras_adam.kernels", "build"])
+
+
+def copy_libraries(source, target, *, skip=()):
+    """Copy the built libraries in `source` to `target`, except those named in `skip`."""
+    for library in source.glob("*.so"):
+        if not library.name.startswith(tuple(skip)):
+            shutil.copy2(library, target / library.name)
 
 
 @needs_compiler
@@ -103,40 +148,50 @@ def _printed(result):
 
 
 @needs_compiler
-def test_build_command_prints_the_paths_and_is_idempotent(cold, tmp_path):
-    cache, first = cold
-    library = first.stdout.strip()  # the TensorFlow library load() built
-    printed = None
-    for _ in range(2):
-        result, _ = python(["-m", "keras_adam.kernels", "build"], cache)
-        assert result.returncode == 0, result.stderr[-3000:]
-        assert _printed(result)[0] == library
-        assert printed in (None, _printed(result))
-        printed = _printed(result)
-        assert START not in result.stderr
-    names = sorted(os.path.basename(p) for p in printed)
-    assert sorted(p.name for p in cache.glob("*.so")) == names
-
-
-@needs_compiler
-def test_build_command_builds_every_library_into_an_empty_cache(tmp_path):
-    result, _ = python(["-m", "keras_adam.kernels", "build"], tmp_path)
-    assert result.returncode == 0, result.stderr[-3000:]
+def test_build_command_builds_every_library_into_an_empty_cache(built):
+    cache, result = built
     libraries = _printed(result)
     assert all(
         os.path.basename(p).startswith(stem) for p, stem in zip(libraries, STEMS, strict=True)
     )
     for library in libraries:
-        assert os.path.dirname(library) == str(tmp_path) and os.path.isfile(library)
+        assert os.path.dirname(library) == str(cache) and os.path.isfile(library)
     assert result.stderr.count(START) == 1 and result.stderr.count(DONE) == 1
-    again, _ = python(["-m", "keras_adam.kernels", "build"], tmp_path)
+    again, _ = python(["-m", "keras_adam.kernels", "build"], cache)
     assert again.returncode == 0 and _printed(again) == libraries
     assert START not in again.stderr
     # What the build made is what the backends then load, without compiling.
     loaded, _ = python(
-        ["-c", "from keras_adam.kernels import quantized; print(quantized.load().path)"], tmp_path
+        ["-c", "from keras_adam.kernels import quantized; print(quantized.load().path)"], cache
     )
     assert loaded.stdout.strip() == libraries[1], loaded.stderr[-3000:]
+    warm, _ = python(["-c", LOAD], cache)
+    assert warm.stdout.strip() == libraries[0], warm.stderr[-3000:]
+    assert START not in warm.stderr
+
+
+@needs_compiler
+def test_build_command_finds_what_load_built_and_is_idempotent(cold, built, tmp_path):
+    # A cache where load() built the TensorFlow library and the others are present:
+    # the command builds nothing, prints the same paths twice, and the first is the
+    # library load() made (load and build agree on its name).
+    _, first = cold
+    library = first.stdout.strip()
+    shutil.copy2(library, tmp_path / os.path.basename(library))
+    copy_libraries(built[0], tmp_path, skip=STEMS[:1])
+    printed = None
+    for _ in range(2):
+        result, _ = python(["-m", "keras_adam.kernels", "build"], tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _printed(result)[0] == str(tmp_path / os.path.basename(library))
+        assert printed in (None, _printed(result))
+        printed = _printed(result)
+        assert START not in result.stderr and DONE not in result.stderr
+    names = sorted(os.path.basename(p) for p in printed)
+    assert sorted(p.name for p in tmp_path.glob("*.so")) == names
+    assert [os.path.basename(p) for p in printed[1:]] == [
+        os.path.basename(p) for p in _printed(built[1])[1:]
+    ]
 
 
 def test_build_command_fails_with_one_line_per_library_and_status_1(tmp_path):
@@ -242,13 +297,17 @@ def test_key_follows_the_compiler_version_not_its_path(tmp_path):
 
 
 @needs_compiler
-def test_a_compile_error_is_one_line_from_the_build_command(monkeypatch, tmp_path, capsys):
+def test_a_compile_error_is_one_line_from_the_build_command(built, monkeypatch, tmp_path, capsys):
     from keras_adam.kernels.__main__ import main
 
     broken = tmp_path / "src" / "multi_tensor_adam.cc"
     broken.parent.mkdir()
     broken.write_text("this is not C++\n")
     monkeypatch.setattr(kernels.builder, "SOURCES", (broken, *kernels.SOURCES[1:]))
+    # The other libraries are in the cache already (built once for the module):
+    # the command must go on past the failure to find and print them.
+    (tmp_path / "cache").mkdir()
+    copy_libraries(built[0], tmp_path / "cache", skip=STEMS[:1])
     monkeypatch.setenv("KERAS_ADAM_CACHE_DIR", str(tmp_path / "cache"))
     kernels.reset()
     try:
@@ -259,7 +318,7 @@ def test_a_compile_error_is_one_line_from_the_build_command(monkeypatch, tmp_pat
     lines = [line for line in captured.err.splitlines() if line.startswith("keras_adam.kernels")]
     assert len(lines) == 1
     assert "cannot build the kernels: compiling multi_tensor_adam.cc failed" in lines[0]
-    # The other libraries still build; nothing of the broken one is left half-written.
+    # The others are still printed; nothing of the broken one is left half-written.
     built = sorted(p.name for p in (tmp_path / "cache").glob("*.so"))
     assert [os.path.basename(p) for p in sorted(captured.out.split())] == built
     assert [name.startswith(STEMS[0]) for name in built] == [False, False, False]
