@@ -17,6 +17,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -85,6 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         "machine": (
             f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
         ),
+        "date": time.strftime("%Y-%m-%d"),
         "repeats": repeats,
         "quick": args.quick,
         "memory_measured": measure_memory,

@@ -43,6 +43,12 @@ def test_every_applicable_system_is_timed_and_reported(tmp_path):
     page = (tmp_path / "docs" / "performance.md").read_text()
     assert page.startswith("# Performance") and "## tiny dense" in page
     assert (tmp_path / "docs" / "img" / "benchmarks.png").exists()
+    # Undated tables (saved before tables carried a date) get the page's warning.
+    assert "Undated, test;" in table and "Measured before the exact scalars" in page
+    dated = report.markdown(results, TINY, {**META, "date": "2026-12-06"})
+    assert "\n2026-12-06, test; 2 interleaved rounds" in dated
+    report.write_docs_page(tmp_path / "docs" / "performance.md", dated, tmp_path / "r.png")
+    assert "Measured before" not in (tmp_path / "docs" / "performance.md").read_text()
 
 
 def test_floor_does_adams_arithmetic():
