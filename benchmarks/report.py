@@ -207,7 +207,9 @@ python -m benchmarks --docs docs/performance.md   # about 25 minutes
 python -m benchmarks --quick     # smaller workloads, under 3 minutes
 ```
 
-All systems run in one process, interleaved round by round. Peak memory is
+All systems run in one process, interleaved round by round (where their
+state would not fit in memory together, as the embedding workload's on a
+24 GB machine, in groups that do, each interleaved). Peak memory is
 measured in a fresh process per system: the peak resident memory of setting
 up and running three steps, less the weights and gradients, so optimizer
 state, temporaries and compilation. Read ratios, not absolute times: the

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -59,26 +60,20 @@ def time_workload(
     made the floor 15× and torch's SparseAdam 2× slower. Setting
     `OMP_WAIT_POLICY=PASSIVE` instead slows torch's fused Adam on many small
     tensors 5×, which is not how torch runs.
+
+    Systems whose state would not fit in memory all at once are set up and
+    interleaved in groups that do (`memory_groups`): the embedding
+    workload's 14 systems on a 64M-parameter table held 21 GB together.
     """
-    steps, first_call = {}, {}
     chosen = [s for s in (candidates or systems()) if applicable(s, workload)]
-    for system in chosen:
-        step = system.setup(workload)
-        start = time.perf_counter()
-        step()
-        first_call[system.name] = time.perf_counter() - start
-        step()  # warm-up
-        steps[system.name] = step
-    samples = {name: [] for name in steps}
-    order = list(steps.items())
+    samples: dict[str, list[float]] = {}
+    first_call: dict[str, float] = {}
     shuffler = random.Random(0)
-    for _ in range(repeats):
-        shuffler.shuffle(order)
-        for name, step in order:
-            start = time.perf_counter()
-            step()
-            samples[name].append(1e3 * (time.perf_counter() - start))
-            _busy_wait(SETTLE_S)
+    groups = memory_groups(len(chosen), workload.parameters, available_memory())
+    if len(groups) > 1:
+        log(f"  (in {len(groups)} groups of systems, interleaved within each: memory)")
+    for group in groups:
+        _time_group([chosen[i] for i in group], workload, repeats, shuffler, samples, first_call)
     results = []
     for system in chosen:
         ms = samples[system.name]
@@ -93,12 +88,66 @@ def time_workload(
             )
         )
         log(f"  {system.name:<52} {results[-1].median_ms:10.2f} ms")
-    # Free this workload's variables before the next one is set up (the steps'
-    # closures and traced functions hold them, some in reference cycles).
+    return results
+
+
+def _time_group(group, workload, repeats, shuffler, samples, first_call) -> None:
+    """Set up `group`'s systems, time them interleaved, and free them."""
+    steps = {}
+    for system in group:
+        step = system.setup(workload)
+        start = time.perf_counter()
+        step()
+        first_call[system.name] = time.perf_counter() - start
+        step()  # warm-up
+        steps[system.name] = step
+        samples[system.name] = []
+    order = list(steps.items())
+    for _ in range(repeats):
+        shuffler.shuffle(order)
+        for name, step in order:
+            start = time.perf_counter()
+            step()
+            samples[name].append(1e3 * (time.perf_counter() - start))
+            _busy_wait(SETTLE_S)
+    # Free the variables before the next group or workload is set up (the
+    # steps' closures and traced functions hold them, some in reference cycles).
     steps.clear()
     order.clear()
     gc.collect()
-    return results
+
+
+#: Bytes a system holds per parameter of a workload while set up: the
+#: variables, both moments, a gradient and the step's temporaries (the
+#: embedding workload's systems held about 23 bytes a parameter each).
+BYTES_PER_PARAMETER = 24
+
+
+def memory_groups(systems_count: int, parameters: int, available: int) -> list[list[int]]:
+    """Deal `systems_count` systems into as few groups as fit in half of `available` bytes.
+
+    Dealt in turn (system i to group i mod groups), so that each group mixes
+    the families of systems, as `systems()` lists them family by family.
+
+    Returns:
+        The positions of each group's systems; one group when all fit.
+    """
+    per_system = BYTES_PER_PARAMETER * parameters
+    size = max(1, min(systems_count, (available // 2) // max(per_system, 1)))
+    count = -(-systems_count // size)  # groups needed
+    return [list(range(first, systems_count, count)) for first in range(count)]
+
+
+def available_memory() -> int:
+    """Bytes of memory available to this process (Linux's MemAvailable, else all of it)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def peak_memory_mb(workload_index: int, system_name: str, quick: bool) -> float | None:

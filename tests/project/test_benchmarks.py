@@ -51,6 +51,25 @@ def test_every_applicable_system_is_timed_and_reported(tmp_path):
     assert "Measured before" not in (tmp_path / "docs" / "performance.md").read_text()
 
 
+def test_systems_that_do_not_fit_in_memory_together_are_timed_in_groups(monkeypatch):
+    # Half of the memory holds two systems of the workload: groups of two, dealt in turn.
+    assert run.memory_groups(5, 1000, 4 * run.BYTES_PER_PARAMETER * 1000) == [
+        [0, 3],
+        [1, 4],
+        [2],
+    ]
+    assert run.memory_groups(5, 1000, 10**12) == [[0, 1, 2, 3, 4]]
+    assert run.memory_groups(2, 10**12, 1) == [[0], [1]]  # never an empty group
+    workload = TINY[0]
+    monkeypatch.setattr(run, "available_memory", lambda: 2 * run.BYTES_PER_PARAMETER * 64 * 2)
+    lines = []
+    results = run.time_workload(workload, repeats=2, log=lines.append)
+    expected = [s.name for s in systems() if run.applicable(s, workload)]
+    assert [r.system for r in results] == expected
+    assert all(r.median_ms > 0 and len(r.samples_ms) == 2 for r in results)
+    assert lines[0] == f"  (in {len(expected)} groups of systems, interleaved within each: memory)"
+
+
 def test_floor_does_adams_arithmetic():
     """The floor is a real Adam pass (not just copies), in C when it can be."""
     floor = Floor(1000)
