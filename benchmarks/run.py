@@ -63,7 +63,7 @@ def time_workload(
 
     Systems whose state would not fit in memory all at once are set up and
     interleaved in groups that do (`memory_groups`): the embedding
-    workload's 14 systems on a 64M-parameter table held 21 GB together.
+    workload's 20 systems on a 64M-parameter table reached 24 GB together.
     """
     chosen = [s for s in (candidates or systems()) if applicable(s, workload)]
     samples: dict[str, list[float]] = {}
