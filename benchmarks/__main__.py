@@ -7,7 +7,8 @@
 `--fit` times `model.fit` on five real models instead
 (`benchmarks.end_to_end`), on the chosen backend, and saves
 `fit_<backend>.md` and `.json`; `--fit --backend all` runs the three
-backends one after the other and draws `fit_speedup.png`.
+backends one after the other and draws `fit_speedup.png`; `--fit --control`
+adds an A/A row (Keras's Adam timed twice) to read every ratio's noise against.
 """
 
 from __future__ import annotations
@@ -50,9 +51,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--fit", action="store_true", help="time model.fit on five real models (end_to_end)"
     )
+    parser.add_argument(
+        "--control", action="store_true",
+        help="with --fit: time Keras's Adam twice, an A/A row showing the noise of a ratio",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.backend == "all" and not args.fit:
         parser.error("--backend all goes with --fit (the step tables run one backend each)")
+    if args.control and not args.fit:
+        parser.error("--control goes with --fit (it adds a row to the model.fit tables)")
     if args.fit:
         run_fit(args)
         return
@@ -128,6 +135,7 @@ def run_fit(args: argparse.Namespace) -> None:
         command += ["--rounds", str(args.repeats)] if args.repeats else []
         if args.compiled_repeats:
             command += ["--compiled-rounds", str(args.compiled_repeats)]
+        command += ["--control"] if args.control else []
         env = {**os.environ, "KERAS_BACKEND": backend}
         subprocess.run(command, env=env, check=True)
         print(f"wrote {saved}")

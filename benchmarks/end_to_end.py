@@ -13,7 +13,11 @@ initial weights, in the same data order (no shuffling), with:
 - under torch.compile, `keras_adam.Adam(fused=False)` (the `keras.ops`
   step, which the compiler traces like Keras's), to compare the first
   compiled epoch with. Each compiled fit starts from empty Dynamo and
-  Inductor caches, as a new process on a new machine would.
+  Inductor caches, as a new process on a new machine would;
+- with `--control`, `keras.optimizers.Adam()` a second time, as its own
+  system (`CONTROL`): an A/A comparison whose speed-up and spread are what
+  two runs of the same program differ by on this machine, the noise any
+  other row's ratio is read against.
 
 Each system trains `--rounds` times (the systems in a new random order each
 round). The table gives the first epoch (tracing, compilation and the
@@ -46,6 +50,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 #: Label of the row every ratio and loss difference is taken against.
 KERAS = "keras Adam"
+#: Label of the A/A control (`--control`): Keras's Adam again, timed as its own system.
+CONTROL = "keras Adam again"
 
 
 @dataclass
@@ -85,13 +91,15 @@ def mode_title(mode: str, backend: str) -> str:
     return f"jit_compile=True ({'torch.compile' if backend == 'torch' else 'XLA'})"
 
 
-def systems(backend: str, embeddings: bool, mode: str = "auto") -> dict:
-    """Label to optimizer factory for a model."""
+def systems(backend: str, embeddings: bool, mode: str = "auto", control: bool = False) -> dict:
+    """Label to optimizer factory for a model; `control` adds Keras's Adam again (`CONTROL`)."""
     import keras
 
     import keras_adam
 
     chosen = {KERAS: keras.optimizers.Adam, "keras_adam": keras_adam.Adam}
+    if control:
+        chosen[CONTROL] = keras.optimizers.Adam
     if embeddings and backend == "tensorflow":
         chosen["keras_adam lazy_sparse"] = lambda: keras_adam.Adam(lazy_sparse=True)
     if backend == "torch" and mode == "true":
@@ -158,11 +166,13 @@ def measure(
     names: list[str] | None,
     modes: list[str] | None = None,
     compiled_rounds: int | None = None,
+    control: bool = False,
 ) -> list[Run]:
     """Train every model, mode and system; rounds interleaved.
 
     `compiled_rounds` (default `rounds`) is the rounds of `jit_compile=True`,
-    whose every fit compiles anew (on torch, half a minute and more).
+    whose every fit compiles anew (on torch, half a minute and more);
+    `control` adds the A/A row (`CONTROL`).
     """
     import keras
 
@@ -177,7 +187,7 @@ def measure(
             continue
         data = case.data()
         for mode in modes:
-            chosen = systems(backend, case.embeddings, mode)
+            chosen = systems(backend, case.embeddings, mode, control)
             results = {label: Run(case.name, mode, label) for label in chosen}
             mode_rounds = rounds if mode != "true" or compiled_rounds is None else compiled_rounds
             for round_ in range(mode_rounds):
@@ -281,6 +291,10 @@ def main(argv: list[str] | None = None) -> None:
         "--modes", nargs="+", default=None, choices=list(MODES),
         help="jit_compile modes (default: auto, and true on TensorFlow and PyTorch)",
     )  # fmt: skip
+    parser.add_argument(
+        "--control", action="store_true",
+        help=f"also time Keras's Adam a second time ({CONTROL!r}): the A/A noise of a ratio",
+    )  # fmt: skip
     parser.add_argument("--output", type=Path, default=None)
     args = parser.parse_args(argv)
     if args.epochs < 2:
@@ -292,8 +306,9 @@ def main(argv: list[str] | None = None) -> None:
     import keras
 
     runs = measure(
-        args.quick, args.epochs, args.rounds, args.models, args.modes, args.compiled_rounds
-    )
+        args.quick, args.epochs, args.rounds, args.models, args.modes, args.compiled_rounds,
+        args.control,
+    )  # fmt: skip
     meta = {
         "backend": keras.backend.backend(),
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",

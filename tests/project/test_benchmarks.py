@@ -95,20 +95,22 @@ def test_fit_mode_trains_each_system_and_reports_the_loss_agreement(tmp_path):
 
     output = tmp_path / "fit.md"
     end_to_end.main(
-        ["--quick", "--epochs", "2", "--rounds", "1", "--models", "lstm", "--output", str(output)]
+        ["--quick", "--epochs", "2", "--rounds", "1", "--models", "lstm", "--control"]
+        + ["--output", str(output)]
     )
     table = output.read_text()
     for mode in ('jit_compile="auto"', "jit_compile=True (XLA)"):
         assert mode in table
     rows = [line for line in table.splitlines() if line.startswith("| lstm |")]
-    assert [row.split(" | ")[1] for row in rows] == ["keras Adam", "keras_adam"] * 2
+    systems = ["keras Adam", "keras_adam", "keras Adam again"]
+    assert [row.split(" | ")[1] for row in rows] == systems * 2
     # Same weights, same data order, no embedding: the loss curves agree to round-off.
-    for row in rows[1::2]:
+    for row in rows[1::3] + rows[2::3]:
         assert float(row.split(" | ")[6]) < 1e-5
     saved = json.loads(output.with_suffix(".json").read_text())
     assert saved["meta"]["backend"] == "tensorflow"
     assert [(r["mode"], r["system"]) for r in saved["runs"]] == [
-        (mode, system) for mode in ("auto", "true") for system in ("keras Adam", "keras_adam")
+        (mode, system) for mode in ("auto", "true") for system in systems
     ]
     # The row's speed-up is its round's ratio (one round: the spread is that ratio too).
     keras_epoch, ours_epoch = (saved["runs"][k]["steady"][0] for k in (0, 1))
@@ -176,6 +178,10 @@ def test_fit_modes_name_their_compiler_and_add_the_ops_path_under_torch_compile(
         "keras Adam", "keras_adam", "keras_adam fused=False"
     ]  # fmt: skip
     assert list(systems("torch", False, "auto")) == ["keras Adam", "keras_adam"]
+    # The A/A control: Keras's Adam a second time, as its own system.
+    chosen = systems("jax", False, "auto", control=True)
+    assert list(chosen) == ["keras Adam", "keras_adam", "keras Adam again"]
+    assert chosen["keras Adam again"] is chosen["keras Adam"]
     assert DEFAULT_MODES["torch"] == ("auto", "true")
 
 
@@ -285,3 +291,21 @@ def test_tuning_search_merge_keeps_the_rows_a_run_does_not_redo():
     ]  # fmt: skip
     assert out["runs"] == [old["args"], new["args"]] and out["args"] == new["args"]
     assert out["ours_expected_improvement"] == old["ours_expected_improvement"]
+
+
+def test_fit_control_is_passed_to_each_backend_and_refused_without_fit(
+    tmp_path, monkeypatch, capsys
+):
+    import subprocess
+
+    from benchmarks import __main__ as command
+
+    calls = []
+    monkeypatch.setattr(subprocess, "run", lambda argv, env, check: calls.append((argv, env)))
+    command.main(["--fit", "--control", "--backend", "jax", "--output", str(tmp_path)])
+    (argv, env), *others = calls
+    assert not others and env["KERAS_BACKEND"] == "jax"
+    assert argv[argv.index("-m") + 1] == "benchmarks.end_to_end" and "--control" in argv
+    with pytest.raises(SystemExit):
+        command.main(["--control"])
+    assert "--control goes with --fit" in capsys.readouterr().err
