@@ -30,6 +30,9 @@ ended, off the clock (`Anytime`); `--plot PATH` draws the test losses per
 problem. `reach` (in the summary) is how soon a system first held a trial
 as good on the test split as the one ours ended with, in units of ours'
 wall time: the issue's "same quality in a third of the time" is reach ≤ 1/3.
+`at ours time` compares the searches at equal wall time (what each held
+when ours ended), `at equal epochs` at an equal epoch budget (what each
+held once both had trained as many epochs as the one that trained fewer).
 
 Reported per problem and system (means over seeds):
 
@@ -76,6 +79,8 @@ SYSTEMS = (
 )  # fmt: skip
 #: Systems run through `tuning.search`, with the tuner they use.
 TUNING_SYSTEMS = {"ours": "bayesian", "previous": "bayesian", "asha": "asha", "random2": "random"}
+#: Systems whose every trial trains all `--epochs` (`held_out_after`).
+FULL_TRIAL_SYSTEMS = ("ours", "previous", "random2", "optuna")
 EDGE = 1e-3
 
 
@@ -672,11 +677,41 @@ def held_out_at(row: dict, seconds: float) -> float:
     return found[-1] if found else math.nan
 
 
+def held_out_after(row: dict, epochs: int) -> float:
+    """The test loss of the best trial `row`'s search held once it had trained `epochs` in all.
+
+    A full-trial search (`FULL_TRIAL_SYSTEMS`) adds a point as each trial
+    ends, every trial `epochs_trained / trials` epochs long, so its k-th
+    point is where it stood after k trials' epochs. A multi-fidelity
+    search's points do not say how many epochs it had trained by then, so
+    only its end is known: its last point, if it trained no more than
+    `epochs` in all. Nan where the answer is not known (no full trial yet,
+    a full-trial search with a trial that added no point: a diverged one,
+    or a row saved before the epochs were counted).
+    """
+    points = row.get("anytime") or []
+    if "epochs_trained" not in row or "points" not in row:
+        return math.nan
+    if row["system"] not in FULL_TRIAL_SYSTEMS:
+        return points[-1][2] if points and row["epochs_trained"] <= epochs else math.nan
+    if len(points) != len(row["points"]):
+        return math.nan
+    trials = int(epochs // (row["epochs_trained"] / len(points)))
+    return points[min(trials, len(points)) - 1][2] if trials > 0 else math.nan
+
+
 def paired(gaps: list[float]) -> str:
     """`mean ± standard error` of paired differences ("" for fewer than 2)."""
     if len(gaps) < 2:
         return ""
     return f"{np.mean(gaps):+.4f} ± {float(np.std(gaps, ddof=1)) / math.sqrt(len(gaps)):.4f}"
+
+
+def paired_known(gaps: list[float]) -> str:
+    """`paired` over the gaps that are known (finite), with "(k/n)" when some are not."""
+    known = [x for x in gaps if math.isfinite(x)]
+    text = paired(known)
+    return text + f" ({len(known)}/{len(gaps)})" if text and len(known) < len(gaps) else text
 
 
 def plot_anytime(rows: list[dict], path: Path) -> None:
@@ -744,13 +779,17 @@ def summary(rows: list[dict]) -> str:
     the test split as ours ended with, ÷ ours' wall), and how many seeds
     got there at all. `at ours' time` is the equal-time comparison: the test
     loss of the trial each search held when ours ended (`held_out_at` ours'
-    wall time), minus ours', mean ± standard error over seeds.
+    wall time), minus ours', mean ± standard error over seeds. `at equal
+    epochs` is the equal-epoch one: each search's held-out loss once both
+    had trained as many epochs as the one that trained fewer
+    (`held_out_after`), minus ours'. Either gap counts only the seeds where
+    both are known, and says how many those are when not all.
     """
     lines = [
         f"{'problem':14} {'system':16} {'seeds':>5} {'edge':>5} {'overhead':>8} {'wall s':>7} "
         f"{'epochs':>6} "
         f"{'test loss':>15} {'default':>7} {'minus ours':>16} {'reach':>10} "
-        f"{'at ours time':>16}  verdicts"
+        f"{'at ours time':>16} {'at equal epochs':>16}  verdicts"
     ]
     keys = sorted(
         {(r["problem"], r["system"]) for r in rows}, key=lambda k: (k[0], SYSTEMS.index(k[1]))
@@ -776,11 +815,14 @@ def summary(rows: list[dict]) -> str:
             finite = sum(map(math.isfinite, reached))
             ratio = f"{np.median(reached):.2f} {finite}/{len(reached)}"
         at_time = [held_out_at(r, o["wall"]) - held_out_at(o, o["wall"]) for r, o in held_out]
+        at_epochs = []
+        for r, o in held_out:
+            epochs = min(r.get("epochs_trained", 0), o.get("epochs_trained", 0))
+            at_epochs.append(held_out_after(r, epochs) - held_out_after(o, epochs))
         gap = paired(gaps) if system != "ours" else ""
         # (A search with no full trial yet when ours ended has no loss to compare.)
-        equal_time = paired([x for x in at_time if math.isfinite(x)]) if system != "ours" else ""
-        if equal_time and not all(map(math.isfinite, at_time)):
-            equal_time += f" ({sum(map(math.isfinite, at_time))}/{len(at_time)})"
+        equal_time = paired_known(at_time) if system != "ours" else ""
+        equal_epochs = paired_known(at_epochs) if system != "ours" else ""
         used = Counter(r["verdict"]["use"] for r in group if r["verdict"])
         verdicts = ", ".join(f"{k} {n}" for k, n in used.items())
         lines.append(
@@ -788,7 +830,7 @@ def summary(rows: list[dict]) -> str:
             f"{mean['overhead']:>8.0%} {mean['wall']:>7.1f} "
             f"{np.mean([r.get('epochs_trained', 0) for r in group]):>6.0f} "
             f"{mean['test_loss']:>7.4f} ± {spread:.4f} {group[0]['default_test_loss']:>7.4f} "
-            f"{gap:>16} {ratio:>10} {equal_time:>16}  {verdicts}".rstrip()
+            f"{gap:>16} {ratio:>10} {equal_time:>16} {equal_epochs:>16}  {verdicts}".rstrip()
         )
     return "\n".join(lines)
 

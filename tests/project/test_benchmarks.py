@@ -273,6 +273,35 @@ def test_tuning_search_reach_is_the_time_to_ours_final_held_out_loss():
     assert "0.30 2/2 -0.0100 ± 0.0000" in table.splitlines()[2]
 
 
+def test_tuning_search_equal_epochs_compares_what_each_held_after_as_many_epochs():
+    from benchmarks.tuning_search import held_out_after, summary
+
+    base = {"problem": "wine", "wall": 10.0, "test_loss": 0.5, "default_test_loss": 0.6,
+            "verdict": None, "edge": 0, "overhead": 0.1}  # fmt: skip
+    # Full trials: 4 trials of 5 epochs, a point as each ends.
+    curve = [[2.0, 0.9, 0.8], [4.0, 0.7, 0.4], [6.0, 0.7, 0.4], [8.0, 0.6, 0.45]]
+    ours = dict(
+        base, system="ours", seed=0, epochs_trained=20, points=[[1e-3, 0.9]] * 4, anytime=curve
+    )
+    # Multi-fidelity: 6 configurations, 12 epochs in all, two of them trained to the end.
+    asha = dict(base, system="asha", seed=0, epochs_trained=12, points=[[1e-3, 0.9]] * 6,
+                anytime=[[3.0, 0.8, 0.5], [5.0, 0.6, 0.42]])  # fmt: skip
+    assert held_out_after(ours, 12) == 0.4  # two trials (10 epochs) done
+    assert held_out_after(ours, 20) == held_out_after(ours, 99) == 0.45
+    assert math.isnan(held_out_after(ours, 4))  # no trial done yet
+    # A multi-fidelity search is known only at its end, after all its epochs.
+    assert held_out_after(asha, 12) == 0.42 and math.isnan(held_out_after(asha, 11))
+    # A full-trial search with a trial that added no point (diverged): unknown.
+    assert math.isnan(held_out_after(dict(ours, anytime=ours["anytime"][1:]), 20))
+    table = summary([ours, asha, dict(asha, seed=1), dict(ours, seed=1)]).splitlines()
+    # At ours' end (10 s) ASHA held 0.42 against 0.45; after 12 epochs each, 0.42 against 0.4.
+    assert table[2].endswith("-0.0300 ± 0.0000 +0.0200 ± 0.0000")
+    # Where ASHA trained more epochs than ours, its state at ours' 20 is not known.
+    rows = [dict(row, seed=seed) for seed in range(3) for row in (ours, asha)]
+    rows[5]["epochs_trained"] = 30
+    assert summary(rows).splitlines()[2].endswith("+0.0200 ± 0.0000 (2/3)")
+
+
 def test_tuning_search_merge_keeps_the_rows_a_run_does_not_redo():
     from benchmarks.tuning_search import merged
 
