@@ -7,9 +7,8 @@ r"""What runs on the PyTorch backend.
   `torch.optim.Adam(fused=True)`. One call per group of variables that share
   a device, a dtype and a weight decay $\lambda$ (0 for the variables
   excluded from decay), and on CPU a size class: variables under `SMALL`
-  elements are updated on one thread each (a large group of them is cut
-  into parts run side by side, one per torch thread: `SPLIT`). A model's
-  step is a few calls.
+  elements are updated in one call on the calling thread alone
+  (`_small_group_call`). A model's step is a few calls.
   Every option they can express runs in them: `epsilon_mode="paper"`
   natively, Keras's $\hat\epsilon$ (the default) as the per-step
   $\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}$, AMSGrad (`velocity_hat`),
@@ -63,7 +62,6 @@ import functools
 import glob
 import operator
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,10 +93,6 @@ FUSED_DTYPES = ("float32", "float64")
 #: all threads (grain size 0): an OpenMP region per tensor, whose start and
 #: barrier cost more than a small tensor's update.
 SMALL = 32768
-#: A group of small CPU variables holding `SPLIT` values per thread or more
-#: is cut into parts, one per thread, each run on one thread
-#: (`_small_group_call`).
-SPLIT = 4 * SMALL
 
 
 def _fused_device_types() -> tuple[str, ...]:
@@ -726,15 +720,17 @@ def _quantized_step(
 
 
 def _small_group_call(kernel: Any, tensors: tuple[list, ...], step: torch.Tensor) -> None:
-    """A small CPU group's kernel call: each part of it on one thread (`SMALL`).
+    """A small CPU group's kernel call: the whole group on the calling thread alone (`SMALL`).
 
-    One part in all, on the calling thread, unless the group holds `SPLIT`
-    values for each of two or more of torch's threads: then it is cut into
-    as many parts of about equal size (whole variables, in order), the
-    first run on the calling thread and the others on helper threads
-    (`_helpers`), side by side; the call returns when all are done.
-    Variables are updated element by element, so the numbers are the
-    same however the group is cut.
+    One call, with no OpenMP region: torch's kernel would start one per
+    tensor. The group is not cut into parts run on helper threads: in
+    `model.fit` the step follows the backward pass, whose OpenMP workers
+    still spin on the other cores, and a helper thread waits for a core
+    behind them. Measured on 2 cores (`benchmarks`' 200 small variables,
+    and `fit` of MLPs of 60-150 small layers): parts on two threads made
+    the step alone 12% faster (the median of five runs, from 8% slower to
+    16% faster), but 10-16% slower right after a parallel op, and epochs
+    4-10% slower.
 
     Args:
         kernel: torch's fused kernel with its scalars bound: it takes the
@@ -743,65 +739,8 @@ def _small_group_call(kernel: Any, tensors: tuple[list, ...], step: torch.Tensor
             `velocity_hat` lists (the last empty without AMSGrad).
         step: The step tensor every variable is given.
     """
-    params = tensors[0]
-    parts = min(torch.get_num_threads(), sum(map(torch.Tensor.numel, params)) // SPLIT)
-    pool = _helpers(parts - 1) if parts > 1 else None
-
-    def run(start: int, stop: int) -> None:
-        with _one_thread():
-            kernel(*(x[start:stop] for x in tensors), [step] * (stop - start))
-
-    if pool is None:
-        run(0, len(params))
-        return
-    first, *others = _parts([p.numel() for p in params], parts)
-    futures = [pool.submit(run, *part) for part in others]
-    try:
-        run(*first)
-    finally:
-        # Every part has finished writing before this returns (or raises).
-        for future in futures:
-            future.result()
-
-
-def _parts(sizes: list[int], count: int) -> list[tuple[int, int]]:
-    """Cut a list of variables of these sizes into at most `count` runs of about equal total size.
-
-    Returns:
-        (start, stop) positions of each run, in order, none empty.
-    """
-    total, bounds, cumulative = sum(sizes), [0], 0
-    for index, size in enumerate(sizes[:-1]):
-        cumulative += size
-        if len(bounds) < count and cumulative * count >= total * len(bounds):
-            bounds.append(index + 1)
-    bounds.append(len(sizes))
-    return list(zip(bounds, bounds[1:], strict=False))
-
-
-_HELPERS: dict[tuple[int, int], ThreadPoolExecutor] = {}
-
-
-def _helpers(count: int) -> ThreadPoolExecutor | None:
-    """`count` threads that run parts of small groups' calls (each on one OpenMP thread).
-
-    None where torch's OpenMP runtime was not found (`_thread_count_setter`):
-    then a thread's count cannot be set without changing every thread's.
-    (ATen sets a thread's count at its first parallel op, so `_one_thread`
-    sets it around each call, as on the calling thread.)
-    Made once per process (a forked child gets its own: the parent's
-    threads do not exist there) and per count.
-    """
-    if _thread_count_setter() is torch.set_num_threads:
-        return None
-    key = (os.getpid(), count)
-    pool = _HELPERS.get(key)
-    if pool is None:
-        for old in _HELPERS.values():
-            old.shutdown(wait=False)
-        _HELPERS.clear()
-        pool = _HELPERS[key] = ThreadPoolExecutor(count, thread_name_prefix="keras_adam")
-    return pool
+    with _one_thread():
+        kernel(*tensors, [step] * len(tensors[0]))
 
 
 @contextlib.contextmanager

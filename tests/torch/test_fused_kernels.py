@@ -134,15 +134,13 @@ def test_small_cpu_variables_are_updated_on_one_thread(kernel_calls):
     assert calls == [(1, 2), (2, 1)]
 
 
-@pytest.mark.parametrize("amsgrad", [False, True])
-def test_a_large_group_of_small_variables_is_split_over_the_threads(amsgrad, kernel_calls):
-    """With 2 threads and 2·`SPLIT` values or more, two one-thread calls side by side.
+def test_a_large_group_of_small_variables_is_one_call_on_the_calling_thread(kernel_calls):
+    """However many small variables: one one-thread call, on the thread that steps.
 
-    On two threads at once (the calling one and a helper), each on one
-    OpenMP thread, whole variables in order; the numbers are those of one
-    call over the whole group (the same run on one torch thread).
+    No helper threads (`_small_group_call` says why), and the numbers are
+    those of the same step on one torch thread.
     """
-    sizes = [torch_backend.SMALL - 1 - k for k in range(2 * torch_backend.SPLIT // 32000 + 1)]
+    sizes = [torch_backend.SMALL - 1 - k for k in range(12)]
     rng = np.random.default_rng(5)
     grads = [[torch.tensor(rng.normal(size=n).astype("float32")) for n in sizes] for _ in range(3)]
 
@@ -151,7 +149,7 @@ def test_a_large_group_of_small_variables_is_split_over_the_threads(amsgrad, ker
         torch.set_num_threads(threads)
         try:
             variables = [keras.Variable(np.linspace(-1, 1, n, dtype="float32")) for n in sizes]
-            optimizer = keras_adam.Adam(amsgrad=amsgrad)
+            optimizer = keras_adam.Adam(amsgrad=True)
             optimizer.build(variables)
             for step in grads:
                 optimizer.apply(step, variables)
@@ -160,27 +158,14 @@ def test_a_large_group_of_small_variables_is_split_over_the_threads(amsgrad, ker
         finally:
             torch.set_num_threads(previous)
 
-    whole = train(1)
-    assert [(c["count"], c["threads"]) for c in kernel_calls] == [(len(sizes), 1)] * 3
+    one = train(1)
     kernel_calls.clear()
-    split = train(2)
-    for step in range(3):
-        calls = kernel_calls[2 * step : 2 * step + 2]
-        assert sorted(c["shapes"][0] for c in calls) == sorted([(sizes[0],), (sizes[5],)])
-        assert sum(c["count"] for c in calls) == len(sizes)
-        assert [c["threads"] for c in calls] == [1, 1]
-        assert len({c["thread"] for c in calls}) == 2
-    assert len(whole) == len(split) == (4 if amsgrad else 3) * len(sizes)
-    for a, b in zip(whole, split, strict=True):
+    two = train(2)
+    assert [(c["count"], c["threads"]) for c in kernel_calls] == [(len(sizes), 1)] * 3
+    assert {c["thread"] for c in kernel_calls} == {threading.get_ident()}
+    assert len(one) == len(two) == 4 * len(sizes)
+    for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(a, b)
-
-
-def test_parts_are_runs_of_about_equal_size():
-    assert torch_backend._parts([10] * 10, 2) == [(0, 5), (5, 10)]
-    assert torch_backend._parts([1] * 7, 3) == [(0, 3), (3, 5), (5, 7)]
-    assert torch_backend._parts([100, 1, 1, 1], 2) == [(0, 1), (1, 4)]
-    assert torch_backend._parts([1, 1, 1, 100], 2) == [(0, 4)]
-    assert torch_backend._parts([5], 3) == [(0, 1)]
 
 
 def test_one_thread_is_this_threads_setting_only():
