@@ -354,7 +354,13 @@ of its own, so its speed-up and spread are what the noise alone gives. On
 JAX (the table below) those read 0.95-1.03x, with spreads up to
 0.89-1.25, and every keras_adam row lies within them (0.97-1.02x): under
 `jax.jit` both optimizers are one program, and the earlier 0.96x
-(convnet) and 1.22x (recommender) were this noise.
+(convnet) and 1.22x (recommender) were this noise. On TensorFlow the A/A
+rows read 0.91-1.18x, with spreads as wide as 0.66-1.78. Its two
+keras_adam rows below 0.95x, the LSTM's 0.88x (8 steps an epoch on the
+quick data) and the recommender's 0.91x under XLA, were 1.00x when timed
+again on the full data with every model built once in one process and
+its epochs interleaved (12 and 6 rounds; Keras's Adam against itself
+1.00x and 1.02x).
 
 On PyTorch, epoch times swing with the machine's other load, Keras's Adam's
 most. torch's CPU ops split their work over all of torch's threads
