@@ -8,7 +8,7 @@ r"""What runs on the PyTorch backend.
   a device, a dtype and a weight decay $\lambda$ (0 for the variables
   excluded from decay), and on CPU a size class: variables under `SMALL`
   elements are updated in one call on the calling thread alone
-  (`_small_group_call`). A model's step is a few calls.
+  (`_one_thread`). A model's step is a few calls.
   Every option they can express runs in them: `epsilon_mode="paper"`
   natively, Keras's $\hat\epsilon$ (the default) as the per-step
   $\epsilon_t = \hat\epsilon/\sqrt{1-\beta_2^t}$, AMSGrad (`velocity_hat`),
@@ -91,7 +91,15 @@ FUSED_DTYPES = ("float32", "float64")
 #: CPU variables smaller than this (torch's `at::internal::GRAIN_SIZE`) are
 #: updated with one thread. torch's CPU kernel splits every tensor across
 #: all threads (grain size 0): an OpenMP region per tensor, whose start and
-#: barrier cost more than a small tensor's update.
+#: barrier cost more than a small tensor's update. A group of them is one
+#: call on the calling thread alone, not cut into parts run on helper
+#: threads: in `model.fit` the step follows the backward pass, whose OpenMP
+#: workers still spin on the other cores, and a helper thread waits for a
+#: core behind them. Measured on 2 cores (`benchmarks`' 200 small variables,
+#: and `fit` of MLPs of 60-150 small layers): parts on two threads made the
+#: step alone 12% faster (the median of five runs, from 8% slower to 16%
+#: faster), but 10-16% slower right after a parallel op, and epochs 4-10%
+#: slower.
 SMALL = 32768
 
 
@@ -344,12 +352,9 @@ class TorchEngine(Engine):
             amsgrad=hyper.amsgrad,
             maximize=hyper.maximize,
         )
-        tensors = (params, grads, ms, vs, v_hats)
         step = _step_tensor(params[0].device, float(scalars.step))
-        if single_threaded:
-            _small_group_call(kernel, tensors, step)
-        else:
-            kernel(*tensors, [step] * len(params))
+        with _one_thread() if single_threaded else contextlib.nullcontext():
+            kernel(params, grads, ms, vs, v_hats, [step] * len(params))
 
     def _plan(self, update: Update) -> _Plan:
         """The fused groups of `update.variables` (cached while variables and options hold)."""
@@ -717,30 +722,6 @@ def _quantized_step(
         # The library starts a thread only for enough blocks of work.
         threads=torch.get_num_threads(),
     )
-
-
-def _small_group_call(kernel: Any, tensors: tuple[list, ...], step: torch.Tensor) -> None:
-    """A small CPU group's kernel call: the whole group on the calling thread alone (`SMALL`).
-
-    One call, with no OpenMP region: torch's kernel would start one per
-    tensor. The group is not cut into parts run on helper threads: in
-    `model.fit` the step follows the backward pass, whose OpenMP workers
-    still spin on the other cores, and a helper thread waits for a core
-    behind them. Measured on 2 cores (`benchmarks`' 200 small variables,
-    and `fit` of MLPs of 60-150 small layers): parts on two threads made
-    the step alone 12% faster (the median of five runs, from 8% slower to
-    16% faster), but 10-16% slower right after a parallel op, and epochs
-    4-10% slower.
-
-    Args:
-        kernel: torch's fused kernel with its scalars bound: it takes the
-            tensor lists and the step tensors.
-        tensors: The group's params, grads, first and second moments and
-            `velocity_hat` lists (the last empty without AMSGrad).
-        step: The step tensor every variable is given.
-    """
-    with _one_thread():
-        kernel(*tensors, [step] * len(tensors[0]))
 
 
 @contextlib.contextmanager

@@ -137,7 +137,7 @@ def test_small_cpu_variables_are_updated_on_one_thread(kernel_calls):
 def test_a_large_group_of_small_variables_is_one_call_on_the_calling_thread(kernel_calls):
     """However many small variables: one one-thread call, on the thread that steps.
 
-    No helper threads (`_small_group_call` says why), and the numbers are
+    No helper threads (`SMALL` says why), and the numbers are
     those of the same step on one torch thread.
     """
     sizes = [torch_backend.SMALL - 1 - k for k in range(12)]
